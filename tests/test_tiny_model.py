@@ -1,0 +1,80 @@
+"""A smaller tiny LLaVA trained end to end with the real recipe, saved and reloaded like llava-hf."""
+
+import json
+
+import pytest
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.data.layout import read_split
+from tprl_ray.evaluation.accuracy import evaluate
+from tprl_ray.models.train_tiny import TinyModelConfig, token_cells, train_tiny
+
+
+def test_token_cells_follow_the_grid():
+    cells = token_cells(12).reshape(8, 8)
+    assert cells[0, 0] == cells[1, 1] == 0 and cells[0, 2] == 1 and cells[2, 0] == 4 and cells[7, 7] == 15
+
+
+@pytest.fixture(scope="module")
+def trained(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    cfg = TinyModelConfig.load(None, {
+        "data": str(digits_dir), "out": str(out), "align_steps": 120, "tune_steps": 40, "batch_scenes": 8,
+        "warmup": 10, "eval_every": 40, "val_questions": 40,
+        "size": {"vision_hidden": 48, "vision_layers": 2, "text_hidden": 64, "text_layers": 2,
+                 "text_intermediate": 128}})
+    history = []
+    metrics = train_tiny(cfg, log=lambda m, step: history.append(dict(m)))
+    return cfg, metrics, history
+
+
+def test_both_stages_learn(trained):
+    cfg, metrics, history = trained
+    align = [h["train/align_loss"] for h in history]
+    answer = [h["train/answer_loss"] for h in history[cfg.align_steps:]]
+    assert len(history) == cfg.align_steps + cfg.tune_steps
+    assert sum(align[-10:]) / 10 < 0.6 * sum(align[:10]) / 10
+    assert sum(answer[-10:]) / 10 < 0.8 * sum(answer[:3]) / 3
+    assert "val/accuracy" in metrics and set(metrics) >= {"val/read", "val/exist", "val/count", "val/where"}
+
+
+def test_checkpoint_loads_like_a_hub_llava(trained, digits_dir):
+    cfg, metrics, _ = trained
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.out)
+    processor = AutoProcessor.from_pretrained(cfg.out)
+    assert model.config.vision_config.hidden_size == 48
+    assert processor.tokenizer.convert_tokens_to_ids("c2") != processor.tokenizer.unk_token_id
+    card = json.loads((cfg.out / "tprl_model_card.json").read_text())
+    assert card["benchmark"]["seed"] == 0 and card["recipe"]["align_steps"] == 120
+    backbone = LlavaBackbone.from_pretrained(cfg.out)
+    val = read_split(digits_dir / "val")[:40]
+    assert evaluate(backbone, digits_dir / "val", val)["accuracy"] == pytest.approx(metrics["val/accuracy"])
+    assert not list(cfg.out.parent.glob(".*tmp"))
+
+
+def test_conversation_targets_are_the_replies_and_key_words():
+    import numpy as np
+    import torch
+
+    from tprl_ray.data.digits import SceneSampler, load_digit_pools
+    from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
+    from tprl_ray.models.train_tiny import conversation, conversation_rows
+
+    size = TinyLlavaSize(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=1, text_intermediate=64)
+    processor = build_processor(size)
+    backbone = LlavaBackbone(build_model(size, processor.tokenizer), processor)
+    sampler = SceneSampler(load_digit_pools(0, 0.3)["train"], np.random.default_rng(0))
+    scene, questions = sampler.sample()
+    talk = conversation(sampler, scene, questions, rounds=2)
+    assert len({q for q, _ in talk}) == len(talk) >= 4
+    for at_key_word in (False, True):
+        before, visual, after, targets = conversation_rows(backbone, torch.zeros(1, 64, 32), [talk], at_key_word)[0]
+        assert before == processor.tokenizer("USER :")["input_ids"]
+        names = [(processor.tokenizer.convert_ids_to_tokens(after[p]), processor.tokenizer.convert_ids_to_tokens(t))
+                 for p, t in targets]
+        expected = []
+        for q, a in talk:
+            expected += [(":", a), (a, "</s>")] + ([(q.split()[-2] if "many" not in q else q.split()[2], a)]
+                                                    if at_key_word else [])
+        assert names == expected

@@ -1,0 +1,174 @@
+"""LLaVA-1.5 adapter: visual tokens, pruned scoring and pruned greedy generation.
+
+Pruning happens at the LLM input. A prompt is tokenised once with a single ``<image>`` token; the
+LLM input for one sample is ``[embed(text before <image>), kept visual tokens, embed(text after)]``
+with the kept tokens in raster order (sorted original indices). Samples of a batch are left-padded
+and positions are recompacted (``0..L-1`` over the real tokens), as LLaVA's pruning papers do. With
+every token kept this is exactly the stock ``model(input_ids, pixel_values)`` forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+
+class BackboneError(ValueError):
+    """A checkpoint or input the backbone cannot use; the message says what and where."""
+
+
+@dataclass
+class LlmBatch:
+    """Left-padded LLM inputs for a batch; ``targets[i]`` lists (position, token id) to score."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    targets: list[list[tuple[int, int]]]
+
+
+class LlavaBackbone:
+    """A ``LlavaForConditionalGeneration`` and its processor, driven with kept-token indices."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device)
+        self.image_token_id = model.config.image_token_id
+        self._prompt_ids = lru_cache(maxsize=65536)(self._tokenize_prompt)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> "LlavaBackbone":
+        """Load a LLaVA checkpoint (local directory or hub id) with its processor."""
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"{path}: not a loadable model checkpoint ({exc})") from None
+        if not isinstance(config, LlavaConfig):
+            raise BackboneError(f"{path}: model type {config.model_type!r} is not a LLaVA checkpoint")
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise BackboneError(f"{path}: weights do not match the config ({exc})") from None
+        return cls(model, AutoProcessor.from_pretrained(path), device)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _tokenize_prompt(self, question: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        ids = self.tokenizer(self.prompt(question), add_special_tokens=True)["input_ids"]
+        if ids.count(self.image_token_id) != 1:
+            raise BackboneError(f"prompt for {question!r} must hold exactly one image token")
+        cut = ids.index(self.image_token_id)
+        return tuple(ids[:cut]), tuple(ids[cut + 1:])
+
+    def answer_ids(self, question: str, answer: str) -> list[int]:
+        """Token ids of ``answer`` as the assistant's reply to ``question``, then end-of-sequence."""
+        prompt = self.prompt(question)
+        full = self.tokenizer(f"{prompt} {answer}", add_special_tokens=True)["input_ids"]
+        head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if full[: len(head)] != head or len(full) == len(head):
+            raise BackboneError(f"answer {answer!r} does not tokenise as a continuation of the prompt")
+        return full[len(head):] + [self.tokenizer.eos_token_id]
+
+    # ---- vision --------------------------------------------------------------------------
+    def pixel_values(self, images) -> torch.Tensor:
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LLM-ready visual tokens (post-projector), ``[B, N, d_llm]``."""
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype))
+        return torch.stack(list(out.pooler_output))
+
+    # ---- LLM inputs ----------------------------------------------------------------------
+    def build_inputs(self, questions: list[str], features: torch.Tensor, keep: list[torch.Tensor] | None,
+                     answers: list[str] | None = None) -> LlmBatch:
+        """Splice kept visual tokens into each prompt (and teacher-forced answer); left-pad."""
+        rows = []
+        for i, question in enumerate(questions):
+            before, after = self._prompt_ids(question)
+            visual = features[i] if keep is None else features[i, torch.sort(keep[i]).values]
+            answer = self.answer_ids(question, answers[i]) if answers is not None else []
+            # the last prompt token predicts answer[0], each answer token the next, the last one EOS
+            first = len(after) - 1
+            rows.append((list(before), visual, list(after) + answer[:-1],
+                         [(first + j, tok) for j, tok in enumerate(answer)]))
+        return self.pack(rows)
+
+    def pack(self, rows: list[tuple[list[int], torch.Tensor, list[int], list[tuple[int, int]]]]) -> LlmBatch:
+        """Left-padded LLM inputs from ``(ids before image, visual tokens, ids after, targets)`` rows.
+
+        Target positions count from the first id after the visual tokens; they come back absolute.
+        """
+        embed = self.model.get_input_embeddings()
+        seqs, targets = [], []
+        for before, visual, after, tgt in rows:
+            if visual.shape[0] == 0:
+                raise BackboneError("at least one visual token must be kept")
+            ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+            seqs.append(torch.cat([embed(ids(before)), visual.to(embed.weight.dtype), embed(ids(after))]))
+            offset = len(before) + visual.shape[0]
+            targets.append([(offset + p, t) for p, t in tgt])
+        width = max(r.shape[0] for r in seqs)
+        batch = torch.zeros(len(seqs), width, seqs[0].shape[1], dtype=seqs[0].dtype, device=self.device)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        for i, row in enumerate(seqs):
+            pad = width - row.shape[0]
+            batch[i, pad:] = row
+            mask[i, pad:] = 1
+            targets[i] = [(pad + p, t) for p, t in targets[i]]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return LlmBatch(batch, mask, position_ids, targets)
+
+    def logits(self, batch: LlmBatch, **kwargs):
+        return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, **kwargs)
+
+    @torch.no_grad()
+    def score(self, questions: list[str], answers: list[str], features: torch.Tensor,
+              keep: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: mean log-likelihood of the answer tokens, and whether greedy decoding
+        reproduces the answer (every answer token and the end-of-sequence are the argmax)."""
+        batch = self.build_inputs(questions, features, keep, answers)
+        logp = torch.log_softmax(self.logits(batch).logits.float(), dim=-1)
+        mean_logp, correct = [], []
+        for i, tgt in enumerate(batch.targets):
+            pos = torch.tensor([p for p, _ in tgt], device=self.device)
+            tok = torch.tensor([t for _, t in tgt], device=self.device)
+            rows = logp[i, pos]
+            mean_logp.append(rows[:-1].gather(1, tok[:-1, None]).mean())
+            correct.append(bool((rows.argmax(-1) == tok).all()))
+        return torch.stack(mean_logp).cpu(), torch.tensor(correct)
+
+    @torch.no_grad()
+    def generate(self, questions: list[str], features: torch.Tensor, keep: list[torch.Tensor] | None = None,
+                 max_new_tokens: int = 8) -> list[str]:
+        """Greedy decoding with a KV cache, stopping each sample at end-of-sequence."""
+        batch = self.build_inputs(questions, features, keep)
+        eos = self.tokenizer.eos_token_id
+        out = self.logits(batch, use_cache=True)
+        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            tokens.append(nxt)
+            done |= nxt == eos
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos + 1
+            out = self.model(inputs_embeds=self.model.get_input_embeddings()(nxt[:, None]),
+                             attention_mask=mask, position_ids=pos,
+                             cache=out.past_key_values, use_cache=True)
+        seqs = torch.stack(tokens, dim=1).tolist()
+        return [self.tokenizer.decode(s[: s.index(eos)] if eos in s else s, skip_special_tokens=True).strip()
+                for s in seqs]

@@ -1,0 +1,82 @@
+"""The ``tprl`` command line. Each command is one stage config plus the function that runs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from tprl_ray.config import ConfigError, StageConfig, add_config_args, config_from_args
+
+
+def _data_digits(cfg) -> None:
+    from tprl_ray.data.digits import build_digits
+
+    written = build_digits(cfg)
+    print(f"wrote {cfg.out}: " + ", ".join(f"{k} {v} questions" for k, v in written.items()))
+
+
+def _model_tiny(cfg) -> None:
+    from tprl_ray.models.train_tiny import train_tiny
+    from tprl_ray.tracking import mlflow_run
+
+    import mlflow
+
+    with mlflow_run(cfg.out.parent, "tprl-tiny-model", "tiny-llava", params=cfg.flat()):
+        metrics = train_tiny(cfg, log=lambda m, step: mlflow.log_metrics(
+            {k.replace("/", "."): v for k, v in m.items() if v == v}, step=step))
+    print(f"saved {cfg.out}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
+
+
+def _demo(cfg) -> None:
+    from tprl_ray.demo import run_demo
+
+    run_demo(cfg)
+
+
+def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]]:
+    from tprl_ray.data.digits import DigitsConfig
+    from tprl_ray.demo import DemoConfig
+    from tprl_ray.models.train_tiny import TinyModelConfig
+
+    return {
+        ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
+        ("model", "tiny"): (TinyModelConfig, _model_tiny, "train the embedded tiny LLaVA on CPU"),
+        ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tprl", description="TPRL: token pruning by RL, on Ray.")
+    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    nested: dict[str, argparse._SubParsersAction] = {}
+    for path, (cls, fn, help_text) in _commands().items():
+        if len(path) == 1:
+            sub = groups.add_parser(path[0], help=help_text, description=help_text)
+        else:
+            if path[0] not in nested:
+                group = groups.add_parser(path[0], help=f"{path[0]} commands")
+                nested[path[0]] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+            sub = nested[path[0]].add_parser(path[1], help=help_text, description=help_text)
+        add_config_args(sub, cls)
+        sub.set_defaults(_run=fn, _cls=cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tprl_ray.data.layout import DataError
+    from tprl_ray.backbones.llava import BackboneError
+
+    try:
+        cfg = config_from_args(args, args._cls)
+        args._run(cfg)
+    except (ConfigError, DataError, BackboneError) as exc:
+        print(f"tprl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

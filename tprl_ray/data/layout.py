@@ -1,0 +1,130 @@
+"""Reading and writing benchmarks in the LLaVA evaluation layout.
+
+A split directory holds ``questions.jsonl`` (one ``{"question_id", "image", "text", "category"}``
+per line), ``answers.jsonl`` (``{"question_id", "answer"}``) and ``images/`` with the files the
+questions name. Every problem is reported as :class:`DataError` with the file and line it comes from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """Bad benchmark input; ``str()`` is one line naming the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    question_id: str
+    image: str
+    text: str
+    category: str
+    answer: str
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def write_split(split_dir: Path, samples: list[Sample], images: dict[str, np.ndarray]) -> None:
+    """Write a split atomically file by file: images first, the jsonl files last."""
+    for name, pixels in images.items():
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        atomic_write_bytes(split_dir / "images" / name, buf.getvalue())
+    atomic_write_bytes(split_dir / "questions.jsonl", _jsonl(
+        [{"question_id": s.question_id, "image": s.image, "text": s.text, "category": s.category}
+         for s in samples]))
+    atomic_write_bytes(split_dir / "answers.jsonl", _jsonl(
+        [{"question_id": s.question_id, "answer": s.answer} for s in samples]))
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            rows.append((lineno, row))
+    return rows
+
+
+def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
+               check_images: bool = True) -> list[Sample]:
+    """Read and validate a split; ``categories`` restricts the allowed question categories."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: data directory not found")
+    qpath, apath = split_dir / "questions.jsonl", split_dir / "answers.jsonl"
+    questions = _read_jsonl(qpath, ("question_id", "image", "text", "category"))
+    answers = {}
+    for lineno, row in _read_jsonl(apath, ("question_id", "answer")):
+        answers[str(row["question_id"])] = str(row["answer"])
+    samples, checked = [], set()
+    for lineno, row in questions:
+        qid = str(row["question_id"])
+        if categories is not None and row["category"] not in categories:
+            raise DataError(f"{qpath}:{lineno}: unknown question category {row['category']!r} "
+                            f"(expected one of {', '.join(categories)})")
+        if qid not in answers:
+            raise DataError(f"{qpath}:{lineno}: question {qid} has no answer in {apath.name}")
+        if check_images and row["image"] not in checked:
+            check_image(split_dir / "images" / row["image"], where=f"{qpath}:{lineno}")
+            checked.add(row["image"])
+        samples.append(Sample(qid, str(row["image"]), str(row["text"]), str(row["category"]),
+                              answers[qid]))
+    return samples
+
+
+def check_image(path: Path, where: str) -> None:
+    """Raise :class:`DataError` unless ``path`` is a readable image."""
+    if not path.is_file():
+        raise DataError(f"{where}: image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{where}: image {path} is corrupt ({exc})") from None
+
+
+def load_image(split_dir: str | Path, name: str) -> Image.Image:
+    """The named image of a split, as RGB."""
+    path = Path(split_dir) / "images" / name
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None

@@ -1,0 +1,252 @@
+"""`tprl model tiny`: train the embedded tiny LLaVA on the digits benchmark, on CPU.
+
+End-to-end training from scratch stalls: the language model never learns to bind "c2" or "7" in the
+question to the visual tokens. The recipe mirrors LLaVA's two stages, with a denser stage 1:
+
+1. **Alignment.** The vision tower and projector learn, for every visual token, to point at two
+   words in the LLM's own input-embedding space: the name of its cell (``a1..d4``) and the digit in
+   that cell (or ``none``): a softmax over ``feature @ embedding(word)`` for the candidate words.
+   Question words and visual tokens then live in one space, and attention can match them.
+2. **Instruction tuning.** Next-token loss on the answer (and end-of-sequence) of fresh scenes, all
+   weights trained, the alignment loss kept with a smaller weight.
+
+Scenes are drawn on the fly from the *train* digit pool of the benchmark's seed (never the test
+pool), so the model sees far more boards than the written train split without touching test digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.config import StageConfig
+from tprl_ray.data.digits import CELL, CELL_NAMES, GRID, IMAGE_SIZE, SceneSampler, key_word, load_digit_pools
+from tprl_ray.data.layout import DataError, read_split
+from tprl_ray.evaluation.accuracy import evaluate
+from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
+
+
+class TinyModelConfig(StageConfig):
+    """`tprl model tiny`: data, output and the training recipe."""
+
+    data: Path = Field(Path("runs/data/digits"), description="benchmark directory (tprl data digits)")
+    out: Path = Field(Path("runs/models/tiny-llava-digits"), description="checkpoint directory")
+    seed: int = Field(0, description="seed for initialisation and scene sampling")
+    size: TinyLlavaSize = TinyLlavaSize()
+    align_steps: int = Field(2400, ge=0, description="stage 1 steps (alignment)")
+    tune_steps: int = Field(2600, ge=0, description="stage 2 steps (instruction tuning)")
+    batch_scenes: int = Field(16, ge=1, description="scenes per step")
+    augment: bool = Field(True, description="jitter glyph size and rotation in training scenes")
+    rounds: int = Field(3, ge=1, description="questions of each category per scene, as one conversation")
+    key_word_steps: int = Field(1000, ge=0, description="stage 2 steps that also target the answer at the key word")
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    align_weight: float = Field(0.5, ge=0, description="weight of the alignment loss in stage 2")
+    vision_lr_scale: float = Field(0.1, ge=0, description="stage 2 LR factor of vision tower + projector")
+    eval_every: int = Field(500, ge=1, description="steps between validation evaluations")
+    val_questions: int = Field(400, ge=0, description="validation questions per evaluation (0: none)")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+
+
+def token_cells(patch_size: int) -> torch.Tensor:
+    """Cell index of each visual token in raster order."""
+    side = IMAGE_SIZE // patch_size
+    rows, cols = np.divmod(np.arange(side * side), side)
+    return torch.from_numpy((rows * patch_size // CELL) * GRID + cols * patch_size // CELL)
+
+
+class AlignmentHead:
+    """Scores visual tokens against the embeddings of cell names and digit words (no parameters)."""
+
+    def __init__(self, backbone: LlavaBackbone, patch_size: int):
+        tok = backbone.tokenizer
+        self.embed = backbone.model.get_input_embeddings()
+        self.cell_ids = torch.tensor(tok.convert_tokens_to_ids(list(CELL_NAMES)))
+        self.digit_ids = torch.tensor(tok.convert_tokens_to_ids([*map(str, range(10)), "none"]))
+        self.cells = token_cells(patch_size)
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cross-entropy of each token's cell and digit; returns (loss, digit accuracy)."""
+        digit_target = labels[:, self.cells].clone()
+        digit_target[digit_target < 0] = 10
+        cell_target = self.cells.expand(features.shape[0], -1)
+        digit_logits = features @ self.embed(self.digit_ids).T
+        cell_logits = features @ self.embed(self.cell_ids).T
+        loss = F.cross_entropy(digit_logits.flatten(0, 1), digit_target.flatten()) + \
+            F.cross_entropy(cell_logits.flatten(0, 1), cell_target.flatten())
+        acc = (digit_logits.argmax(-1) == digit_target).float().mean().item()
+        return loss, acc
+
+
+def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
+                      conversations: list[list[tuple[str, str]]], at_key_word: bool = False) -> list:
+    """Multi-turn LLaVA conversations (image in the first turn) as ``LlavaBackbone.pack`` rows whose
+    targets are every assistant reply token and its end-of-sequence; with ``at_key_word`` also the
+    first answer token at the position of the question's key word (the curriculum of stage 2).
+
+    Replies are found as in LLaVA's training code: each one follows the assistant-turn separator
+    (the ids the chat template adds for the generation prompt) and runs through end-of-sequence.
+    """
+    tokenizer, render = backbone.tokenizer, backbone.processor.apply_chat_template
+    user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    head = tokenizer(render(user), add_special_tokens=False)["input_ids"]
+    sep = tokenizer(render(user, add_generation_prompt=True), add_special_tokens=False)["input_ids"][len(head):]
+    rows = []
+    for visual, turns in zip(features, conversations):
+        messages = []
+        for j, (question, answer) in enumerate(turns):
+            content = ([{"type": "image"}] if j == 0 else []) + [{"type": "text", "text": question}]
+            messages += [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        ids = tokenizer(render(messages))["input_ids"]
+        cut = ids.index(backbone.image_token_id)
+        targets, p, turn = [], cut + 1, 0
+        while p < len(ids):
+            if ids[p:p + len(sep)] != sep:
+                p += 1
+                continue
+            start = p + len(sep)
+            end = ids.index(tokenizer.eos_token_id, start) + 1
+            # input position q - 1 predicts token q; positions count from the first id after the image
+            targets += [(q - 1 - (cut + 1), ids[q]) for q in range(start, end)]
+            if at_key_word:
+                word = tokenizer.convert_tokens_to_ids(key_word(turns[turn][0]))
+                mention = len(ids[:p]) - 1 - ids[:p][::-1].index(word)
+                targets.append((mention - (cut + 1), ids[start]))
+            p, turn = end, turn + 1
+        rows.append((ids[:cut], visual, ids[cut + 1:], targets))
+    return rows
+
+
+def answer_loss(backbone: LlavaBackbone, rows: list) -> torch.Tensor:
+    batch = backbone.pack(rows)
+    logits = backbone.logits(batch).logits
+    rows_idx = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt])
+    pos = torch.tensor([p for tgt in batch.targets for p, _ in tgt])
+    tok = torch.tensor([t for tgt in batch.targets for _, t in tgt])
+    return F.cross_entropy(logits[rows_idx, pos], tok)
+
+
+def conversation(sampler: SceneSampler, scene, questions, rounds: int) -> list[tuple[str, str]]:
+    """Up to ``rounds`` distinct questions of each category about one scene, in random order."""
+    turns = [(q, a) for _, q, a in questions]
+    counts = np.bincount(scene.labels[scene.labels >= 0], minlength=10)
+    for _ in range(rounds - 1):
+        target = int(sampler.rng.choice([c for c in range(4) if (counts == c).any()]))
+        turns += [(q, a) for _, q, a in sampler.questions(scene.labels, count_target=target)]
+    turns = list(dict(turns).items())  # a repeated question could be answered from the context
+    order = sampler.rng.permutation(len(turns))
+    return [turns[i] for i in order]
+
+
+def lr_at(step: int, cfg: TinyModelConfig) -> float:
+    """Linear warm-up then cosine decay to 10%, restarted at the beginning of each stage."""
+    stage_len = cfg.align_steps if step < cfg.align_steps else cfg.tune_steps
+    step = step if step < cfg.align_steps else step - cfg.align_steps
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, stage_len - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
+    """Train and save the tiny model to ``cfg.out``; returns the final validation metrics.
+
+    ``log(metrics: dict, step: int)`` receives training and validation metrics (e.g. MLflow).
+    """
+    meta_path = cfg.data / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: not found; build the benchmark with `tprl data digits` first")
+    meta = json.loads(meta_path.read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    pools = load_digit_pools(meta["config"]["seed"], meta["config"]["test_digit_fraction"])
+    sampler = SceneSampler(pools["train"], np.random.default_rng([cfg.seed, 0x7A1]),
+                           meta["config"]["min_digits"], meta["config"]["max_digits"], augment=cfg.augment)
+    processor = build_processor(cfg.size)
+    backbone = LlavaBackbone(build_model(cfg.size, processor.tokenizer), processor)
+    model = backbone.model.train()
+    head = AlignmentHead(backbone, cfg.size.patch_size)
+    val = read_split(cfg.data / "val")[: cfg.val_questions] if cfg.val_questions else []
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    ids = {id(p) for p in vision}
+    optimizer = torch.optim.AdamW(
+        [{"params": vision, "name": "vision"},
+         {"params": [p for p in model.parameters() if id(p) not in ids], "name": "llm"}],
+        lr=cfg.lr, weight_decay=0.01)
+    total = cfg.align_steps + cfg.tune_steps
+    metrics: dict = {}
+    started = time.time()
+    bar = tqdm(range(total), desc="tiny-llava", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            scale = cfg.vision_lr_scale if group["name"] == "vision" and step >= cfg.align_steps else 1.0
+            group["lr"] = lr_at(step, cfg) * scale
+        scenes = [sampler.sample() for _ in range(cfg.batch_scenes)]
+        images = [Image.fromarray(s.image).convert("RGB") for s, _ in scenes]
+        labels = torch.from_numpy(np.stack([s.labels for s, _ in scenes]))
+        features = backbone.image_features(backbone.pixel_values(images))
+        align, digit_acc = head.loss(features, labels)
+        if step < cfg.align_steps:
+            loss, lm = align, torch.tensor(float("nan"))
+        else:
+            talks = [conversation(sampler, scene, qs, cfg.rounds) for scene, qs in scenes]
+            curriculum = step < cfg.align_steps + cfg.key_word_steps
+            lm = answer_loss(backbone, conversation_rows(backbone, features, talks, at_key_word=curriculum))
+            loss = lm + cfg.align_weight * align
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        metrics = {"train/align_loss": align.item(), "train/token_digit_acc": digit_acc,
+                   "train/answer_loss": lm.item(), "train/lr": optimizer.param_groups[1]["lr"]}
+        bar.set_postfix(align=f"{align.item():.3f}", answer=f"{lm.item():.3f}", digit=f"{digit_acc:.2f}")
+        last = step == total - 1
+        if val and ((step + 1) % cfg.eval_every == 0 or last) and step >= cfg.align_steps:
+            model.eval()
+            result = evaluate(backbone, cfg.data / "val", val)
+            model.train()
+            metrics["val/accuracy"] = result["accuracy"]
+            metrics.update({f"val/{k}": v for k, v in result["per_type"].items()})
+            tqdm.write(f"step {step + 1}: val accuracy {result['accuracy']:.3f} "
+                       f"{json.dumps({k: round(v, 3) for k, v in result['per_type'].items()})}")
+        if log is not None:
+            log(metrics, step)
+    model.eval()
+    save_tiny(backbone, cfg, meta, metrics, time.time() - started)
+    return metrics
+
+
+def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics: dict, seconds: float) -> None:
+    """Write the checkpoint atomically: into a temporary directory, then rename over ``cfg.out``."""
+    import shutil
+
+    out = Path(cfg.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.model.save_pretrained(tmp)
+    backbone.processor.save_pretrained(tmp)
+    card = {
+        "recipe": json.loads(cfg.model_dump_json()),
+        "benchmark": {"seed": meta["config"]["seed"], "test_pool_fingerprint": meta["test_pool_fingerprint"]},
+        "final_metrics": metrics, "train_seconds": round(seconds, 1),
+        "command": f"tprl model tiny --data {cfg.data} --out {cfg.out} --seed {cfg.seed}",
+    }
+    (tmp / "tprl_model_card.json").write_text(json.dumps(card, indent=2))
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,36 @@
+"""MLflow tracking: a sqlite store under the run's output directory unless a URI is given."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+
+
+def tracking_uri(out_dir: str | Path, uri: str | None = None) -> str:
+    """``uri`` if given (or ``MLFLOW_TRACKING_URI``), else ``sqlite:///<out_dir>/mlflow.db``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(out_dir).resolve() / 'mlflow.db')}"
+
+
+@contextlib.contextmanager
+def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
+               params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open an MLflow run; artifacts of a local store live in ``<out_dir>/mlruns``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(out_dir, uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        yield run
