@@ -20,8 +20,8 @@ def test_token_cells_follow_the_grid():
 def trained(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny"
     cfg = TinyModelConfig.load(None, {
-        "data": str(digits_dir), "out": str(out), "align_steps": 120, "tune_steps": 40, "batch_scenes": 8,
-        "warmup": 10, "eval_every": 40, "val_questions": 40,
+        "data": str(digits_dir), "out": str(out), "align_steps": 400, "tune_steps": 60, "batch_scenes": 8,
+        "warmup": 10, "eval_every": 60, "val_questions": 40,
         "size": {"vision_hidden": 48, "vision_layers": 2, "text_hidden": 64, "text_layers": 2,
                  "text_intermediate": 128}})
     history = []
@@ -46,7 +46,7 @@ def test_checkpoint_loads_like_a_hub_llava(trained, digits_dir):
     assert model.config.vision_config.hidden_size == 48
     assert processor.tokenizer.convert_tokens_to_ids("c2") != processor.tokenizer.unk_token_id
     card = json.loads((cfg.out / "tprl_model_card.json").read_text())
-    assert card["benchmark"]["seed"] == 0 and card["recipe"]["align_steps"] == 120
+    assert card["benchmark"]["seed"] == 0 and card["recipe"]["align_steps"] == 400
     backbone = LlavaBackbone.from_pretrained(cfg.out)
     val = read_split(digits_dir / "val")[:40]
     assert evaluate(backbone, digits_dir / "val", val)["accuracy"] == pytest.approx(metrics["val/accuracy"])

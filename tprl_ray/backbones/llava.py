@@ -168,7 +168,7 @@ class LlavaBackbone:
             pos = pos + 1
             out = self.model(inputs_embeds=self.model.get_input_embeddings()(nxt[:, None]),
                              attention_mask=mask, position_ids=pos,
-                             cache=out.past_key_values, use_cache=True)
+                             cache=out.cache, use_cache=True)
         seqs = torch.stack(tokens, dim=1).tolist()
         return [self.tokenizer.decode(s[: s.index(eos)] if eos in s else s, skip_special_tokens=True).strip()
                 for s in seqs]

@@ -37,6 +37,12 @@ CATEGORIES = ("read", "exist", "count", "where")
 CELL_NAMES = tuple(f"{'abcd'[c]}{r + 1}" for r in range(GRID) for c in range(GRID))
 DIGIT_POOLS = ("train", "test")
 SCHEMA_VERSION = 1
+TEMPLATES = {
+    "read": "what digit is at {} ?",
+    "exist": "is there a {} ?",
+    "count": "how many {} are there ?",
+    "where": "where is the {} ?",
+}
 
 
 class DigitsConfig(StageConfig):
@@ -103,12 +109,11 @@ class SceneSampler:
     """Draws random scenes and balanced questions from one digit pool."""
 
     def __init__(self, pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
-                 min_digits: int = 3, max_digits: int = 8, augment: bool = False):
+                 min_digits: int = 3, max_digits: int = 8):
         self.images, self.labels = pool
         self.by_label = [np.flatnonzero(self.labels == d) for d in range(10)]
         self.rng = rng
         self.min_digits, self.max_digits = min_digits, max_digits
-        self.augment = augment  # training-time glyph jitter: rotation +-10 deg, size 18-22 px
 
     def scene(self, reps: int) -> Scene:
         """A board with one digit planted ``reps`` (1-3) times and the other cells drawn freely."""
@@ -132,15 +137,13 @@ class SceneSampler:
             if d < 0:
                 continue
             src = self.images[rng.choice(self.by_label[d])]
-            size = int(rng.integers(DIGIT_SIZE - 2, DIGIT_SIZE + 3)) if self.augment else DIGIT_SIZE
-            glyph = Image.fromarray((src * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
-            if self.augment:
-                glyph = glyph.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BILINEAR)
+            glyph = Image.fromarray((src * 255).astype(np.uint8)).resize(
+                (DIGIT_SIZE, DIGIT_SIZE), Image.Resampling.BILINEAR)
             glyph = np.asarray(glyph, dtype=np.float32) / 255.0 * rng.uniform(0.6, 1.0)
-            slack = CELL - size
+            slack = CELL - DIGIT_SIZE
             y = (cell // GRID) * CELL + int(rng.integers(0, slack + 1))
             x = (cell % GRID) * CELL + int(rng.integers(0, slack + 1))
-            patch = canvas[y:y + size, x:x + size]
+            patch = canvas[y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
             np.maximum(patch, glyph, out=patch)
         return (canvas * 255).round().astype(np.uint8)
 
@@ -165,10 +168,10 @@ class SceneSampler:
         where_digit = int(rng.choice(np.flatnonzero(counts == 1)))
         where_cell = int(np.flatnonzero(labels == where_digit)[0])
         return [
-            ("read", f"what digit is at {CELL_NAMES[cell]} ?", str(labels[cell])),
-            ("exist", f"is there a {exist_digit} ?", exist_answer),
-            ("count", f"how many {count_digit} are there ?", str(count_target)),
-            ("where", f"where is the {where_digit} ?", CELL_NAMES[where_cell]),
+            ("read", TEMPLATES["read"].format(CELL_NAMES[cell]), str(labels[cell])),
+            ("exist", TEMPLATES["exist"].format(exist_digit), exist_answer),
+            ("count", TEMPLATES["count"].format(count_digit), str(count_target)),
+            ("where", TEMPLATES["where"].format(where_digit), CELL_NAMES[where_cell]),
         ]
 
 

@@ -43,11 +43,11 @@ class TinyModelConfig(StageConfig):
     out: Path = Field(Path("runs/models/tiny-llava-digits"), description="checkpoint directory")
     seed: int = Field(0, description="seed for initialisation and scene sampling")
     size: TinyLlavaSize = TinyLlavaSize()
-    align_steps: int = Field(2400, ge=0, description="stage 1 steps (alignment)")
-    tune_steps: int = Field(2600, ge=0, description="stage 2 steps (instruction tuning)")
-    batch_scenes: int = Field(16, ge=1, description="scenes per step")
-    augment: bool = Field(True, description="jitter glyph size and rotation in training scenes")
-    rounds: int = Field(3, ge=1, description="questions of each category per scene, as one conversation")
+    init_from: Path | None = Field(None, description="start from this checkpoint instead of a fresh model")
+    align_steps: int = Field(1800, ge=0, description="stage 1 steps (alignment)")
+    tune_steps: int = Field(2000, ge=0, description="stage 2 steps (instruction tuning)")
+    batch_scenes: int = Field(24, ge=1, description="scenes per step")
+    rounds: int = Field(2, ge=1, description="questions of each category per scene, as one conversation")
     key_word_steps: int = Field(1000, ge=0, description="stage 2 steps that also target the answer at the key word")
     lr: float = Field(2e-3, gt=0)
     warmup: int = Field(100, ge=0)
@@ -173,11 +173,14 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     torch.manual_seed(cfg.seed)
     pools = load_digit_pools(meta["config"]["seed"], meta["config"]["test_digit_fraction"])
     sampler = SceneSampler(pools["train"], np.random.default_rng([cfg.seed, 0x7A1]),
-                           meta["config"]["min_digits"], meta["config"]["max_digits"], augment=cfg.augment)
-    processor = build_processor(cfg.size)
-    backbone = LlavaBackbone(build_model(cfg.size, processor.tokenizer), processor)
+                           meta["config"]["min_digits"], meta["config"]["max_digits"])
+    if cfg.init_from is not None:
+        backbone = LlavaBackbone.from_pretrained(cfg.init_from)
+    else:
+        processor = build_processor(cfg.size)
+        backbone = LlavaBackbone(build_model(cfg.size, processor.tokenizer), processor)
     model = backbone.model.train()
-    head = AlignmentHead(backbone, cfg.size.patch_size)
+    head = AlignmentHead(backbone, backbone.model.config.vision_config.patch_size)
     val = read_split(cfg.data / "val")[: cfg.val_questions] if cfg.val_questions else []
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -211,7 +214,7 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
         optimizer.step()
         metrics = {"train/align_loss": align.item(), "train/token_digit_acc": digit_acc,
                    "train/answer_loss": lm.item(), "train/lr": optimizer.param_groups[1]["lr"]}
-        bar.set_postfix(align=f"{align.item():.3f}", answer=f"{lm.item():.3f}", digit=f"{digit_acc:.2f}")
+        bar.set_postfix(align=f"{align.item():.3f}", answer=f"{lm.item():.3f}", digit=f"{digit_acc:.2f}", refresh=False)
         last = step == total - 1
         if val and ((step + 1) % cfg.eval_every == 0 or last) and step >= cfg.align_steps:
             model.eval()
@@ -241,7 +244,8 @@ def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics
         "recipe": json.loads(cfg.model_dump_json()),
         "benchmark": {"seed": meta["config"]["seed"], "test_pool_fingerprint": meta["test_pool_fingerprint"]},
         "final_metrics": metrics, "train_seconds": round(seconds, 1),
-        "command": f"tprl model tiny --data {cfg.data} --out {cfg.out} --seed {cfg.seed}",
+        "init_from": json.loads((Path(cfg.init_from) / "tprl_model_card.json").read_text())
+        if cfg.init_from and (Path(cfg.init_from) / "tprl_model_card.json").is_file() else None,
     }
     (tmp / "tprl_model_card.json").write_text(json.dumps(card, indent=2))
     old = out.with_name(f".{out.name}.old")
