@@ -108,12 +108,15 @@ class LlavaBackbone:
         Target positions count from the first id after the visual tokens; they come back absolute.
         """
         embed = self.model.get_input_embeddings()
+
+        def embed_ids(ids: list[int]) -> torch.Tensor:
+            return embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+
         seqs, targets = [], []
         for before, visual, after, tgt in rows:
             if visual.shape[0] == 0:
                 raise BackboneError("at least one visual token must be kept")
-            ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-            seqs.append(torch.cat([embed(ids(before)), visual.to(embed.weight.dtype), embed(ids(after))]))
+            seqs.append(torch.cat([embed_ids(before), visual.to(embed.weight.dtype), embed_ids(after)]))
             offset = len(before) + visual.shape[0]
             targets.append([(offset + p, t) for p, t in tgt])
         width = max(r.shape[0] for r in seqs)
