@@ -85,3 +85,41 @@ def test_empty_keep_set_is_refused(backbone, batch):
 def test_loading_a_non_llava_path_fails_clearly(tmp_path):
     with pytest.raises(BackboneError, match="not a loadable model checkpoint"):
         LlavaBackbone.from_pretrained(tmp_path)
+
+
+def test_encode_gives_tokens_features_and_cls_attention(backbone, batch):
+    _, images = batch
+    pixel_values = backbone.pixel_values(images)
+    out = backbone.encode(pixel_values, with_attention=True)
+    assert backbone.model.config.vision_config._attn_implementation != "eager"  # restored after the call
+    n = out.llm_tokens.shape[1]
+    assert out.features.shape == (len(images), n, SIZE.vision_hidden) and out.attention.shape == (len(images), n)
+    torch.testing.assert_close(out.llm_tokens, backbone.image_features(pixel_values).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.features, backbone.encode(pixel_values).features, atol=1e-5, rtol=0)
+    assert backbone.encode(pixel_values).attention is None and out.positions.tolist() == list(range(n))
+    # the [CLS] row of the feature layer's attention, computed by hand from that layer's q/k projections
+    tower = backbone.model.model.vision_tower
+    layers = tower.encoder.layers
+    feature_layer = len(layers) + backbone.model.config.vision_feature_layer  # its output is the feature
+    with torch.no_grad():
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        for layer in layers[:feature_layer]:
+            hidden = layer(hidden, attention_mask=None)
+        attn = layers[feature_layer].self_attn
+        x = layers[feature_layer].layer_norm1(hidden)
+        heads, dim = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(len(images), -1, heads, dim).transpose(1, 2)
+        k = attn.k_proj(x).view(len(images), -1, heads, dim).transpose(1, 2)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * dim ** -0.5, dim=-1).mean(dim=1)
+        features = layers[feature_layer](hidden, attention_mask=None)[:, 1:]
+    torch.testing.assert_close(out.attention, weights[:, 0, 1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.features, features, atol=1e-5, rtol=0)
+
+
+def test_query_embedding_is_the_mean_of_the_question_tokens(backbone):
+    q = backbone.query_embedding("is there a 7 ?")
+    ids = backbone.tokenizer("is there a 7 ?", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5
+    torch.testing.assert_close(q, backbone.model.get_input_embeddings().weight[ids].mean(0).detach())
+    with pytest.raises(BackboneError, match="no tokens"):
+        backbone.query_embedding("   ")

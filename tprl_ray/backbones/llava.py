@@ -22,6 +22,22 @@ class BackboneError(ValueError):
 
 
 @dataclass
+class VisualTokens:
+    """What a backbone's vision side yields for a batch of images (``N`` tokens each).
+
+    ``llm_tokens`` go to the LLM (post-projector, ``[B, N, d_llm]``); ``features`` are the
+    pre-projector vision features of the feature layer that the pruning policy sees (``[B, N, d_v]``);
+    ``attention`` is the head-averaged attention from [CLS] to each patch at that layer (``[B, N]``,
+    only when asked for); ``positions`` are the tokens' raster indices (``[N]``).
+    """
+
+    llm_tokens: torch.Tensor
+    features: torch.Tensor
+    attention: torch.Tensor | None
+    positions: torch.Tensor
+
+
+@dataclass
 class LlmBatch:
     """Left-padded LLM inputs for a batch; ``targets[i]`` lists (position, token id) to score."""
 
@@ -86,6 +102,44 @@ class LlavaBackbone:
         """LLM-ready visual tokens (post-projector), ``[B, N, d_llm]``."""
         out = self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype))
         return torch.stack(list(out.pooler_output))
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, with_attention: bool = False) -> VisualTokens:
+        """One vision pass: LLM tokens, pre-projector features and, if asked, [CLS] attention.
+
+        Attention weights need eager attention; the vision tower switches to it for this call only
+        (SDPA returns no weights), and the language model is never touched.
+        """
+        config = self.model.config
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise BackboneError("encode supports vision_feature_select_strategy='default' with one feature layer")
+        tower_impl = config.vision_config._attn_implementation
+        if with_attention:
+            self.model.set_attn_implementation({"vision_config": "eager"})
+        try:
+            out = self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype),
+                                                output_hidden_states=True, output_attentions=with_attention)
+        finally:
+            if with_attention:
+                self.model.set_attn_implementation({"vision_config": tower_impl})
+        layer = config.vision_feature_layer
+        features = out.hidden_states[layer][:, 1:]
+        attention = None
+        if with_attention:
+            # hidden_states[i + 1] is the output of layer i, so hidden_states[layer] comes from attentions[layer]
+            attention = out.attentions[layer if layer < 0 else layer - 1][:, :, 0, 1:].mean(dim=1)
+        n = features.shape[1]
+        return VisualTokens(torch.stack(list(out.pooler_output)), features, attention,
+                            torch.arange(n, device=features.device))
+
+    def query_embedding(self, question: str) -> torch.Tensor:
+        """The MDP's query vector ``q``: the mean LLM input embedding over the question's own tokens
+        (no chat template, no special tokens), ``[d_llm]``."""
+        ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise BackboneError(f"question {question!r} has no tokens")
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device)).mean(dim=0)
 
     # ---- LLM inputs ----------------------------------------------------------------------
     def build_inputs(self, questions: list[str], features: torch.Tensor, keep: list[torch.Tensor] | None,
