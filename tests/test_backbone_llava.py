@@ -123,3 +123,25 @@ def test_query_embedding_is_the_mean_of_the_question_tokens(backbone):
     torch.testing.assert_close(q, backbone.model.get_input_embeddings().weight[ids].mean(0).detach())
     with pytest.raises(BackboneError, match="no tokens"):
         backbone.query_embedding("   ")
+
+
+def test_loading_mismatched_or_foreign_checkpoints_fails_clearly(backbone, tmp_path):
+    import json
+
+    from transformers import LlamaConfig
+
+    backbone.model.save_pretrained(tmp_path / "ok")
+    backbone.processor.save_pretrained(tmp_path / "ok")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    config["vision_config"]["hidden_size"] = 48
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="weights do not match config.json \\(vision hidden_size 48"):
+        LlavaBackbone.from_pretrained(tmp_path / "ok")
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    with pytest.raises(BackboneError, match="model type 'llama' is not a LLaVA checkpoint"):
+        LlavaBackbone.from_pretrained(tmp_path / "llama")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(json.loads(
+        (tmp_path / "ok" / "config.json").read_text())))
+    with pytest.raises(BackboneError, match="no loadable weights"):
+        LlavaBackbone.from_pretrained(tmp_path / "bare")

@@ -69,8 +69,13 @@ class LlavaBackbone:
             raise BackboneError(f"{path}: model type {config.model_type!r} is not a LLaVA checkpoint")
         try:
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise BackboneError(f"{path}: weights do not match the config ({exc})") from None
+        except OSError as exc:
+            raise BackboneError(f"{path}: no loadable weights ({exc})") from None
+        except (RuntimeError, ValueError) as exc:
+            raise BackboneError(
+                f"{path}: weights do not match config.json (vision hidden_size "
+                f"{config.vision_config.hidden_size}, text hidden_size {config.text_config.hidden_size}): "
+                f"{str(exc).splitlines()[0]}") from None
         return cls(model, AutoProcessor.from_pretrained(path), device)
 
     # ---- prompts -------------------------------------------------------------------------
