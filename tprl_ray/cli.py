@@ -29,6 +29,13 @@ def _model_tiny(cfg) -> None:
     print(f"saved {cfg.out}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
 
 
+def _bench_scorer(cfg) -> None:
+    from tprl_ray.bench.scorer import format_bench, run_scorer_bench
+
+    print(format_bench(run_scorer_bench(cfg)))
+    print(f"wrote {cfg.out}")
+
+
 def _demo(cfg) -> None:
     from tprl_ray.demo import run_demo
 
@@ -36,6 +43,7 @@ def _demo(cfg) -> None:
 
 
 def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]]:
+    from tprl_ray.bench.scorer import ScorerBenchConfig
     from tprl_ray.data.digits import DigitsConfig
     from tprl_ray.demo import DemoConfig
     from tprl_ray.models.train_tiny import TinyModelConfig
@@ -44,6 +52,7 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
         ("model", "tiny"): (TinyModelConfig, _model_tiny, "train the embedded tiny LLaVA on CPU"),
         ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
+        ("bench", "scorer"): (ScorerBenchConfig, _bench_scorer, "time batched pruned scoring (samples/s)"),
     }
 
 

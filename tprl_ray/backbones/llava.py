@@ -57,6 +57,7 @@ class LlavaBackbone:
         self.device = torch.device(device)
         self.image_token_id = model.config.image_token_id
         self._prompt_ids = lru_cache(maxsize=65536)(self._tokenize_prompt)
+        self.answer_ids = lru_cache(maxsize=65536)(self._answer_ids)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> "LlavaBackbone":
@@ -90,14 +91,14 @@ class LlavaBackbone:
         cut = ids.index(self.image_token_id)
         return tuple(ids[:cut]), tuple(ids[cut + 1:])
 
-    def answer_ids(self, question: str, answer: str) -> list[int]:
+    def _answer_ids(self, question: str, answer: str) -> tuple[int, ...]:
         """Token ids of ``answer`` as the assistant's reply to ``question``, then end-of-sequence."""
         prompt = self.prompt(question)
         full = self.tokenizer(f"{prompt} {answer}", add_special_tokens=True)["input_ids"]
         head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if full[: len(head)] != head or len(full) == len(head):
             raise BackboneError(f"answer {answer!r} does not tokenise as a continuation of the prompt")
-        return full[len(head):] + [self.tokenizer.eos_token_id]
+        return tuple(full[len(head):]) + (self.tokenizer.eos_token_id,)
 
     # ---- vision --------------------------------------------------------------------------
     def pixel_values(self, images) -> torch.Tensor:
@@ -157,7 +158,7 @@ class LlavaBackbone:
             answer = self.answer_ids(question, answers[i]) if answers is not None else []
             # the last prompt token predicts answer[0], each answer token the next, the last one EOS
             first = len(after) - 1
-            rows.append((list(before), visual, list(after) + answer[:-1],
+            rows.append((list(before), visual, list(after) + list(answer[:-1]),
                          [(first + j, tok) for j, tok in enumerate(answer)]))
         return self.pack(rows)
 
@@ -165,29 +166,28 @@ class LlavaBackbone:
         """Left-padded LLM inputs from ``(ids before image, visual tokens, ids after, targets)`` rows.
 
         Target positions count from the first id after the visual tokens; they come back absolute.
+        One embedding call for all text ids, one scatter for all visual tokens.
         """
-        embed = self.model.get_input_embeddings()
-
-        def embed_ids(ids: list[int]) -> torch.Tensor:
-            return embed(torch.tensor(ids, dtype=torch.long, device=self.device))
-
-        seqs, targets = [], []
-        for before, visual, after, tgt in rows:
-            if visual.shape[0] == 0:
-                raise BackboneError("at least one visual token must be kept")
-            seqs.append(torch.cat([embed_ids(before), visual.to(embed.weight.dtype), embed_ids(after)]))
-            offset = len(before) + visual.shape[0]
-            targets.append([(offset + p, t) for p, t in tgt])
-        width = max(r.shape[0] for r in seqs)
-        batch = torch.zeros(len(seqs), width, seqs[0].shape[1], dtype=seqs[0].dtype, device=self.device)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
-        for i, row in enumerate(seqs):
-            pad = width - row.shape[0]
-            batch[i, pad:] = row
-            mask[i, pad:] = 1
-            targets[i] = [(pad + p, t) for p, t in targets[i]]
+        lengths = [len(before) + visual.shape[0] + len(after) for before, visual, after, _ in rows]
+        if any(visual.shape[0] == 0 for _, visual, _, _ in rows):
+            raise BackboneError("at least one visual token must be kept")
+        width, pad_id = max(lengths), self.tokenizer.pad_token_id or 0
+        ids, is_visual, targets = [], [], []
+        for (before, visual, after, tgt), length in zip(rows, lengths):
+            pad, k = width - length, visual.shape[0]
+            ids.append([pad_id] * (pad + len(before) + k) + list(after))
+            ids[-1][pad:pad + len(before)] = before
+            is_visual.append([False] * (pad + len(before)) + [True] * k + [False] * len(after))
+            targets.append([(pad + len(before) + k + p, t) for p, t in tgt])
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        visual_mask = torch.tensor(is_visual, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids_t)
+        embeds[visual_mask] = torch.cat([visual for _, visual, _, _ in rows]).to(embeds.dtype)
+        mask = (torch.arange(width, device=self.device)[None, :]
+                >= torch.tensor([width - n for n in lengths], device=self.device)[:, None]).long()
+        embeds = embeds * mask[..., None]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return LlmBatch(batch, mask, position_ids, targets)
+        return LlmBatch(embeds, mask, position_ids, targets)
 
     def logits(self, batch: LlmBatch, **kwargs):
         return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
@@ -199,15 +199,22 @@ class LlavaBackbone:
         """Per sample: mean log-likelihood of the answer tokens, and whether greedy decoding
         reproduces the answer (every answer token and the end-of-sequence are the argmax)."""
         batch = self.build_inputs(questions, features, keep, answers)
-        logp = torch.log_softmax(self.logits(batch).logits.float(), dim=-1)
-        mean_logp, correct = [], []
-        for i, tgt in enumerate(batch.targets):
-            pos = torch.tensor([p for p, _ in tgt], device=self.device)
-            tok = torch.tensor([t for _, t in tgt], device=self.device)
-            rows = logp[i, pos]
-            mean_logp.append(rows[:-1].gather(1, tok[:-1, None]).mean())
-            correct.append(bool((rows.argmax(-1) == tok).all()))
-        return torch.stack(mean_logp).cpu(), torch.tensor(correct)
+        # left padding puts every answer at the end of its row: project only those positions
+        width = batch.inputs_embeds.shape[1]
+        tail = width - min(p for tgt in batch.targets for p, _ in tgt)
+        logp = torch.log_softmax(self.logits(batch, logits_to_keep=tail).logits.float(), dim=-1)
+        row = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt], device=self.device)
+        pos = torch.tensor([p - (width - tail) for tgt in batch.targets for p, _ in tgt], device=self.device)
+        tok = torch.tensor([t for tgt in batch.targets for _, t in tgt], device=self.device)
+        is_answer = torch.tensor([j < len(tgt) - 1 for tgt in batch.targets for j in range(len(tgt))],
+                                 device=self.device)  # every target but the final end-of-sequence
+        picked = logp[row, pos]
+        n = len(batch.targets)
+        token_logp = picked.gather(1, tok[:, None])[:, 0] * is_answer
+        mean_logp = torch.zeros(n, device=self.device).index_add_(0, row, token_logp) / \
+            torch.zeros(n, device=self.device).index_add_(0, row, is_answer.float())
+        wrong = torch.zeros(n, device=self.device).index_add_(0, row, (picked.argmax(-1) != tok).float())
+        return mean_logp.cpu(), (wrong == 0).cpu()
 
     @torch.no_grad()
     def generate(self, questions: list[str], features: torch.Tensor, keep: list[torch.Tensor] | None = None,

@@ -1,0 +1,128 @@
+"""`tprl bench scorer`: samples/s of `LlavaBackbone.score` by batch size and kept-token fraction.
+
+Two models: the shipped tiny LLaVA on real test images, and a random-initialised LLaVA with
+LLaVA-1.5-7B's layer dimensions (d=4096, 32 heads, MLP 11008, vocabulary 32064, 576 visual tokens)
+but only ``decoder_layers`` decoder layers. The scorer receives LLM-ready visual tokens (as the
+scorer service will, from its cache), so the vision tower is outside the timed region.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import atomic_write_bytes
+
+
+class ScorerBenchConfig(StageConfig):
+    """`tprl bench scorer`: what to time and where to write the JSON."""
+
+    out: Path = Field(Path("runs/bench/scorer.json"), description="JSON result file")
+    batch_sizes: list[int] = Field([1, 8, 32, 64], description="batch sizes to time (tiny model)")
+    large_batch_sizes: list[int] = Field(
+        [1, 8], description="batch sizes for the 7B-shaped model (a batch of 64 full prompts is minutes on a CPU)")
+    fractions: list[float] = Field([1.0, 0.25], description="kept fractions of the visual tokens")
+    models: list[str] = Field(["tiny", "llava-7b-shape"], description="tiny and/or llava-7b-shape")
+    decoder_layers: int = Field(1, ge=1, description="decoder layers of the 7B-shaped model")
+    min_seconds: float = Field(2.0, gt=0, description="time each cell for at least this long")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+
+
+def tiny_workload() -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
+    """The shipped model with 64 real test boards and their questions."""
+    from tprl_ray.data.digits import DigitsConfig, SceneSampler, load_digit_pools, split_rng
+    from tprl_ray.demo import EMBEDDED_MODEL
+    from PIL import Image
+
+    backbone = LlavaBackbone.from_pretrained(EMBEDDED_MODEL)
+    cfg = DigitsConfig()
+    sampler = SceneSampler(load_digit_pools(cfg.seed, cfg.test_digit_fraction)["test"], split_rng(cfg.seed, "test"))
+    scenes = [sampler.sample() for _ in range(64)]
+    with torch.no_grad():
+        features = backbone.image_features(backbone.pixel_values(
+            [Image.fromarray(s.image).convert("RGB") for s, _ in scenes]))
+    questions = [qs[i % 4][1] for i, (_, qs) in enumerate(scenes)]
+    answers = [qs[i % 4][2] for i, (_, qs) in enumerate(scenes)]
+    return backbone, features, questions, answers
+
+
+def llava7b_workload(layers: int) -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
+    """LLaVA-1.5-7B's decoder shape with ``layers`` layers, random weights and random visual tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from tprl_ray.models.tiny_llava import TinyLlavaSize, build_processor
+
+    processor = build_processor(TinyLlavaSize())  # prompts only; ids fit the 32064-word vocabulary
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
+                              num_attention_heads=16, image_size=336, patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.tokenizer.convert_tokens_to_ids(
+        "<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    backbone = LlavaBackbone(LlavaForConditionalGeneration(config), processor)
+    features = torch.randn(64, 576, 4096) * 0.02
+    return backbone, features, ["what digit is at c2 ?"] * 64, ["7"] * 64
+
+
+def time_cell(backbone, features, questions, answers, batch: int, fraction: float, min_seconds: float) -> float:
+    """Samples per second of ``score`` at one batch size and kept fraction (after one warm-up call)."""
+    from tprl_ray.pruners.random import RandomPruner
+
+    feats, qs, ans = features[:batch], questions[:batch], answers[:batch]
+    keep = None if fraction >= 1.0 else RandomPruner(0).keep(feats, [str(i) for i in range(batch)], qs, fraction)
+    backbone.score(qs, ans, feats, keep)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        backbone.score(qs, ans, feats, keep)
+        calls += 1
+    return calls * batch / (time.perf_counter() - start)
+
+
+def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    makers = {"tiny": tiny_workload, "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers)}
+    unknown = set(cfg.models) - set(makers)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(makers)}")
+    rows = []
+    for name in cfg.models:
+        workload = makers[name]()
+        sizes = cfg.batch_sizes if name == "tiny" else cfg.large_batch_sizes
+        cells = [(b, f) for b in sizes for f in cfg.fractions]
+        for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):
+            rate = time_cell(*workload, batch=batch, fraction=fraction, min_seconds=cfg.min_seconds)
+            rows.append({"model": name, "batch": batch, "fraction": fraction, "samples_per_s": rate})
+    result = {"bench": "scorer", "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios(rows)}
+    atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
+    return result
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Batching gain (each batch vs the smallest) and pruning gain (smallest vs largest fraction)."""
+    out = {}
+    for model in sorted({r["model"] for r in rows}):
+        rate = {(r["batch"], r["fraction"]): r["samples_per_s"] for r in rows if r["model"] == model}
+        batches, fracs = sorted({b for b, _ in rate}), sorted({f for _, f in rate})
+        full = max(fracs)
+        out[model] = {
+            **{f"batch{b}_over_batch{batches[0]}": rate[(b, full)] / rate[(batches[0], full)] for b in batches[1:]},
+            **{f"frac{fracs[0]}_over_{full}_batch{b}": rate[(b, fracs[0])] / rate[(b, full)] for b in batches},
+        }
+    return out
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"{'model':>15} | {'batch':>5} | {'kept':>5} | {'samples/s':>10}", "-" * 46]
+    lines += [f"{r['model']:>15} | {r['batch']:>5} | {r['fraction']:>5.2f} | {r['samples_per_s']:>10.1f}"
+              for r in result["rows"]]
+    lines += [f"{m}: " + ", ".join(f"{k} {v:.2f}x" for k, v in d.items()) for m, d in result["ratios"].items()]
+    return "\n".join(lines)
