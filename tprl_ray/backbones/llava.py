@@ -39,12 +39,14 @@ class VisualTokens:
 
 @dataclass
 class LlmBatch:
-    """Left-padded LLM inputs for a batch; ``targets[i]`` lists (position, token id) to score."""
+    """Left-padded LLM inputs for a batch; ``targets[i]`` lists (position, token id) to score and
+    ``visual_mask`` marks the positions that hold visual tokens."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     targets: list[list[tuple[int, int]]]
+    visual_mask: torch.Tensor
 
 
 class LlavaBackbone:
@@ -187,7 +189,7 @@ class LlavaBackbone:
                 >= torch.tensor([width - n for n in lengths], device=self.device)[:, None]).long()
         embeds = embeds * mask[..., None]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return LlmBatch(embeds, mask, position_ids, targets)
+        return LlmBatch(embeds, mask, position_ids, targets, visual_mask)
 
     def logits(self, batch: LlmBatch, **kwargs):
         return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
@@ -221,23 +223,34 @@ class LlavaBackbone:
                  max_new_tokens: int = 8) -> list[str]:
         """Greedy decoding with a KV cache, stopping each sample at end-of-sequence."""
         batch = self.build_inputs(questions, features, keep)
+        out = self.logits(batch, use_cache=True, logits_to_keep=1)
+        state = {"mask": batch.attention_mask, "pos": batch.position_ids[:, -1:], "cache": out.cache}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            state["pos"] = state["pos"] + 1
+            nxt = self.model(inputs_embeds=self.model.get_input_embeddings()(token[:, None]),
+                             attention_mask=state["mask"], position_ids=state["pos"],
+                             cache=state["cache"], use_cache=True)
+            state["cache"] = nxt.cache
+            return nxt.logits[:, -1]
+
+        return self.greedy_decode(out.logits[:, -1], step, max_new_tokens)
+
+    @torch.no_grad()
+    def greedy_decode(self, logits: torch.Tensor, step, max_new_tokens: int) -> list[str]:
+        """Greedy tokens from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits.
+        Finished samples keep emitting end-of-sequence; decoding stops when all are finished."""
         eos = self.tokenizer.eos_token_id
-        out = self.logits(batch, use_cache=True)
-        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
-        done = torch.zeros(len(questions), dtype=torch.bool, device=self.device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens = []
-        for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+        for i in range(max_new_tokens):
+            nxt = torch.where(done, torch.full_like(done, eos, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
             done |= nxt == eos
-            if done.all():
+            if done.all() or i == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos + 1
-            out = self.model(inputs_embeds=self.model.get_input_embeddings()(nxt[:, None]),
-                             attention_mask=mask, position_ids=pos,
-                             cache=out.cache, use_cache=True)
+            logits = step(nxt)
         seqs = torch.stack(tokens, dim=1).tolist()
         return [self.tokenizer.decode(s[: s.index(eos)] if eos in s else s, skip_special_tokens=True).strip()
                 for s in seqs]
