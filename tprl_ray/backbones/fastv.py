@@ -9,6 +9,8 @@ cache holds exactly the tokens that layer saw, and decoding uses one mask per la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -40,12 +42,16 @@ def _last_token_attention(layer, hidden_in: torch.Tensor, keys: torch.Tensor, va
     return torch.softmax(scores.float(), dim=-1).mean(dim=1)
 
 
+@dataclass
 class FastVState:
-    """Per-layer key validity and positions after a FastV prefill, for decoding."""
+    """What decoding after a FastV prefill needs: key validity of layers ``< k`` (every token) and
+    ``>= k`` (kept tokens), the next position id and the per-layer cache."""
 
-    def __init__(self, valid_full, valid_kept, next_position, cache, k):
-        self.valid_full, self.valid_kept = valid_full, valid_kept
-        self.next_position, self.cache, self.k = next_position, cache, k
+    valid_full: torch.Tensor
+    valid_kept: torch.Tensor
+    next_position: torch.Tensor
+    cache: DynamicCache
+    k: int
 
 
 @torch.no_grad()

@@ -121,7 +121,7 @@ def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
             targets += [(q - 1 - (cut + 1), ids[q]) for q in range(start, end)]
             if at_key_word:
                 word = tokenizer.convert_tokens_to_ids(key_word(turns[turn][0]))
-                mention = len(ids[:p]) - 1 - ids[:p][::-1].index(word)
+                mention = max(i for i in range(cut + 1, p) if ids[i] == word)  # in this turn's question
                 targets.append((mention - (cut + 1), ids[start]))
             p, turn = end, turn + 1
         rows.append((ids[:cut], visual, ids[cut + 1:], targets))
