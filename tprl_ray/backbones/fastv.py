@@ -73,7 +73,7 @@ def fastv_prefill(backbone: LlavaBackbone, questions: list[str], features: torch
     if extra_ids is not None:
         hidden = torch.cat([hidden, lm.embed_tokens(extra_ids)], dim=1)
         valid = torch.cat([valid, torch.ones_like(extra_ids, dtype=torch.bool)], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra_ids.shape[1])], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra_ids.shape[1], device=positions.device)], dim=1)
         visual = torch.cat([visual, torch.zeros_like(extra_ids, dtype=torch.bool)], dim=1)
     cache = DynamicCache(config=lm.config)
     cos_sin = lm.rotary_emb(hidden, position_ids=positions)

@@ -43,7 +43,7 @@ class TinyModelConfig(StageConfig):
     out: Path = Field(Path("runs/models/tiny-llava-digits"), description="checkpoint directory")
     seed: int = Field(0, description="seed for initialisation and scene sampling")
     size: TinyLlavaSize = TinyLlavaSize()
-    init_from: Path | None = Field(None, description="start from this checkpoint instead of a fresh model")
+    init_from: Path | None = Field(None, description="start from this checkpoint (its sizes replace `size`)")
     align_steps: int = Field(1800, ge=0, description="stage 1 steps (alignment)")
     tune_steps: int = Field(2000, ge=0, description="stage 2 steps (instruction tuning)")
     batch_scenes: int = Field(24, ge=1, description="scenes per step")
