@@ -27,7 +27,7 @@ def batch(digits_dir):
 
 def test_all_tokens_kept_equals_stock_forward(backbone, batch):
     samples, images = batch
-    features = backbone.image_features(backbone.pixel_values(images))
+    features = backbone.encode(images).llm_tokens
     logp, _ = backbone.score([s.text for s in samples], [s.answer for s in samples], features)
     for i, s in enumerate(samples):
         text = backbone.prompt(s.text) + " " + s.answer
@@ -42,7 +42,7 @@ def test_all_tokens_kept_equals_stock_forward(backbone, batch):
 
 def test_mixed_keep_counts_match_one_by_one(backbone, batch):
     samples, images = batch
-    features = backbone.image_features(backbone.pixel_values(images))
+    features = backbone.encode(images).llm_tokens
     n = features.shape[1]
     gen = torch.Generator().manual_seed(0)
     keep = [torch.randperm(n, generator=gen)[: k] for k in (1, 5, 16, 33, 64, 20)]
@@ -57,7 +57,7 @@ def test_mixed_keep_counts_match_one_by_one(backbone, batch):
 
 def test_keep_order_does_not_matter_raster_order_is_used(backbone, batch):
     samples, images = batch
-    features = backbone.image_features(backbone.pixel_values(images[:1]))
+    features = backbone.encode(images[:1]).llm_tokens
     keep = torch.tensor([40, 3, 17, 8])
     a, _ = backbone.score([samples[0].text], [samples[0].answer], features, [keep])
     b, _ = backbone.score([samples[0].text], [samples[0].answer], features, [torch.sort(keep).values])
@@ -66,7 +66,7 @@ def test_keep_order_does_not_matter_raster_order_is_used(backbone, batch):
 
 def test_generate_matches_stock_generate(backbone, batch):
     samples, images = batch
-    features = backbone.image_features(backbone.pixel_values(images))
+    features = backbone.encode(images).llm_tokens
     ours = backbone.generate([s.text for s in samples], features, max_new_tokens=4)
     for i, s in enumerate(samples):
         enc = backbone.processor(images=[images[i]], text=[backbone.prompt(s.text)], return_tensors="pt")
@@ -77,7 +77,7 @@ def test_generate_matches_stock_generate(backbone, batch):
 
 def test_empty_keep_set_is_refused(backbone, batch):
     samples, images = batch
-    features = backbone.image_features(backbone.pixel_values(images[:1]))
+    features = backbone.encode(images[:1]).llm_tokens
     with pytest.raises(BackboneError, match="at least one visual token"):
         backbone.score([samples[0].text], [samples[0].answer], features, [torch.tensor([], dtype=torch.long)])
 
@@ -90,13 +90,14 @@ def test_loading_a_non_llava_path_fails_clearly(tmp_path):
 def test_encode_gives_tokens_features_and_cls_attention(backbone, batch):
     _, images = batch
     pixel_values = backbone.pixel_values(images)
-    out = backbone.encode(pixel_values, with_attention=True)
+    out = backbone.encode(images, with_attention=True)
     assert backbone.model.config.vision_config._attn_implementation != "eager"  # restored after the call
     n = out.llm_tokens.shape[1]
     assert out.features.shape == (len(images), n, SIZE.vision_hidden) and out.attention.shape == (len(images), n)
     torch.testing.assert_close(out.llm_tokens, backbone.image_features(pixel_values).detach(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.features, backbone.encode(pixel_values).features, atol=1e-5, rtol=0)
-    assert backbone.encode(pixel_values).attention is None and out.positions.tolist() == list(range(n))
+    torch.testing.assert_close(out.features, backbone.encode(images).features, atol=1e-5, rtol=0)
+    assert backbone.encode(images).attention is None and out.grids == [(8, 8)] * len(images)
+    assert out.positions(0)[:10].tolist() == [[0, c] for c in range(8)] + [[1, 0], [1, 1]]
     # the [CLS] row of the feature layer's attention, computed by hand from that layer's q/k projections
     tower = backbone.model.model.vision_tower
     layers = tower.encoder.layers
@@ -145,3 +146,23 @@ def test_loading_mismatched_or_foreign_checkpoints_fails_clearly(backbone, tmp_p
         (tmp_path / "ok" / "config.json").read_text())))
     with pytest.raises(BackboneError, match="no loadable weights"):
         LlavaBackbone.from_pretrained(tmp_path / "bare")
+
+
+def test_checkpoints_load_with_vicuna_v1_prompts_and_pad_to_square(backbone, tmp_path):
+    from tprl_ray.backbones.load import BackboneConfig, load_backbone
+
+    backbone.model.save_pretrained(tmp_path)
+    backbone.processor.save_pretrained(tmp_path)
+    loaded = load_backbone(BackboneConfig(path=str(tmp_path)))  # no tprl model card: a hub-style LLaVA-1.5
+    assert loaded.prompt("what ?") == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. USER: <image>\nwhat ? ASSISTANT:")
+    assert load_backbone(BackboneConfig(path=str(tmp_path), prompt_format="chat_template")).prompt("what ?") == \
+        backbone.prompt("what ?")
+    # a 96x48 image is padded with the mean colour (0.5 -> 127) to 96x96 before the resize
+    wide = Image.new("RGB", (96, 48), (255, 0, 0))
+    square = Image.new("RGB", (96, 96), (127, 127, 127))
+    square.paste(wide, (0, 24))
+    torch.testing.assert_close(loaded.pixel_values([wide]), loaded.pixel_values([square]))
+    unpadded = load_backbone(BackboneConfig(path=str(tmp_path), pad_to_square=False))
+    assert not torch.allclose(unpadded.pixel_values([wide]), loaded.pixel_values([square]))

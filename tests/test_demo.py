@@ -48,22 +48,21 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
     """Greedy-correctness from one teacher-forced pass equals generate-and-compare accuracy."""
     import torch
 
-    from tprl_ray.backbones.llava import LlavaBackbone
+    from tprl_ray.backbones.load import load_backbone
     from tprl_ray.data.layout import load_image, read_split
-    from tprl_ray.demo import EMBEDDED_MODEL
     from tprl_ray.evaluation.accuracy import evaluate
     from tprl_ray.pruners.random import RandomPruner
 
     out, _ = demo
-    backbone = LlavaBackbone.from_pretrained(EMBEDDED_MODEL)
+    backbone = load_backbone("embedded")
     split = out / "data" / "test"
     samples = read_split(split)[:400]
     for pruner in (None, RandomPruner(0)):
         correct = []
         for start in range(0, len(samples), 100):
             chunk = samples[start:start + 100]
-            feats = backbone.image_features(backbone.pixel_values([load_image(split, s.image) for s in chunk]))
+            feats = backbone.encode([load_image(split, s.image) for s in chunk]).llm_tokens
             keep = pruner.keep(feats, [s.question_id for s in chunk], [s.text for s in chunk], 0.25) if pruner else None
-            correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats.detach(), keep)[1])
+            correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats, keep)[1])
         assert torch.cat(correct).float().mean().item() == pytest.approx(
             evaluate(backbone, split, samples, pruner, 0.25)["accuracy"])

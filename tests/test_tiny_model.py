@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.backbones.load import load_backbone
 from tprl_ray.data.layout import read_split
 from tprl_ray.evaluation.accuracy import evaluate
 from tprl_ray.models.train_tiny import TinyModelConfig, token_cells, train_tiny
@@ -47,7 +48,8 @@ def test_checkpoint_loads_like_a_hub_llava(trained, digits_dir):
     assert processor.tokenizer.convert_tokens_to_ids("c2") != processor.tokenizer.unk_token_id
     card = json.loads((cfg.out / "tprl_model_card.json").read_text())
     assert card["benchmark"]["seed"] == 0 and card["recipe"]["align_steps"] == 400
-    backbone = LlavaBackbone.from_pretrained(cfg.out)
+    backbone = load_backbone(cfg.out)
+    assert card["prompt_format"] == "chat_template" and backbone.prompt("is there a 7 ?").startswith("USER:")
     val = read_split(digits_dir / "val")[:40]
     assert evaluate(backbone, digits_dir / "val", val)["accuracy"] == pytest.approx(metrics["val/accuracy"])
     assert not list(cfg.out.parent.glob(".*tmp"))
@@ -69,7 +71,8 @@ def test_conversation_targets_are_the_replies_and_key_words():
     talk = conversation(sampler, scene, questions, rounds=2)
     assert len({q for q, _ in talk}) == len(talk) >= 4
     for at_key_word in (False, True):
-        before, visual, after, targets = conversation_rows(backbone, torch.zeros(1, 64, 32), [talk], at_key_word)[0]
+        row = conversation_rows(backbone, torch.zeros(1, 64, 32), [talk], at_key_word)[0]
+        before, after, targets = row.before, row.after, row.targets
         assert before == processor.tokenizer("USER :")["input_ids"]
         names = [(processor.tokenizer.convert_ids_to_tokens(after[p]), processor.tokenizer.convert_ids_to_tokens(t))
                  for p, t in targets]

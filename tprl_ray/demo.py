@@ -13,7 +13,8 @@ from pathlib import Path
 import mlflow
 from pydantic import Field
 
-from tprl_ray.backbones.llava import BackboneError, LlavaBackbone
+from tprl_ray.backbones.base import BackboneError
+from tprl_ray.backbones.load import EMBEDDED_MODEL, load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.digits import CATEGORIES, DigitsConfig, build_digits
 from tprl_ray.data.layout import atomic_write_bytes, read_split
@@ -23,7 +24,6 @@ from tprl_ray.models.train_tiny import TinyModelConfig, train_tiny
 from tprl_ray.pruners.random import RandomPruner
 from tprl_ray.tracking import mlflow_run
 
-EMBEDDED_MODEL = Path(__file__).parent / "assets" / "tiny-llava-digits"
 PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
 
 
@@ -77,7 +77,7 @@ def pruner_by_name(name: str, seed: int):
 def run_demo(cfg: DemoConfig) -> dict:
     data = prepare_data(cfg)
     model_path = prepare_model(cfg, data)
-    backbone = LlavaBackbone.from_pretrained(model_path)
+    backbone = load_backbone(model_path)
     samples = read_split(data / "test", categories=CATEGORIES)
     if cfg.eval_questions:
         samples = samples[: cfg.eval_questions]

@@ -1,4 +1,4 @@
-"""`tprl bench scorer`: samples/s of `LlavaBackbone.score` by batch size and kept-token fraction.
+"""`tprl bench scorer`: samples/s of `Backbone.score` by batch size and kept-token fraction.
 
 Two models: the shipped tiny LLaVA on real test images, and a random-initialised LLaVA with
 LLaVA-1.5-7B's layer dimensions (d=4096, 32 heads, MLP 11008, vocabulary 32064, 576 visual tokens)
@@ -16,7 +16,9 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from tprl_ray.backbones.base import Backbone
 from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.backbones.load import PAPER_CONFIGS, load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes
 
@@ -35,39 +37,36 @@ class ScorerBenchConfig(StageConfig):
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 
 
-def tiny_workload() -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
+def tiny_workload() -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
     """The shipped model with 64 real test boards and their questions."""
     from tprl_ray.data.digits import DigitsConfig, SceneSampler, load_digit_pools, split_rng
-    from tprl_ray.demo import EMBEDDED_MODEL
     from PIL import Image
 
-    backbone = LlavaBackbone.from_pretrained(EMBEDDED_MODEL)
+    backbone = load_backbone("embedded")
     cfg = DigitsConfig()
     sampler = SceneSampler(load_digit_pools(cfg.seed, cfg.test_digit_fraction)["test"], split_rng(cfg.seed, "test"))
     scenes = [sampler.sample() for _ in range(64)]
-    with torch.no_grad():
-        features = backbone.image_features(backbone.pixel_values(
-            [Image.fromarray(s.image).convert("RGB") for s, _ in scenes]))
+    features = backbone.encode([Image.fromarray(s.image).convert("RGB") for s, _ in scenes]).llm_tokens
     questions = [qs[i % 4][1] for i, (_, qs) in enumerate(scenes)]
     answers = [qs[i % 4][2] for i, (_, qs) in enumerate(scenes)]
     return backbone, features, questions, answers
 
 
 def llava7b_workload(layers: int) -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
-    """LLaVA-1.5-7B's decoder shape with ``layers`` layers, random weights and random visual tokens."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """The shipped LLaVA-1.5-7B ``config.json`` cut to ``layers`` decoder layers and one vision layer,
+    random weights and random visual tokens; prompts use the tiny tokenizer (its ids fit the vocabulary)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     from tprl_ray.models.tiny_llava import TinyLlavaSize, build_processor
 
-    processor = build_processor(TinyLlavaSize())  # prompts only; ids fit the 32064-word vocabulary
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-                              num_attention_heads=16, image_size=336, patch_size=14)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.tokenizer.convert_tokens_to_ids(
-        "<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default")
+    processor = build_processor(TinyLlavaSize())
+    config = AutoConfig.from_pretrained(PAPER_CONFIGS["llava-1.5-7b"])
+    config.text_config.num_hidden_layers = layers
+    config.vision_config.num_hidden_layers = 1
+    config.vision_feature_layer = -1
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(0)
-    backbone = LlavaBackbone(LlavaForConditionalGeneration(config), processor)
+    backbone = LlavaBackbone(LlavaForConditionalGeneration(config).float(), processor)
     features = torch.randn(64, 576, 4096) * 0.02
     return backbone, features, ["what digit is at c2 ?"] * 64, ["7"] * 64
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.backbones.base import Backbone
 from tprl_ray.data.layout import Sample, load_image
 from tprl_ray.pruners.base import Pruner
 
@@ -18,7 +18,7 @@ def normalize(answer: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(backbone: LlavaBackbone, split_dir: str | Path, samples: list[Sample],
+def evaluate(backbone: Backbone, split_dir: str | Path, samples: list[Sample],
              pruner: Pruner | None = None, budget: float | int = 1.0, batch_size: int = 64,
              progress: bool = False) -> dict:
     """Greedy-decode every sample with the kept tokens; exact-match accuracy overall and per category.
@@ -31,13 +31,13 @@ def evaluate(backbone: LlavaBackbone, split_dir: str | Path, samples: list[Sampl
                       unit="batch", disable=not progress, leave=False):
         chunk = samples[start:start + batch_size]
         names = sorted({s.image for s in chunk})
-        feats = backbone.image_features(backbone.pixel_values([load_image(split_dir, n) for n in names]))
-        features = feats[torch.tensor([names.index(s.image) for s in chunk])]
+        visual = backbone.encode([load_image(split_dir, n) for n in names])
+        index = [names.index(s.image) for s in chunk]
+        tokens, grids = [visual.llm_tokens[j] for j in index], [visual.grids[j] for j in index]
         questions = [s.text for s in chunk]
-        keep = None if pruner is None else pruner.keep(features, [s.question_id for s in chunk],
-                                                       questions, budget)
-        kept_total += features.shape[1] * len(chunk) if keep is None else sum(len(k) for k in keep)
-        for s, pred in zip(chunk, backbone.generate(questions, features, keep)):
+        keep = None if pruner is None else pruner.keep(tokens, [s.question_id for s in chunk], questions, budget)
+        kept_total += sum(len(t) for t in tokens) if keep is None else sum(len(k) for k in keep)
+        for s, pred in zip(chunk, backbone.generate(questions, tokens, keep, grids)):
             hits[s.category].append(normalize(pred) == normalize(s.answer))
     every = [h for v in hits.values() for h in v]
     return {

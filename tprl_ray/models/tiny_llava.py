@@ -8,7 +8,6 @@ the benchmark's vocabulary. Saved with ``save_pretrained`` so the loaders for re
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -20,6 +19,7 @@ from transformers import (
 )
 
 from tprl_ray.data.digits import CELL_NAMES, IMAGE_SIZE
+from tprl_ray.models.word_tokenizer import word_level_tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 WORDS = ("USER", "ASSISTANT", ":", "?", "what", "digit", "is", "at", "there", "a", "how", "many",
@@ -49,17 +49,8 @@ class TinyLlavaSize(BaseModel):
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *WORDS))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return tok
+    return word_level_tokenizer(SPECIAL_TOKENS, WORDS, unk="<unk>", pad="<pad>", eos="</s>", bos="<s>",
+                                extra_special={"image_token": "<image>"})
 
 
 def build_processor(size: TinyLlavaSize) -> LlavaProcessor:

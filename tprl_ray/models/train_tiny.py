@@ -28,7 +28,9 @@ from PIL import Image
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from tprl_ray.backbones.base import Row
 from tprl_ray.backbones.llava import LlavaBackbone
+from tprl_ray.backbones.load import load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.digits import CELL, CELL_NAMES, GRID, IMAGE_SIZE, SceneSampler, key_word, load_digit_pools
 from tprl_ray.data.layout import DataError, read_split
@@ -90,7 +92,7 @@ class AlignmentHead:
 
 def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
                       conversations: list[list[tuple[str, str]]], at_key_word: bool = False) -> list:
-    """Multi-turn LLaVA conversations (image in the first turn) as ``LlavaBackbone.pack`` rows whose
+    """Multi-turn LLaVA conversations (image in the first turn) as ``Backbone.pack`` rows whose
     targets are every assistant reply token and its end-of-sequence; with ``at_key_word`` also the
     first answer token at the position of the question's key word (the curriculum of stage 2).
 
@@ -124,7 +126,7 @@ def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
                 mention = max(i for i in range(cut + 1, p) if ids[i] == word)  # in this turn's question
                 targets.append((mention - (cut + 1), ids[start]))
             p, turn = end, turn + 1
-        rows.append((ids[:cut], visual, ids[cut + 1:], targets))
+        rows.append(Row(ids[:cut], visual, ids[cut + 1:], targets, torch.arange(visual.shape[0]), None))
     return rows
 
 
@@ -175,7 +177,7 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     sampler = SceneSampler(pools["train"], np.random.default_rng([cfg.seed, 0x7A1]),
                            meta["config"]["min_digits"], meta["config"]["max_digits"])
     if cfg.init_from is not None:
-        backbone = LlavaBackbone.from_pretrained(cfg.init_from)
+        backbone = load_backbone(cfg.init_from)
     else:
         processor = build_processor(cfg.size)
         backbone = LlavaBackbone(build_model(cfg.size, processor.tokenizer), processor)
@@ -241,6 +243,7 @@ def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics
     backbone.model.save_pretrained(tmp)
     backbone.processor.save_pretrained(tmp)
     card = {
+        "prompt_format": "chat_template",
         "recipe": json.loads(cfg.model_dump_json()),
         "benchmark": {"seed": meta["config"]["seed"], "test_pool_fingerprint": meta["test_pool_fingerprint"]},
         "final_metrics": metrics, "train_seconds": round(seconds, 1),

@@ -19,9 +19,10 @@ def budget_tokens(budget: float | int, n_tokens: int) -> int:
 
 
 class Pruner(Protocol):
-    """Given a batch's visual tokens and questions, the sorted original indices to keep per sample."""
+    """Given each sample's visual tokens (``features[i]``: ``[N_i, d]``) and question, the sorted
+    original indices to keep per sample."""
 
     name: str
 
-    def keep(self, features: torch.Tensor, question_ids: list[str], questions: list[str],
+    def keep(self, features, question_ids: list[str], questions: list[str],
              budget: float | int) -> list[torch.Tensor]: ...

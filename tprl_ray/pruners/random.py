@@ -17,12 +17,12 @@ class RandomPruner:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def keep(self, features: torch.Tensor, question_ids: list[str], questions: list[str],
+    def keep(self, features, question_ids: list[str], questions: list[str],
              budget: float | int) -> list[torch.Tensor]:
-        n = features.shape[1]
-        k = budget_tokens(budget, n)
         out = []
-        for qid in question_ids:
+        for tokens, qid in zip(features, question_ids):
+            n = tokens.shape[0]
+            k = budget_tokens(budget, n)
             digest = hashlib.sha256(f"{self.seed}:{qid}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             out.append(torch.sort(torch.randperm(n, generator=gen)[:k]).values)
