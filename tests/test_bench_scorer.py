@@ -16,3 +16,14 @@ def test_scorer_bench_writes_rows_and_ratios(tmp_path):
     assert set(result["ratios"]["tiny"]) == {"batch4_over_batch1", "frac0.25_over_1.0_batch1",
                                              "frac0.25_over_1.0_batch4"}
     assert "tiny" in format_bench(result)
+
+
+def test_latency_bench_writes_rows_and_the_prefill_ratio(tmp_path):
+    from tprl_ray.bench.latency import LatencyBenchConfig, format_latency, run_latency_bench
+
+    cfg = LatencyBenchConfig(out=tmp_path / "latency.json", models=["tiny"], new_tokens=2, repeats=1)
+    result = run_latency_bench(cfg)
+    assert json.loads(cfg.out.read_text()) == result
+    assert [(r["fraction"], r["kept_tokens"]) for r in result["rows"]] == [(1.0, 64), (0.25, 16)]
+    assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] >= 0 for r in result["rows"])
+    assert "prefill_speedup_0.25_vs_1.0" in result["ratios"]["tiny"] and "tiny" in format_latency(result)

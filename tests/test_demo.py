@@ -18,25 +18,46 @@ def test_report_schema(demo):
     out, report = demo
     assert json.loads((out / "report.json").read_text()) == report
     assert report["benchmark"] == "digits"
-    none, rand = report["rows"]
-    assert none["pruner"] == "none" and none["budget"] == 1.0 and none["relative"] == 1.0
-    assert none["avg_tokens"] == 64.0 and rand["avg_tokens"] == 16.0
-    assert rand["pruner"] == "random" and rand["budget"] == 0.25
-    assert rand["relative"] == pytest.approx(rand["accuracy"] / none["accuracy"])
+    rows = {r["pruner"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "random", "vispruner", "divprune", "tome", "fastv"]
+    none, rand = rows["none"], rows["random"]
+    assert none["budget"] == 1.0 and none["relative"] == 1.0 and none["avg_tokens"] == 64.0
+    assert all(r["avg_tokens"] == 16.0 for n, r in rows.items() if n not in ("none", "fastv"))
+    assert rows["fastv"]["avg_tokens"] == (2 * 64 + 2 * 16) / 4  # K = 2 of 4 layers see every token
+    assert rand["budget"] == 0.25 and rand["relative"] == pytest.approx(rand["accuracy"] / none["accuracy"])
     assert set(none["per_type"]) == {"read", "exist", "count", "where"}
+    assert rand["flops"] < rows["fastv"]["flops"] < none["flops"]
+    assert rand["kv_cache_mb"] < rows["fastv"]["kv_cache_mb"] < none["kv_cache_mb"]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shipped_model_quality_and_pruning_sensitivity(demo):
-    none, rand = demo[1]["rows"]
+    rows = {r["pruner"]: r for r in demo[1]["rows"]}
+    none, rand = rows["none"], rows["random"]
     assert none["accuracy"] >= 0.90
     assert min(none["per_type"].values()) >= 0.75
     assert none["accuracy"] - rand["accuracy"] >= 0.15
+    # informed pruning beats random at the same budget
+    assert rows["vispruner"]["accuracy"] > rand["accuracy"] + 0.05 and rows["divprune"]["accuracy"] > rand["accuracy"] + 0.05
+
+
+def test_report_command_table_plot_and_mlflow(demo, tmp_path, capsys):
+    from tprl_ray.cli import main
+
+    out, report = demo
+    assert main(["report", "--set", f"inputs=[{out / 'report.json'}]", "--out", str(tmp_path / "r.md")]) == 0
+    table = (tmp_path / "r.md").read_text()
+    assert all(name in table for name in ("vispruner", "divprune", "tome", "fastv", "kv_cache_mb"))
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and "vispruner" in capsys.readouterr().out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("tprl-report").experiment_id])[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"r.md", "r.png"}
 
 
 def test_run_is_in_mlflow(demo):
     out, report = demo
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["tprl-demo"], output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tprl-demo").experiment_id])
     assert len(runs) == 1
     metrics = runs[0].data.metrics
     assert metrics["none_100.accuracy"] == pytest.approx(report["rows"][0]["accuracy"])
@@ -51,6 +72,7 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
     from tprl_ray.backbones.load import load_backbone
     from tprl_ray.data.layout import load_image, read_split
     from tprl_ray.evaluation.accuracy import evaluate
+    from tprl_ray.pruners.base import PruneBatch
     from tprl_ray.pruners.random import RandomPruner
 
     out, _ = demo
@@ -62,7 +84,9 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
         for start in range(0, len(samples), 100):
             chunk = samples[start:start + 100]
             feats = backbone.encode([load_image(split, s.image) for s in chunk]).llm_tokens
-            keep = pruner.keep(feats, [s.question_id for s in chunk], [s.text for s in chunk], 0.25) if pruner else None
+            batch = PruneBatch(list(feats), list(feats), None, [(8, 8)] * len(chunk), [s.question_id for s in chunk],
+                               [s.text for s in chunk])
+            keep = pruner.prune(batch, 0.25).keep if pruner else None
             correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats, keep)[1])
         assert torch.cat(correct).float().mean().item() == pytest.approx(
             evaluate(backbone, split, samples, pruner, 0.25)["accuracy"])

@@ -74,3 +74,18 @@ def test_help_lists_every_command():
     sub = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "data", "--help"], capture_output=True, text=True,
                          timeout=120).stdout
     assert "digits" in sub
+
+
+def test_benchmark_fields_and_answer_lists_are_kept(split):
+    """MMBench-style extra fields and VQAv2-style answer lists survive reading."""
+    import json
+
+    questions = [json.loads(x) for x in (split / "questions.jsonl").read_text().splitlines()]
+    questions[0] |= {"index": 7, "options": {"A": "3", "B": "5"}}
+    (split / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers = [json.loads(x) for x in (split / "answers.jsonl").read_text().splitlines()]
+    answers[0]["answer"] = ["two", "2", "2"]
+    (split / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    first, second = read_split(split)[:2]
+    assert first.extra == {"index": 7, "options": {"A": "3", "B": "5"}} and first.answer == ["two", "2", "2"]
+    assert second.extra == {} and isinstance(second.answer, str)

@@ -36,6 +36,34 @@ def _bench_scorer(cfg) -> None:
     print(f"wrote {cfg.out}")
 
 
+def _eval(cfg) -> None:
+    from tprl_ray.evaluation.job import run_eval
+
+    result = run_eval(cfg)
+    print(json.dumps({k: result[k] for k in ("benchmark", "pruner", "budget", "n", "score", "relative",
+                                             "avg_tokens")} | {"unpruned_score": result["unpruned"]["score"]}))
+    print(f"wrote {cfg.out} and {cfg.out.with_suffix('.predictions.jsonl')}")
+
+
+def _efficiency(cfg) -> None:
+    from tprl_ray.evaluation.efficiency import run_efficiency
+
+    print(json.dumps(run_efficiency(cfg), indent=2))
+
+
+def _report(cfg) -> None:
+    from tprl_ray.evaluation.report import run_report
+
+    run_report(cfg)
+
+
+def _bench_latency(cfg) -> None:
+    from tprl_ray.bench.latency import format_latency, run_latency_bench
+
+    print(format_latency(run_latency_bench(cfg)))
+    print(f"wrote {cfg.out}")
+
+
 def _demo(cfg) -> None:
     from tprl_ray.demo import run_demo
 
@@ -43,16 +71,24 @@ def _demo(cfg) -> None:
 
 
 def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]]:
+    from tprl_ray.bench.latency import LatencyBenchConfig
     from tprl_ray.bench.scorer import ScorerBenchConfig
     from tprl_ray.data.digits import DigitsConfig
     from tprl_ray.demo import DemoConfig
+    from tprl_ray.evaluation.efficiency import EfficiencyConfig
+    from tprl_ray.evaluation.job import EvalConfig
+    from tprl_ray.evaluation.report import ReportConfig
     from tprl_ray.models.train_tiny import TinyModelConfig
 
     return {
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
         ("model", "tiny"): (TinyModelConfig, _model_tiny, "train the embedded tiny LLaVA on CPU"),
         ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
+        ("eval",): (EvalConfig, _eval, "evaluate a benchmark unpruned and pruned on a Ray Data actor pool"),
+        ("efficiency",): (EfficiencyConfig, _efficiency, "FLOPs and KV-cache bytes of a model config, as JSON"),
+        ("report",): (ReportConfig, _report, "one table and a Pareto plot from reports and eval results"),
         ("bench", "scorer"): (ScorerBenchConfig, _bench_scorer, "time batched pruned scoring (samples/s)"),
+        ("bench", "latency"): (LatencyBenchConfig, _bench_latency, "measure prefill and per-token decode latency"),
     }
 
 
@@ -75,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tprl_ray.backbones.base import BackboneError
     from tprl_ray.data.layout import DataError
-    from tprl_ray.backbones.llava import BackboneError
 
     try:
         cfg = config_from_args(args, args._cls)
         args._run(cfg)
-    except (ConfigError, DataError, BackboneError) as exc:
+    except (ConfigError, DataError, BackboneError, ValueError, FileNotFoundError) as exc:
         print(f"tprl: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,10 @@
 """`make demo` / `tprl demo`: the main job on the embedded default.
 
 Builds the digits benchmark, obtains the tiny LLaVA (the shipped checkpoint, or trains one), evaluates
-it on the held-out test split unpruned and with every pruner at every budget, prints a table, writes
-``OUT/report.json`` and logs the run to MLflow (sqlite store in ``OUT/mlflow.db``).
+it on the held-out test split unpruned and with every pruner at every budget (one vision pass per
+batch serves every setting), prints a table with each setting's FLOPs and KV cache, writes
+``OUT/report.json`` and the Pareto plot ``OUT/pareto.png`` and logs the run to MLflow (sqlite store
+in ``OUT/mlflow.db``).
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ import json
 from pathlib import Path
 
 import mlflow
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.backbones.load import EMBEDDED_MODEL, load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.digits import CATEGORIES, DigitsConfig, build_digits
 from tprl_ray.data.layout import atomic_write_bytes, read_split
-from tprl_ray.evaluation.accuracy import evaluate
-from tprl_ray.evaluation.report import format_table, report_row
+from tprl_ray.evaluation.accuracy import evaluate_settings
+from tprl_ray.evaluation.efficiency import pruned_efficiency
+from tprl_ray.evaluation.report import format_table, pareto_plot, report_row
 from tprl_ray.models.train_tiny import TinyModelConfig, train_tiny
-from tprl_ray.pruners.random import RandomPruner
+from tprl_ray.pruners.base import budget_tokens
+from tprl_ray.pruners.registry import BASELINES, PRUNERS, build_pruner
 from tprl_ray.tracking import mlflow_run
 
 PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
@@ -34,8 +38,16 @@ class DemoConfig(StageConfig):
     seed: int = Field(0, description="benchmark seed (the shipped model was trained on seed 0)")
     model: str = Field("embedded", description="'embedded' (shipped checkpoint), 'train', or a path")
     budgets: list[float] = Field(PAPER_BUDGETS, description="kept fractions of the visual tokens")
-    pruners: list[str] = Field(["random"], description="pruners to compare against the full model")
+    pruners: list[str] = Field(list(BASELINES), description="pruners to compare against the full model")
     eval_questions: int = Field(0, ge=0, description="test questions to evaluate (0: all)")
+
+    @field_validator("pruners")
+    @classmethod
+    def _known_pruners(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in PRUNERS or n == "none"]
+        if unknown:
+            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)})")
+        return names
     batch_size: int = Field(64, ge=1)
     mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")
 
@@ -68,12 +80,6 @@ def prepare_model(cfg: DemoConfig, data: Path) -> Path:
     return path
 
 
-def pruner_by_name(name: str, seed: int):
-    if name == "random":
-        return RandomPruner(seed)
-    raise ValueError(f"unknown pruner {name!r} (available: random)")
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     data = prepare_data(cfg)
     model_path = prepare_model(cfg, data)
@@ -81,19 +87,31 @@ def run_demo(cfg: DemoConfig) -> dict:
     samples = read_split(data / "test", categories=CATEGORIES)
     if cfg.eval_questions:
         samples = samples[: cfg.eval_questions]
-    runs = [("none", None, 1.0)] + [(p, pruner_by_name(p, cfg.seed), b) for p in cfg.pruners for b in cfg.budgets]
-    rows = []
+    pruners = {name: build_pruner(name, cfg.seed) for name in cfg.pruners}
+    settings = [("none_100", build_pruner("none"), 1.0)] + [
+        (f"{name}_{round(budget * 100)}", pruner, budget) for name, pruner in pruners.items() for budget in cfg.budgets]
     with mlflow_run(cfg.out, "tprl-demo", "demo", cfg.mlflow_uri, params=cfg.flat()):
-        for name, pruner, budget in runs:
-            result = evaluate(backbone, data / "test", samples, pruner, budget, cfg.batch_size, progress=True)
-            base = rows[0]["accuracy"] if rows else result["accuracy"]
-            rows.append(report_row(name, budget, result, base))
-            print(f"[demo] {name:>8} @ {budget:.3f}: accuracy {result['accuracy']:.3f}")
-            tag = f"{name}_{round(budget * 100)}"
-            mlflow.log_metrics({f"{tag}.accuracy": result["accuracy"], f"{tag}.avg_tokens": result["avg_tokens"]})
-        report = {"benchmark": "digits", "model": str(model_path), "rows": rows}
+        results = evaluate_settings(backbone, data / "test", samples, settings, batch_size=cfg.batch_size,
+                                    progress=True)
+        base = results["none_100"]
+        full_tokens = round(base["avg_tokens"])
+        text_tokens = round(sum(backbone.text_tokens(s.text) for s in samples) / len(samples))
+        rows = []
+        for label, pruner, budget in settings:
+            result = results[label]
+            kept = budget_tokens(budget, full_tokens)
+            cost = pruned_efficiency(backbone.model.config, pruner, full_tokens, kept, text_tokens)
+            rows.append(report_row(pruner.name, budget, result, base["accuracy"],
+                                   {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6}))
+            print(f"[demo] {pruner.name:>9} @ {budget:.3f}: accuracy {result['accuracy']:.3f}")
+            mlflow.log_metrics({f"{label}.accuracy": result["accuracy"], f"{label}.avg_tokens": result["avg_tokens"],
+                                f"{label}.flops": cost.flops})
+        report = {"benchmark": "digits", "model": str(model_path), "text_tokens": text_tokens, "rows": rows}
         atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
+        pareto_plot(report, cfg.out / "pareto.png")
         mlflow.log_artifact(str(cfg.out / "report.json"))
+        mlflow.log_artifact(str(cfg.out / "pareto.png"))
     print(format_table(report))
-    print(f"[demo] wrote {cfg.out / 'report.json'}; MLflow store {cfg.mlflow_uri or cfg.out / 'mlflow.db'}")
+    print(f"[demo] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
+          f"MLflow store {cfg.mlflow_uri or cfg.out / 'mlflow.db'}")
     return report

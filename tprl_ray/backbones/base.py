@@ -136,6 +136,11 @@ class Backbone:
         cut = ids.index(self.image_token_id)
         return tuple(ids[:cut]), tuple(ids[cut + 1:])
 
+    def text_tokens(self, question: str) -> int:
+        """Prompt tokens around the image for ``question`` (the text part of the LLM input)."""
+        before, after = self._prompt_ids(question)
+        return len(before) + len(after)
+
     def _answer_ids(self, question: str, answer: str) -> tuple[int, ...]:
         """Token ids of ``answer`` as the assistant's reply to ``question``, then the end of turn."""
         prompt = self.prompt(question)
@@ -224,8 +229,9 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, questions: list[str], tokens, keep: list[torch.Tensor] | None = None,
-                 grids: list[Grid] | None = None, max_new_tokens: int = 8) -> list[str]:
-        """Greedy decoding with a KV cache, stopping each sample at the end of its turn."""
+                 grids: list[Grid] | None = None, max_new_tokens: int = 8, stop_at_end: bool = True) -> list[str]:
+        """Greedy decoding with a KV cache, stopping each sample at the end of its turn (or, with
+        ``stop_at_end=False``, always running ``max_new_tokens`` steps, as latency benchmarks need)."""
         batch = self.build_inputs(questions, tokens, keep, grids=grids)
         out = self.logits(batch, use_cache=True, logits_to_keep=1)
         # text positions after the prompt continue from the last one (all M-RoPE axes alike)
@@ -240,10 +246,10 @@ class Backbone:
             state["cache"] = nxt.cache
             return nxt.logits[:, -1]
 
-        return self.greedy_decode(out.logits[:, -1], step, max_new_tokens)
+        return self.greedy_decode(out.logits[:, -1], step, max_new_tokens, stop_at_end)
 
     @torch.no_grad()
-    def greedy_decode(self, logits: torch.Tensor, step, max_new_tokens: int) -> list[str]:
+    def greedy_decode(self, logits: torch.Tensor, step, max_new_tokens: int, stop_at_end: bool = True) -> list[str]:
         """Greedy tokens from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits.
         Finished samples keep emitting the end token; decoding stops when all are finished."""
         end = self.end_id
@@ -252,7 +258,7 @@ class Backbone:
         for i in range(max_new_tokens):
             nxt = torch.where(done, torch.full_like(done, end, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
-            done |= nxt == end
+            done |= (nxt == end) & stop_at_end
             if done.all() or i == max_new_tokens - 1:
                 break
             logits = step(nxt)

@@ -58,7 +58,8 @@ class FastVState:
 
 @torch.no_grad()
 def fastv_prefill(backbone: Backbone, questions: list[str], features, k: int, n_keep: int,
-                  grids: list[tuple[int, int]] | None = None, extra_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, FastVState, torch.Tensor]:
+                  grids: list[tuple[int, int]] | None = None,
+                  extra_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, FastVState, torch.Tensor]:
     """Prefill with FastV at layer ``k``; returns (last-position logits, state, kept visual indices).
 
     ``extra_ids`` (``[B, M]``) appends already generated tokens after the prompt; the ranking still
@@ -131,7 +132,8 @@ def fastv_step(backbone: Backbone, state: FastVState, token: torch.Tensor) -> to
 
 @torch.no_grad()
 def fastv_generate(backbone: Backbone, questions: list[str], features, k: int, n_keep: int,
-                   grids: list[tuple[int, int]] | None = None, max_new_tokens: int = 8) -> tuple[list[str], torch.Tensor]:
+                   grids: list[tuple[int, int]] | None = None,
+                   max_new_tokens: int = 8) -> tuple[list[str], torch.Tensor]:
     """Greedy decoding with FastV pruning at layer ``k``; returns texts and kept visual indices."""
     logits, state, kept = fastv_prefill(backbone, questions, features, k, n_keep, grids)
     texts = backbone.greedy_decode(logits, lambda token: fastv_step(backbone, state, token), max_new_tokens)

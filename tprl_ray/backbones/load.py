@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, LlavaConfig, Qwen2_5_VLConfig
 
@@ -25,7 +26,7 @@ class BackboneConfig(BaseModel):
 
     path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
+    device: str = Field("auto", description="torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     prompt_format: Literal["auto", "vicuna_v1", "chat_template"] = Field(
         "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1")
     pad_to_square: bool = Field(True, description="LLaVA: pad images to a square with the mean colour first")
@@ -39,6 +40,8 @@ def load_backbone(cfg: BackboneConfig | str | Path) -> Backbone:
     """The adapter for ``cfg.path``'s model type, loaded with ``from_pretrained``."""
     cfg = cfg if isinstance(cfg, BackboneConfig) else BackboneConfig(path=str(cfg))
     path = resolve_path(cfg.path)
+    if cfg.device == "auto":
+        cfg = cfg.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

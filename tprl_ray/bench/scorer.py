@@ -73,10 +73,10 @@ def llava7b_workload(layers: int) -> tuple[LlavaBackbone, torch.Tensor, list[str
 
 def time_cell(backbone, features, questions, answers, batch: int, fraction: float, min_seconds: float) -> float:
     """Samples per second of ``score`` at one batch size and kept fraction (after one warm-up call)."""
-    from tprl_ray.pruners.random import RandomPruner
+    from tprl_ray.pruners.random import random_keep
 
     feats, qs, ans = features[:batch], questions[:batch], answers[:batch]
-    keep = None if fraction >= 1.0 else RandomPruner(0).keep(feats, [str(i) for i in range(batch)], qs, fraction)
+    keep = None if fraction >= 1.0 else random_keep(feats, fraction)
     backbone.score(qs, ans, feats, keep)
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_seconds:
@@ -85,16 +85,21 @@ def time_cell(backbone, features, questions, answers, batch: int, fraction: floa
     return calls * batch / (time.perf_counter() - start)
 
 
-def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    makers = {"tiny": tiny_workload, "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers)}
-    unknown = set(cfg.models) - set(makers)
+def workloads(models: list[str], decoder_layers: int, threads: int) -> dict:
+    """Workload builders by model name, checked against the known ones; sets torch's thread count."""
+    if threads:
+        torch.set_num_threads(threads)
+    makers = {"tiny": tiny_workload, "llava-7b-shape": lambda: llava7b_workload(decoder_layers)}
+    unknown = set(models) - set(makers)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(makers)}")
+    return {name: makers[name] for name in models}
+
+
+def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
     rows = []
-    for name in cfg.models:
-        workload = makers[name]()
+    for name, make in workloads(cfg.models, cfg.decoder_layers, cfg.threads).items():
+        workload = make()
         sizes = cfg.batch_sizes if name == "tiny" else cfg.large_batch_sizes
         cells = [(b, f) for b in sizes for f in cfg.fractions]
         for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):

@@ -1,8 +1,10 @@
 """Reading and writing benchmarks in the LLaVA evaluation layout.
 
 A split directory holds ``questions.jsonl`` (one ``{"question_id", "image", "text", "category"}``
-per line), ``answers.jsonl`` (``{"question_id", "answer"}``) and ``images/`` with the files the
-questions name. Every problem is reported as :class:`DataError` with the file and line it comes from.
+per line, plus any benchmark fields such as ``options`` or ``index``), ``answers.jsonl``
+(``{"question_id", "answer"}``, the answer a string or, for VQAv2, the list of human answers) and
+``images/`` with the files the questions name. Every problem is reported as :class:`DataError` with
+the file and line it comes from.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
+    """One question; ``answer`` is a list for benchmarks with several references (VQAv2) and
+    ``extra`` holds the question's other fields (options, original index, ...)."""
+
     question_id: str
     image: str
     text: str
     category: str
-    answer: str
+    answer: str | list[str]
+    extra: dict = field(default_factory=dict)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -92,7 +98,8 @@ def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
     questions = _read_jsonl(qpath, ("question_id", "image", "text", "category"))
     answers = {}
     for lineno, row in _read_jsonl(apath, ("question_id", "answer")):
-        answers[str(row["question_id"])] = str(row["answer"])
+        answer = row["answer"]
+        answers[str(row["question_id"])] = [str(a) for a in answer] if isinstance(answer, list) else str(answer)
     samples, checked = [], set()
     for lineno, row in questions:
         qid = str(row["question_id"])
@@ -104,8 +111,8 @@ def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
         if check_images and row["image"] not in checked:
             check_image(split_dir / "images" / row["image"], where=f"{qpath}:{lineno}")
             checked.add(row["image"])
-        samples.append(Sample(qid, str(row["image"]), str(row["text"]), str(row["category"]),
-                              answers[qid]))
+        extra = {k: v for k, v in row.items() if k not in ("question_id", "image", "text", "category")}
+        samples.append(Sample(qid, str(row["image"]), str(row["text"]), str(row["category"]), answers[qid], extra))
     return samples
 
 

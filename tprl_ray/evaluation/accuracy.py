@@ -1,8 +1,12 @@
-"""In-process evaluation of a backbone (optionally pruned) on a split in the LLaVA layout."""
+"""In-process evaluation of a backbone under one or more pruning settings on a split in the LLaVA layout.
+
+Each batch of questions is encoded once (with the vision attention only if a pruner needs it); every
+setting ``(label, pruner, budget)`` then generates its answers from the same visual tokens. The
+records go to the benchmark's scorer (:mod:`tprl_ray.evaluation.metrics`).
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -10,39 +14,62 @@ from tqdm.auto import tqdm
 
 from tprl_ray.backbones.base import Backbone
 from tprl_ray.data.layout import Sample, load_image
-from tprl_ray.pruners.base import Pruner
+from tprl_ray.evaluation.metrics import score_benchmark
+from tprl_ray.pruners.base import PruneBatch, Pruner
+from tprl_ray.pruners.registry import NoPruning
+
+Setting = tuple[str, Pruner, float | int]
 
 
-def normalize(answer: str) -> str:
-    return " ".join(answer.strip().lower().split())
+def prune_batch(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], with_attention: bool) -> PruneBatch:
+    """Encode the chunk's images (each once) and gather per-question visual inputs."""
+    names = sorted({s.image for s in chunk})
+    visual = backbone.encode([load_image(split_dir, n) for n in names], with_attention=with_attention)
+    index = [names.index(s.image) for s in chunk]
+    return PruneBatch([visual.llm_tokens[j] for j in index], [visual.features[j] for j in index],
+                      None if visual.attention is None else [visual.attention[j] for j in index],
+                      [visual.grids[j] for j in index], [s.question_id for s in chunk], [s.text for s in chunk])
 
 
 @torch.no_grad()
-def evaluate(backbone: Backbone, split_dir: str | Path, samples: list[Sample],
-             pruner: Pruner | None = None, budget: float | int = 1.0, batch_size: int = 64,
-             progress: bool = False) -> dict:
-    """Greedy-decode every sample with the kept tokens; exact-match accuracy overall and per category.
+def predict(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], settings: list[Setting],
+            max_new_tokens: int = 8) -> dict[str, list[dict]]:
+    """Per setting label, one record per question: id, category, prediction, answer, the visual
+    tokens the LLM saw (average per layer for in-LLM pruning) and the question's extra fields."""
+    batch = prune_batch(backbone, split_dir, chunk, any(p.needs_attention for _, p, _ in settings))
+    out = {}
+    for label, pruner, budget in settings:
+        texts, seen = pruner.generate(backbone, batch, budget, max_new_tokens)
+        out[label] = [{**s.extra, "question_id": s.question_id, "category": s.category, "prediction": text,
+                       "answer": s.answer, "visual_tokens": tokens} for s, text, tokens in zip(chunk, texts, seen)]
+    return out
 
-    Returns ``{"accuracy", "per_type", "avg_tokens", "n"}``.
-    """
-    hits: dict[str, list[bool]] = defaultdict(list)
-    kept_total = 0
-    for start in tqdm(range(0, len(samples), batch_size), desc=f"eval {pruner.name if pruner else 'none'}",
-                      unit="batch", disable=not progress, leave=False):
-        chunk = samples[start:start + batch_size]
-        names = sorted({s.image for s in chunk})
-        visual = backbone.encode([load_image(split_dir, n) for n in names])
-        index = [names.index(s.image) for s in chunk]
-        tokens, grids = [visual.llm_tokens[j] for j in index], [visual.grids[j] for j in index]
-        questions = [s.text for s in chunk]
-        keep = None if pruner is None else pruner.keep(tokens, [s.question_id for s in chunk], questions, budget)
-        kept_total += sum(len(t) for t in tokens) if keep is None else sum(len(k) for k in keep)
-        for s, pred in zip(chunk, backbone.generate(questions, tokens, keep, grids)):
-            hits[s.category].append(normalize(pred) == normalize(s.answer))
-    every = [h for v in hits.values() for h in v]
-    return {
-        "accuracy": sum(every) / max(1, len(every)),
-        "per_type": {c: sum(v) / len(v) for c, v in sorted(hits.items())},
-        "avg_tokens": kept_total / max(1, len(samples)),
-        "n": len(every),
-    }
+
+def summarize(benchmark: str, records: list[dict]) -> dict:
+    """The benchmark's scores plus ``accuracy`` (headline score), ``per_type``, ``avg_tokens``, ``n``."""
+    metrics = score_benchmark(benchmark, records)
+    return {"accuracy": metrics["score"], "per_type": metrics["per_category"],
+            "avg_tokens": sum(r["visual_tokens"] for r in records) / max(1, len(records)),
+            "n": len(records), "metrics": metrics}
+
+
+def evaluate_settings(backbone: Backbone, split_dir: str | Path, samples: list[Sample], settings: list[Setting],
+                      benchmark: str = "digits", batch_size: int = 64, max_new_tokens: int = 8,
+                      progress: bool = False) -> dict[str, dict]:
+    """Every setting on every sample, in process; ``{label: summarize(...)}``."""
+    records: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"eval {len(settings)} setting(s)", unit="batch",
+                      disable=not progress, leave=False):
+        for label, rows in predict(backbone, split_dir, samples[start:start + batch_size], settings,
+                                   max_new_tokens).items():
+            records[label] += rows
+    return {label: summarize(benchmark, rows) for label, rows in records.items()}
+
+
+def evaluate(backbone: Backbone, split_dir: str | Path, samples: list[Sample], pruner: Pruner | None = None,
+             budget: float | int = 1.0, batch_size: int = 64, progress: bool = False,
+             benchmark: str = "digits") -> dict:
+    """One setting (the unpruned model when ``pruner`` is None); see :func:`summarize`."""
+    setting = ("run", pruner or NoPruning(), budget)
+    return evaluate_settings(backbone, split_dir, samples, [setting], benchmark, batch_size,
+                             progress=progress)["run"]

@@ -1,10 +1,23 @@
-"""Rows of ``report.json`` and the table printed from them."""
+"""Report rows, the methods x budgets table and the Pareto plot (relative accuracy vs kept tokens).
+
+`tprl report` reads the ``report.json`` of a demo or the result files of `tprl eval`, prints one
+table, writes the table (Markdown) and the plot (PNG) beside ``--out`` and logs both to MLflow.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
-def report_row(pruner: str, budget: float, result: dict, base_accuracy: float) -> dict:
-    """One row: ``relative`` is accuracy divided by the unpruned model's accuracy."""
+from pydantic import Field
+
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import atomic_write_bytes
+
+
+def report_row(pruner: str, budget: float, result: dict, base_accuracy: float, cost: dict | None = None) -> dict:
+    """One row: ``relative`` is accuracy divided by the unpruned model's; ``cost`` adds ``flops``
+    and ``kv_cache_mb``."""
     return {
         "pruner": pruner,
         "budget": budget,
@@ -12,17 +25,110 @@ def report_row(pruner: str, budget: float, result: dict, base_accuracy: float) -
         "accuracy": result["accuracy"],
         "relative": result["accuracy"] / base_accuracy if base_accuracy else 0.0,
         "per_type": result["per_type"],
+        **(cost or {}),
     }
 
 
 def format_table(report: dict) -> str:
-    types = sorted({t for row in report["rows"] for t in row["per_type"]})
-    head = ["pruner", "budget", "tokens", "accuracy", "relative", *types]
-    lines = [" | ".join(f"{h:>9}" for h in head)]
+    rows = report["rows"]
+    types = sorted({t for row in rows for t in row["per_type"]})
+    costs = [c for c in ("flops", "kv_cache_mb") if all(c in row for row in rows)]
+    head = ["pruner", "budget", "tokens", "accuracy", "relative", *types, *costs]
+    lines = [" | ".join(f"{h:>11}" for h in head)]
     lines.append("-" * len(lines[0]))
-    for row in report["rows"]:
+    for row in rows:
         cells = [row["pruner"], f"{row['budget']:.3f}", f"{row['avg_tokens']:.1f}",
                  f"{row['accuracy']:.3f}", f"{row['relative']:.3f}",
-                 *[f"{row['per_type'].get(t, float('nan')):.3f}" for t in types]]
-        lines.append(" | ".join(f"{c:>9}" for c in cells))
+                 *[f"{row['per_type'].get(t, float('nan')):.3f}" for t in types],
+                 *([f"{row['flops']:.3e}"] if "flops" in costs else []),
+                 *([f"{row['kv_cache_mb']:.4f}"] if "kv_cache_mb" in costs else [])]
+        lines.append(" | ".join(f"{c:>11}" for c in cells))
     return f"{report['benchmark']} / {report['model']}\n" + "\n".join(lines)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both fewer tokens and higher relative accuracy, by tokens."""
+    front = [r for r in rows if not any(o["avg_tokens"] <= r["avg_tokens"] and o["relative"] >= r["relative"]
+                                        and (o["avg_tokens"], o["relative"]) != (r["avg_tokens"], r["relative"])
+                                        for o in rows)]
+    return sorted(front, key=lambda r: r["avg_tokens"])
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    """Relative accuracy against average kept tokens, one series per pruner, the front dashed."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name in dict.fromkeys(r["pruner"] for r in rows):
+        series = sorted((r for r in rows if r["pruner"] == name), key=lambda r: r["avg_tokens"])
+        ax.plot([r["avg_tokens"] for r in series], [r["relative"] for r in series], marker="o", label=name)
+    front = pareto_front(rows)
+    ax.plot([r["avg_tokens"] for r in front], [r["relative"] for r in front], "k--", lw=0.8, label="Pareto front")
+    ax.set_xlabel("average visual tokens kept")
+    ax.set_ylabel("accuracy relative to the unpruned model")
+    ax.set_title(f"{report['benchmark']}: {Path(str(report['model'])).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def eval_result_rows(result: dict) -> list[dict]:
+    """The unpruned and pruned rows of one `tprl eval` result file."""
+    base = result["unpruned"]
+    return [
+        {"pruner": "none", "budget": 1.0, "avg_tokens": base["avg_tokens"], "accuracy": base["score"],
+         "relative": 1.0, "per_type": base["per_category"]},
+        {"pruner": result["pruner"], "budget": result["budget"], "avg_tokens": result["avg_tokens"],
+         "accuracy": result["score"], "relative": result["relative"], "per_type": result["per_category"]},
+    ]
+
+
+class ReportConfig(StageConfig):
+    """`tprl report`: demo reports and/or `tprl eval` results in, one table and one plot out."""
+
+    inputs: list[Path] = Field([Path("runs/demo/report.json")], description="report.json or tprl eval result files")
+    out: Path = Field(Path("runs/report/report.md"), description="Markdown table; the plot is written beside it")
+    mlflow_uri: str | None = None
+
+
+def merge_reports(paths: list[Path]) -> dict:
+    """One report from several files; the unpruned row appears once per model."""
+    rows, benchmarks, models = [], [], []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: report file not found")
+        data = json.loads(path.read_text())
+        new = data["rows"] if "rows" in data else eval_result_rows(data)
+        benchmarks.append(data["benchmark"])
+        models.append(str(data["model"]))
+        rows += [r for r in new if not (r["pruner"] == "none" and any(o["pruner"] == "none" for o in rows))]
+    if len(set(benchmarks)) > 1 or len(set(models)) > 1:
+        raise ValueError(f"reports mix benchmarks {sorted(set(benchmarks))} or models {sorted(set(models))}")
+    return {"benchmark": benchmarks[0], "model": models[0], "rows": rows}
+
+
+def run_report(cfg: ReportConfig) -> dict:
+    import mlflow
+
+    from tprl_ray.tracking import mlflow_run
+
+    report = merge_reports(cfg.inputs)
+    table = format_table(report)
+    plot = cfg.out.with_suffix(".png")
+    atomic_write_bytes(cfg.out, f"```\n{table}\n```\n".encode())
+    pareto_plot(report, plot)
+    with mlflow_run(cfg.out.parent, "tprl-report", report["benchmark"], cfg.mlflow_uri, params=cfg.flat()):
+        mlflow.log_artifact(str(cfg.out))
+        mlflow.log_artifact(str(plot))
+    print(table)
+    print(f"wrote {cfg.out} and {plot}")
+    return report

@@ -1,10 +1,18 @@
-"""The pruner interface: which visual tokens of each sample reach the LLM."""
+"""The pruner interface: which visual tokens of each sample reach the LLM, and with what values.
+
+A pruner sees a :class:`PruneBatch` (each sample's LLM-ready tokens, pre-projector features,
+attention signal, grid and question) and a budget, as a kept fraction (float in (0, 1]) or a token
+count (int). Input pruners return sorted kept indices (and, if they merge, new values for the kept
+tokens); in-LLM pruners (FastV) override :meth:`Pruner.generate` instead.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
+
+from tprl_ray.backbones.base import Backbone, Grid
 
 
 def budget_tokens(budget: float | int, n_tokens: int) -> int:
@@ -18,11 +26,53 @@ def budget_tokens(budget: float | int, n_tokens: int) -> int:
     return min(n_tokens, budget)
 
 
-class Pruner(Protocol):
-    """Given each sample's visual tokens (``features[i]``: ``[N_i, d]``) and question, the sorted
-    original indices to keep per sample."""
+@dataclass
+class PruneBatch:
+    """Per sample ``i``: ``tokens[i]`` ``[N_i, d_llm]``, ``features[i]`` ``[N_i, d_v]``, ``attention[i]``
+    ``[N_i]`` (when the pruner asked for it), the token grid and the question."""
+
+    tokens: list[torch.Tensor]
+    features: list[torch.Tensor]
+    attention: list[torch.Tensor] | None
+    grids: list[Grid]
+    question_ids: list[str]
+    questions: list[str]
+
+
+@dataclass
+class Pruning:
+    """Sorted kept indices per sample, and the LLM tokens to use (``[N_i, d_llm]``; a merging pruner
+    writes the merged values at the kept indices)."""
+
+    keep: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+
+
+class Pruner:
+    """Base of every pruner: ``name`` as used on the command line and in reports; subclasses
+    implement :meth:`select` (and set ``needs_attention`` if they read ``PruneBatch.attention``)."""
 
     name: str
+    needs_attention = False
 
-    def keep(self, features, question_ids: list[str], questions: list[str],
-             budget: float | int) -> list[torch.Tensor]: ...
+    def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
+        """The pruner's own FLOPs for one image of ``n`` tokens (matrix products, 2 per multiply-add)."""
+        return 0.0
+
+    def layer_tokens(self, n: int, kept: int, layers: int) -> list[int]:
+        """Visual tokens each decoder layer sees."""
+        return [kept] * layers
+
+    def prune(self, batch: PruneBatch, budget: float | int) -> Pruning:
+        return Pruning([torch.sort(k).values for k in self.select(batch, budget)], batch.tokens)
+
+    def generate(self, backbone: Backbone, batch: PruneBatch, budget: float | int,
+                 max_new_tokens: int = 8) -> tuple[list[str], list[float]]:
+        """Greedy answers with the pruned input, and the visual tokens each sample's LLM layers saw
+        on average."""
+        pruning = self.prune(batch, budget)
+        texts = backbone.generate(batch.questions, pruning.tokens, pruning.keep, batch.grids, max_new_tokens)
+        return texts, [float(len(k)) for k in pruning.keep]
