@@ -64,6 +64,20 @@ def _bench_latency(cfg) -> None:
     print(f"wrote {cfg.out}")
 
 
+def _precompute(cfg) -> None:
+    from tprl_ray.precompute.job import run_precompute
+
+    print(json.dumps(run_precompute(cfg)))
+    print(f"wrote {cfg.out}")
+
+
+def _bench_precompute(cfg) -> None:
+    from tprl_ray.bench.precompute import format_precompute_bench, run_precompute_bench
+
+    print(format_precompute_bench(run_precompute_bench(cfg)))
+    print(f"wrote {cfg.out}")
+
+
 def _demo(cfg) -> None:
     from tprl_ray.demo import run_demo
 
@@ -78,17 +92,23 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
     from tprl_ray.evaluation.efficiency import EfficiencyConfig
     from tprl_ray.evaluation.job import EvalConfig
     from tprl_ray.evaluation.report import ReportConfig
+    from tprl_ray.bench.precompute import PrecomputeBenchConfig
     from tprl_ray.models.train_tiny import TinyModelConfig
+    from tprl_ray.precompute.job import PrecomputeConfig
 
     return {
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
         ("model", "tiny"): (TinyModelConfig, _model_tiny, "train the embedded tiny LLaVA on CPU"),
         ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
+        ("precompute",): (PrecomputeConfig, _precompute, "features, query embeddings, scores and demonstrations "
+                                                          "to Parquet (Ray Data)"),
         ("eval",): (EvalConfig, _eval, "evaluate a benchmark unpruned and pruned on a Ray Data actor pool"),
         ("efficiency",): (EfficiencyConfig, _efficiency, "FLOPs and KV-cache bytes of a model config, as JSON"),
         ("report",): (ReportConfig, _report, "one table and a Pareto plot from reports and eval results"),
         ("bench", "scorer"): (ScorerBenchConfig, _bench_scorer, "time batched pruned scoring (samples/s)"),
         ("bench", "latency"): (LatencyBenchConfig, _bench_latency, "measure prefill and per-token decode latency"),
+        ("bench", "precompute"): (PrecomputeBenchConfig, _bench_precompute,
+                                  "rows/s of the Ray precompute against a single-process loop; bytes per sample"),
     }
 
 

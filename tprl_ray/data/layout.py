@@ -88,9 +88,23 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]
     return rows
 
 
+@dataclass(frozen=True)
+class Reject:
+    """A question left out of a run, and why."""
+
+    question_id: str
+    image: str
+    reason: str
+
+
 def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
-               check_images: bool = True) -> list[Sample]:
-    """Read and validate a split; ``categories`` restricts the allowed question categories."""
+               check_images: bool = True, rejects: list[Reject] | None = None) -> list[Sample]:
+    """Read and validate a split; ``categories`` restricts the allowed question categories.
+
+    By default any bad question raises :class:`DataError`. With a ``rejects`` list, a question
+    without an answer (or, when checking images, with an unreadable image) is appended there with
+    its reason and left out; problems with the files themselves still raise.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: data directory not found")
@@ -106,11 +120,17 @@ def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
         if categories is not None and row["category"] not in categories:
             raise DataError(f"{qpath}:{lineno}: unknown question category {row['category']!r} "
                             f"(expected one of {', '.join(categories)})")
-        if qid not in answers:
-            raise DataError(f"{qpath}:{lineno}: question {qid} has no answer in {apath.name}")
-        if check_images and row["image"] not in checked:
-            check_image(split_dir / "images" / row["image"], where=f"{qpath}:{lineno}")
-            checked.add(row["image"])
+        try:
+            if qid not in answers:
+                raise DataError(f"{qpath}:{lineno}: question {qid} has no answer in {apath.name}")
+            if check_images and row["image"] not in checked:
+                check_image(split_dir / "images" / row["image"], where=f"{qpath}:{lineno}")
+                checked.add(row["image"])
+        except DataError as exc:
+            if rejects is None:
+                raise
+            rejects.append(Reject(qid, str(row["image"]), str(exc)))
+            continue
         extra = {k: v for k, v in row.items() if k not in ("question_id", "image", "text", "category")}
         samples.append(Sample(qid, str(row["image"]), str(row["text"]), str(row["category"]), answers[qid], extra))
     return samples

@@ -1,0 +1,35 @@
+"""VisPruner demonstration trajectories: nested keep-masks over a pruning schedule.
+
+A schedule lists the fraction of the *original* ``N`` tokens pruned after each step, e.g.
+``[0.0, 0.25, 0.5]``: step 0 keeps everything, step 1 keeps ``round(0.75 N)``, step 2 ``round(0.5 N)``.
+Step ``t`` runs VisPruner on the tokens step ``t-1`` kept (their features and attention only), so
+each step's kept set is a subset of the previous one: the sequential decisions the policy imitates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tprl_ray.pruners.base import PruneBatch
+from tprl_ray.pruners.vispruner import VisPruner
+
+
+def check_schedule(schedule: list[float]) -> list[float]:
+    if not schedule or any(not 0.0 <= f < 1.0 for f in schedule) or list(schedule) != sorted(schedule):
+        raise ValueError(f"demonstration schedule {schedule} must be non-decreasing pruned fractions in [0, 1)")
+    return list(schedule)
+
+
+def demonstration_masks(features: torch.Tensor, attention: torch.Tensor, schedule: list[float]) -> torch.Tensor:
+    """``[len(schedule), N]`` 0/1 masks over original token indices, nested step by step."""
+    n = features.shape[0]
+    pruner, keep, masks = VisPruner(), torch.arange(n, device=features.device), []
+    for pruned in schedule:
+        target = max(1, round(n * (1.0 - pruned)))
+        if target < keep.numel():
+            sub = PruneBatch([features[keep]], [features[keep]], [attention[keep]], [(1, keep.numel())], [""], [""])
+            keep = keep[pruner.prune(sub, target).keep[0]]
+        mask = torch.zeros(n, dtype=torch.uint8, device=features.device)
+        mask[keep] = 1
+        masks.append(mask)
+    return torch.stack(masks)

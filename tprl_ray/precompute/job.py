@@ -1,0 +1,232 @@
+"""`tprl precompute`: features, query embeddings, full-token scores and VisPruner demonstrations to Parquet.
+
+The data flow (Ray Data, streaming, order preserved)::
+
+    question ids --> decode images (CPU tasks) --> PrecomputeWorker actors (GPU each when present):
+        encode once per image (features + attention), query embedding, full-token score,
+        nested VisPruner demonstration masks
+    --> the driver collects each shard and writes it atomically (rows, then its rejects file)
+
+Only ids and decoded pixels travel to the actors; the questions are read by each actor from the
+split. A corrupt image or a question without an answer goes to the rejects with its reason while
+the run goes on; re-running skips every complete shard. Schema: :mod:`tprl_ray.precompute.schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import Reject, Sample, atomic_write_bytes, read_split
+from tprl_ray.precompute.decode import decode_images, ragged
+from tprl_ray.precompute.demonstrations import check_schedule, demonstration_masks
+from tprl_ray.precompute.schema import SCHEMA_VERSION, reject_table, shard_table
+
+
+class PrecomputeConfig(StageConfig):
+    """`tprl precompute` / `pipelines/precompute.py`: one split in, one Parquet dataset out."""
+
+    data: Path = Field(Path("runs/demo/data/train"), description="split directory in the LLaVA layout")
+    out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
+    model: str = Field("embedded", description="'embedded', a checkpoint directory or a hub id")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
+    demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
+    shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
+    batch_size: int = Field(32, ge=1, description="questions per actor call")
+    actors: int = Field(1, ge=1, description="model replicas in the actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 if the cluster has GPUs, else 0")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
+    decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")
+    limit: int = Field(0, ge=0, description="first N questions only (0: all)")
+    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
+
+    @field_validator("demo_schedule")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        return check_schedule(value)
+
+
+def reference_answer(answer: str | list[str]) -> str:
+    """The answer scores use: the answer itself, or the most common of several (VQAv2)."""
+    return answer if isinstance(answer, str) else Counter(answer).most_common(1)[0][0]
+
+
+class PrecomputeWorker:
+    """One model replica: everything a batch of questions needs from the model, as numpy columns."""
+
+    def __init__(self, cfg: dict):
+        from tprl_ray.backbones.load import BackboneConfig, load_backbone
+
+        self.cfg = PrecomputeConfig.model_validate(cfg)
+        self.backbone = load_backbone(BackboneConfig(path=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device))
+        self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False, rejects=[])}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        samples = [self.samples[str(batch["sample_id"][i])] for i in ok]
+        names = list(dict.fromkeys(s.image for s in samples))
+        first = {name: ok[[s.image for s in samples].index(name)] for name in names}
+        visual = self.backbone.encode([Image.fromarray(np.asarray(batch["pixels"][first[n]], np.uint8))
+                                       for n in names], with_attention=True) if samples else None
+        index = [names.index(s.image) for s in samples]
+        answers = [reference_answer(s.answer) for s in samples]
+        if samples:
+            logp, correct = self.backbone.score([s.text for s in samples], answers,
+                                                [visual.llm_tokens[j] for j in index],
+                                                grids=[visual.grids[j] for j in index])
+        rows = []
+        for k, (i, s, j) in enumerate(zip(ok, samples, index)):
+            features, attention = visual.features[j], visual.attention[j]
+            rows.append({
+                "sample_id": s.question_id, "shard": int(batch["shard"][i]), "error": "", "image": s.image,
+                "question": s.text, "answer": answers[k], "category": s.category,
+                "grid_rows": visual.grids[j][0], "grid_cols": visual.grids[j][1],
+                "features": features.half().cpu().numpy(), "attention": attention.float().cpu().numpy(),
+                "query": self.backbone.query_embedding(s.text).float().cpu().numpy(),
+                "full_logp": float(logp[k]), "full_correct": bool(correct[k]),
+                "demo_masks": demonstration_masks(features, attention, self.cfg.demo_schedule).cpu().numpy(),
+            })
+        failed = [{"sample_id": str(batch["sample_id"][i]), "shard": int(batch["shard"][i]),
+                   "error": str(batch["error"][i]), "image": str(batch["image"][i])}
+                  for i in range(len(batch["error"])) if batch["error"][i]]
+        return _columns(rows, failed)
+
+
+def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
+    """Rows and failures as columns; a failure's model outputs are empty arrays or neutral values."""
+    keys = ("sample_id", "shard", "error", "image", "question", "answer", "category", "grid_rows", "grid_cols",
+            "features", "attention", "query", "full_logp", "full_correct", "demo_masks")
+    blank = {"question": "", "answer": "", "category": "", "grid_rows": 0, "grid_cols": 0, "full_logp": 0.0,
+             "full_correct": False, **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query")},
+             "demo_masks": np.zeros(0, np.uint8)}
+    every = rows + [{**blank, **f} for f in failed]
+    return {k: ragged([r[k] for r in every]) if k in ("features", "attention", "query", "demo_masks")
+            else [r[k] for r in every] for k in keys}
+
+
+def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
+    return out / "shards" / f"shard-{shard:05d}.parquet", out / "rejects" / f"shard-{shard:05d}.parquet"
+
+
+def write_parquet(table, path: Path) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | None = None) -> None:
+    """Refuse to mix runs: an existing manifest must describe the same inputs and settings."""
+    ids = hashlib.sha256("\n".join(s.question_id for s in samples).encode()).hexdigest()
+    identity = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "data": str(cfg.data),
+                "demo_schedule": cfg.demo_schedule, "shard_size": cfg.shard_size, "sample_ids_sha256": ids}
+    path = cfg.out / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differing = [k for k, v in identity.items() if old.get(k) != v]
+        if differing:
+            raise ValueError(f"{cfg.out} holds a precompute with other {', '.join(differing)}; use another --out")
+    atomic_write_bytes(path, json.dumps({**identity, **(extra or {})}, indent=2).encode())
+
+
+def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "ray") -> dict:
+    """Compute every pending shard; ``engine="local"`` runs the same steps in this process without Ray
+    (the baseline of `tprl bench precompute`)."""
+    started = time.time()
+    unanswered: list[Reject] = []
+    samples = read_split(cfg.data, check_images=False, rejects=unanswered)
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    write_manifest(cfg, samples)
+    write_parquet(reject_table([{"sample_id": r.question_id, "image": r.image, "reason": r.reason}
+                                for r in unanswered]), cfg.out / "rejects" / "unanswered.parquet")
+    shards = [samples[i:i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
+    pending = [k for k in range(len(shards)) if not shard_paths(cfg.out, k)[1].is_file()]
+    items = [{"sample_id": s.question_id, "shard": k, "image": s.image} for k in pending for s in shards[k]]
+    first_row = started
+    if items:
+        rows = ray_rows(cfg, items, progress) if engine == "ray" else local_rows(cfg, items)
+        first_row = collect_shards(cfg, rows, {k: len(shards[k]) for k in pending}, progress)
+    counts = dataset_counts(cfg.out, len(shards))
+    write_manifest(cfg, samples, {"shards": len(shards), **counts, "unanswered": len(unanswered)})
+    return {**counts, "unanswered": len(unanswered), "shards": len(shards), "shards_computed": len(pending),
+            "shards_skipped": len(shards) - len(pending), "seconds": round(time.time() - started, 3),
+            "startup_seconds": round(first_row - started, 3)}
+
+
+def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
+    """The Ray Data pipeline: decoding tasks, then the model's actor pool; rows stream back in order."""
+    import ray
+
+    from tprl_ray.ray_setup import init_ray
+
+    init_ray(cfg.ray_address)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shards complete one after another
+    context.enable_progress_bars = not progress  # ours counts rows per second
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
+    return (ray.data.from_items(items)
+            .map_batches(decode_images, fn_kwargs={"split_dir": str(cfg.data)}, batch_size=cfg.batch_size,
+                         num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))
+            .map_batches(PrecomputeWorker, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
+                         batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+            .iter_rows())
+
+
+def local_rows(cfg: PrecomputeConfig, items: list[dict]):
+    """The same decode and worker steps, batch after batch, in this process."""
+    worker = PrecomputeWorker(json.loads(cfg.model_dump_json()))
+    for start in range(0, len(items), cfg.batch_size):
+        chunk = items[start:start + cfg.batch_size]
+        batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image")}
+        columns = worker(decode_images(batch, str(cfg.data)))
+        yield from ({key: columns[key][i] for key in columns} for i in range(len(columns["sample_id"])))
+
+
+def collect_shards(cfg: PrecomputeConfig, rows, expected: dict[int, int], progress: bool) -> float:
+    """Buffer the streamed rows per shard; write each shard (rows, then rejects) once it is whole.
+    Returns when the first row arrived (start-up ends there)."""
+    buffers: dict[int, list[dict]] = {k: [] for k in expected}
+    bar = tqdm(total=sum(expected.values()), desc="precompute", unit="row", disable=not progress)
+    first = None
+    for row in rows:
+        first = first or time.time()
+        shard = int(row["shard"])
+        buffers[shard].append(row)
+        bar.update(1)
+        if len(buffers[shard]) == expected[shard]:
+            done = buffers.pop(shard)
+            write_shard(cfg, shard, [r for r in done if not r["error"]],
+                        [{"sample_id": r["sample_id"], "image": r["image"], "reason": r["error"]}
+                         for r in done if r["error"]])
+    bar.close()
+    return first or time.time()
+
+
+def write_shard(cfg: PrecomputeConfig, shard: int, good: list[dict], bad: list[dict]) -> None:
+    rows_path, rejects_path = shard_paths(cfg.out, shard)
+    if good:
+        write_parquet(shard_table(good, cfg.demo_schedule, cfg.model), rows_path)
+    write_parquet(reject_table(bad), rejects_path)
+
+
+def dataset_counts(out: Path, n_shards: int) -> dict:
+    rows = sum(pq.read_metadata(p).num_rows for k in range(n_shards) if (p := shard_paths(out, k)[0]).is_file())
+    rejects = sum(pq.read_metadata(shard_paths(out, k)[1]).num_rows for k in range(n_shards)
+                  if shard_paths(out, k)[1].is_file())
+    return {"rows": rows, "rejects": rejects}
