@@ -19,7 +19,7 @@ def test_report_schema(demo):
     assert json.loads((out / "report.json").read_text()) == report
     assert report["benchmark"] == "digits"
     rows = {r["pruner"]: r for r in report["rows"]}
-    assert list(rows) == ["none", "random", "vispruner", "divprune", "tome", "fastv"]
+    assert list(rows) == ["none", "random", "vispruner", "divprune", "tome", "fastv", "lfd"]
     none, rand = rows["none"], rows["random"]
     assert none["budget"] == 1.0 and none["relative"] == 1.0 and none["avg_tokens"] == 64.0
     assert all(r["avg_tokens"] == 16.0 for n, r in rows.items() if n not in ("none", "fastv"))
@@ -39,6 +39,8 @@ def test_shipped_model_quality_and_pruning_sensitivity(demo):
     assert none["accuracy"] - rand["accuracy"] >= 0.15
     # informed pruning beats random at the same budget
     assert rows["vispruner"]["accuracy"] > rand["accuracy"] + 0.05 and rows["divprune"]["accuracy"] > rand["accuracy"] + 0.05
+    # the shipped LfD policy imitates VisPruner: within 2 points of it at 25% of the tokens
+    assert rows["lfd"]["accuracy"] >= rows["vispruner"]["accuracy"] - 0.02
 
 
 def test_report_command_table_plot_and_mlflow(demo, tmp_path, capsys):

@@ -78,6 +78,20 @@ def _bench_precompute(cfg) -> None:
     print(f"wrote {cfg.out}")
 
 
+def _train_autoencoder(cfg) -> None:
+    from tprl_ray.training.autoencoder import train_autoencoder
+
+    print(json.dumps(train_autoencoder(cfg)))
+    print(f"wrote {cfg.out / 'autoencoder.safetensors'}")
+
+
+def _train_lfd(cfg) -> None:
+    from tprl_ray.training.lfd import train_lfd
+
+    print(json.dumps(train_lfd(cfg)))
+    print(f"wrote {cfg.out / 'policy.safetensors'}")
+
+
 def _demo(cfg) -> None:
     from tprl_ray.demo import run_demo
 
@@ -95,6 +109,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
     from tprl_ray.bench.precompute import PrecomputeBenchConfig
     from tprl_ray.models.train_tiny import TinyModelConfig
     from tprl_ray.precompute.job import PrecomputeConfig
+    from tprl_ray.training.autoencoder import AutoencoderConfig
+    from tprl_ray.training.lfd import LfdConfig
 
     return {
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
@@ -102,6 +118,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
         ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
         ("precompute",): (PrecomputeConfig, _precompute, "features, query embeddings, scores and demonstrations "
                                                           "to Parquet (Ray Data)"),
+        ("train", "autoencoder"): (AutoencoderConfig, _train_autoencoder, "fit the token autoencoder (Ray Train)"),
+        ("train", "lfd"): (LfdConfig, _train_lfd, "pre-train the policy on VisPruner demonstrations (Ray Train)"),
         ("eval",): (EvalConfig, _eval, "evaluate a benchmark unpruned and pruned on a Ray Data actor pool"),
         ("efficiency",): (EfficiencyConfig, _efficiency, "FLOPs and KV-cache bytes of a model config, as JSON"),
         ("report",): (ReportConfig, _report, "one table and a Pareto plot from reports and eval results"),

@@ -38,7 +38,8 @@ class DemoConfig(StageConfig):
     seed: int = Field(0, description="benchmark seed (the shipped model was trained on seed 0)")
     model: str = Field("embedded", description="'embedded' (shipped checkpoint), 'train', or a path")
     budgets: list[float] = Field(PAPER_BUDGETS, description="kept fractions of the visual tokens")
-    pruners: list[str] = Field(list(BASELINES), description="pruners to compare against the full model")
+    pruners: list[str] = Field([*BASELINES, "lfd"], description="pruners to compare against the full model "
+                                                                "(lfd: the policy shipped for the embedded model)")
     eval_questions: int = Field(0, ge=0, description="test questions to evaluate (0: all)")
 
     @field_validator("pruners")
@@ -46,7 +47,7 @@ class DemoConfig(StageConfig):
     def _known_pruners(cls, names: list[str]) -> list[str]:
         unknown = [n for n in names if n not in PRUNERS or n == "none"]
         if unknown:
-            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)})")
+            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)}, lfd)")
         return names
     batch_size: int = Field(64, ge=1)
     mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")

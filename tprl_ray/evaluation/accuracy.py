@@ -21,14 +21,16 @@ from tprl_ray.pruners.registry import NoPruning
 Setting = tuple[str, Pruner, float | int]
 
 
-def prune_batch(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], with_attention: bool) -> PruneBatch:
+def prune_batch(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], with_attention: bool,
+                with_query: bool = False) -> PruneBatch:
     """Encode the chunk's images (each once) and gather per-question visual inputs."""
     names = sorted({s.image for s in chunk})
     visual = backbone.encode([load_image(split_dir, n) for n in names], with_attention=with_attention)
     index = [names.index(s.image) for s in chunk]
     return PruneBatch([visual.llm_tokens[j] for j in index], [visual.features[j] for j in index],
                       None if visual.attention is None else [visual.attention[j] for j in index],
-                      [visual.grids[j] for j in index], [s.question_id for s in chunk], [s.text for s in chunk])
+                      [visual.grids[j] for j in index], [s.question_id for s in chunk], [s.text for s in chunk],
+                      [backbone.query_embedding(s.text) for s in chunk] if with_query else None)
 
 
 @torch.no_grad()
@@ -36,7 +38,8 @@ def predict(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], sett
             max_new_tokens: int = 8) -> dict[str, list[dict]]:
     """Per setting label, one record per question: id, category, prediction, answer, the visual
     tokens the LLM saw (average per layer for in-LLM pruning) and the question's extra fields."""
-    batch = prune_batch(backbone, split_dir, chunk, any(p.needs_attention for _, p, _ in settings))
+    batch = prune_batch(backbone, split_dir, chunk, any(p.needs_attention for _, p, _ in settings),
+                        any(p.needs_query for _, p, _ in settings))
     out = {}
     for label, pruner, budget in settings:
         texts, seen = pruner.generate(backbone, batch, budget, max_new_tokens)

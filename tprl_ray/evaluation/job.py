@@ -35,6 +35,7 @@ class EvalConfig(StageConfig):
     benchmark: str = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")
     pruner: str = Field("random", description=f"one of {', '.join(PRUNERS)}")
     budget: float = Field(0.25, gt=0, description="kept fraction (<= 1) or kept token count (> 1)")
+    policy: str | None = Field(None, description="lfd: directory of the learned pruner (default: the shipped one)")
     out: Path = Field(Path("runs/eval/result.json"), description="result JSON (predictions beside it)")
     seed: int = 0
     limit: int = Field(0, ge=0, description="first N questions only (0: all)")
@@ -67,7 +68,7 @@ class Predictor:
         self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False)}
         self.settings = [("none", build_pruner("none"), 1.0)]
         if self.cfg.pruner != "none":
-            pruner = build_pruner(self.cfg.pruner, self.cfg.seed)
+            pruner = build_pruner(self.cfg.pruner, self.cfg.seed, self.cfg.policy)
             self.settings.append((self.cfg.pruner, pruner, self.cfg.budget_value()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -59,6 +59,10 @@ REJECT_SCHEMA = pa.schema({"sample_id": pa.string(), "image": pa.string(), "reas
 
 def shard_table(rows: list[dict], schedule: list[float], model: str) -> pa.Table:
     """One shard's rows (numpy arrays for the tensor columns) as an Arrow table with the schema metadata."""
+    shapes = {np.shape(r["features"]) for r in rows}
+    if len(shapes) > 1:
+        raise ValueError(f"a shard needs one token grid, got feature shapes {sorted(shapes)}: resize the split's "
+                         f"images to one resolution (Qwen2.5-VL gives one grid per image size)")
     columns = {}
     for name in COLUMNS:
         if name in TENSORS:

@@ -29,7 +29,8 @@ def budget_tokens(budget: float | int, n_tokens: int) -> int:
 @dataclass
 class PruneBatch:
     """Per sample ``i``: ``tokens[i]`` ``[N_i, d_llm]``, ``features[i]`` ``[N_i, d_v]``, ``attention[i]``
-    ``[N_i]`` (when the pruner asked for it), the token grid and the question."""
+    ``[N_i]`` (when the pruner asked for it), the token grid, the question and (when the pruner asked
+    for it) the question's query embedding ``[d_llm]``."""
 
     tokens: list[torch.Tensor]
     features: list[torch.Tensor]
@@ -37,6 +38,7 @@ class PruneBatch:
     grids: list[Grid]
     question_ids: list[str]
     questions: list[str]
+    queries: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Pruner:
 
     name: str
     needs_attention = False
+    needs_query = False
 
     def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -1,0 +1,98 @@
+"""Autoencoder, policy/value networks, LfD training on Ray Train (2 workers, resume) and the learned pruner."""
+
+import json
+
+import pytest
+import ray
+import torch
+
+from tprl_ray.policy.autoencoder import TokenAutoencoder, relative_mse
+from tprl_ray.policy.networks import PolicyValueNet
+from tprl_ray.pruners.base import PruneBatch
+from tprl_ray.pruners.lfd import LearnedPruner
+from tprl_ray.training.common import export, load_exported
+
+
+def test_autoencoder_shapes_and_relative_mse():
+    ae = TokenAutoencoder(96, 64)
+    x = torch.randn(2, 10, 96)
+    assert ae.encode(x).shape == (2, 10, 64) and ae(x).shape == x.shape
+    assert relative_mse(x, x).item() == 0.0
+    assert relative_mse(x.mean(dim=(0, 1)).expand_as(x), x).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_policy_ignores_masked_tokens_and_pools_values_over_kept_ones(attention):
+    torch.manual_seed(0)
+    net = PolicyValueNet(16, 8, heads=4, hidden=32, attention=attention).eval()
+    codes, query = torch.randn(1, 6, 16), torch.randn(1, 8)
+    mask = torch.tensor([[True, True, False, True, False, True]])
+    logits, value = net(codes, query, mask)
+    assert logits.shape == (1, 6) and value.shape == (1,)
+    other = codes.clone()
+    other[:, ~mask[0]] = torch.randn(1, 2, 16) * 10  # what dropped tokens hold must not matter
+    logits2, value2 = net(other, query, mask)
+    torch.testing.assert_close(logits[mask], logits2[mask])
+    torch.testing.assert_close(value, value2)
+    probabilities = net.keep_probabilities(codes, query, mask)
+    torch.testing.assert_close(probabilities, torch.sigmoid(logits))
+
+
+def test_learned_pruner_keeps_the_most_probable_tokens(tmp_path):
+    torch.manual_seed(0)
+    export(TokenAutoencoder(12, 8, 16), TokenAutoencoder(12, 8, 16).state_dict(), tmp_path, "autoencoder", {})
+    export(PolicyValueNet(8, 5, 2, 16), PolicyValueNet(8, 5, 2, 16).state_dict(), tmp_path, "policy", {})
+    pruner = LearnedPruner(tmp_path)
+    features, query = torch.randn(20, 12), torch.randn(5)
+    batch = PruneBatch([features], [features], None, [(4, 5)], ["q"], ["?"], [query])
+    p = pruner.keep_probabilities(features, query)
+    assert pruner.prune(batch, 0.25).keep[0].tolist() == sorted(p.topk(5).indices.tolist())
+    pruner.threshold = float(p.median())
+    assert pruner.prune(batch, 0.25).keep[0].tolist() == (p > p.median()).nonzero()[:, 0].tolist()
+    with pytest.raises(ValueError, match="features are 7-wide but the autoencoder expects 12-wide"):
+        pruner.keep_probabilities(torch.randn(20, 7), query)
+
+
+@pytest.fixture(scope="module")
+def precomputed(digits_dir, tmp_path_factory):
+    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("pc")
+    for split in ("train", "val"):
+        run_precompute(PrecomputeConfig(data=digits_dir / split, out=out / split, shard_size=64), progress=False,
+                       engine="local")
+    yield out
+    ray.shutdown()
+
+
+def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_path):
+    from tprl_ray.training.autoencoder import AutoencoderConfig, train_autoencoder
+    from tprl_ray.training.lfd import LfdConfig, train_lfd
+
+    common = dict(data=precomputed / "train", val_data=precomputed / "val", workers=2, cpus_per_worker=0.5,
+                  batch_size=16, ray_address="local")
+    ae_cfg = AutoencoderConfig(out=tmp_path / "ae", latent=16, epochs=1, **common)
+    first = train_autoencoder(ae_cfg)
+    resumed = train_autoencoder(ae_cfg.model_copy(update={"epochs": 2}))
+    card = json.loads((tmp_path / "ae" / "autoencoder.json").read_text())
+    assert first["epochs"] == 1 and resumed["epochs"] == 2 and card["epochs"] == 2
+    history = torch.load(sorted((tmp_path / "ae" / "ray_train").rglob("state.pt"))[-1], weights_only=True)["history"]
+    assert len(history) == 2 and history[0]["train_mse"] == pytest.approx(first["train_mse"])  # epoch 1 not redone
+    assert 0 < resumed["val_relative_mse"] < 1.5
+    encoder, _ = load_exported(TokenAutoencoder, tmp_path / "ae", "autoencoder")
+    assert encoder.dims == {"d_v": 96, "d_latent": 16, "hidden": 256}
+
+    lfd_cfg = LfdConfig(out=tmp_path / "lfd", autoencoder=tmp_path / "ae", epochs=1, **common)
+    first = train_lfd(lfd_cfg)
+    resumed = train_lfd(lfd_cfg.model_copy(update={"epochs": 2}))
+    assert first["epochs"] == 1 and resumed["epochs"] == 2 and 0.0 < resumed["val_f1"] <= 1.0
+    pruner = LearnedPruner(tmp_path / "lfd")  # the export is self-contained: policy plus its autoencoder
+    assert pruner.policy.dims["d_latent"] == 16
+
+
+def test_features_of_another_width_fail_clearly(precomputed, tmp_path):
+    from tprl_ray.training.lfd import LfdConfig, train_lfd
+
+    export(TokenAutoencoder(32, 16), TokenAutoencoder(32, 16).state_dict(), tmp_path / "ae32", "autoencoder", {})
+    with pytest.raises(ValueError, match="features are 96-wide but the autoencoder in .* expects 32-wide"):
+        train_lfd(LfdConfig(data=precomputed / "train", autoencoder=tmp_path / "ae32", out=tmp_path / "lfd"))

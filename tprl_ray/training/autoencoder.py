@@ -1,0 +1,78 @@
+"""`tprl train autoencoder`: the token-wise autoencoder on the precomputed features, with Ray Train.
+
+Every visual token of every sample is a training example (per-token MSE). Validation reports the
+relative MSE (:func:`tprl_ray.policy.autoencoder.relative_mse`, summed across workers). The export
+``OUT/autoencoder.safetensors`` + ``autoencoder.json`` is what the policy stages load, frozen.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tprl_ray.training.common import (
+    TrainStageConfig, all_reduce_sum, datasets, end_epoch, export, feature_width, fit, load_state, log_history,
+    restore,
+)
+
+
+class AutoencoderConfig(TrainStageConfig):
+    """`tprl train autoencoder`."""
+
+    latent: int = Field(64, ge=1, description="code size d_l (the paper's default 64)")
+    hidden: int = Field(256, ge=1)
+
+
+def autoencoder_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from tprl_ray.policy.autoencoder import TokenAutoencoder
+
+    torch.manual_seed(config["seed"])
+    d_v = config["d_v"]
+    model = ray.train.torch.prepare_model(TokenAutoencoder(d_v, config["latent"], config["hidden"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    state, bare = restore(model, optimizer)
+    for epoch in range(state["epoch"], config["epochs"]):
+        model.train()
+        total, batches = 0.0, 0
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"]):
+            tokens = batch["features"].float().reshape(-1, d_v)
+            loss = torch.nn.functional.mse_loss(model(tokens), tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        model.eval()
+        sse, n, sums, squares = 0.0, 0.0, torch.zeros(d_v, dtype=torch.float64), torch.zeros(d_v, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config["batch_size"]):
+                tokens = batch["features"].float().reshape(-1, d_v)
+                sse += ((bare(tokens) - tokens) ** 2).sum().item()
+                n += tokens.shape[0]
+                sums += tokens.double().sum(0)
+                squares += (tokens.double() ** 2).sum(0)
+        reduced = all_reduce_sum([sse, n, *sums.tolist(), *squares.tolist()])
+        sse, n = reduced[0], reduced[1]
+        sums, squares = torch.tensor(reduced[2:2 + d_v]), torch.tensor(reduced[2 + d_v:])
+        sst = (squares - sums ** 2 / max(n, 1.0)).sum().item()
+        losses = all_reduce_sum([total, batches])
+        metrics = {"train_mse": losses[0] / max(losses[1], 1.0), "val_relative_mse": sse / sst if sst else 0.0}
+        state = end_epoch(state, metrics, bare, optimizer)
+
+
+def train_autoencoder(cfg: AutoencoderConfig) -> dict:
+    """Fit (or resume), export the autoencoder and log the run; returns the last epoch's metrics."""
+    from tprl_ray.policy.autoencoder import TokenAutoencoder
+
+    d_v = feature_width(cfg.data)
+    loop_config = {"d_v": d_v, "latent": cfg.latent, "hidden": cfg.hidden, "lr": cfg.lr, "epochs": cfg.epochs,
+                   "batch_size": cfg.batch_size, "seed": cfg.seed}
+    result = fit(autoencoder_loop, loop_config, cfg, "autoencoder", datasets(cfg, ["features"]))
+    state = load_state(result.checkpoint)
+    final = state["history"][-1]
+    export(TokenAutoencoder(d_v, cfg.latent, cfg.hidden), state["model"], cfg.out, "autoencoder",
+           {"data": str(cfg.data), "epochs": state["epoch"], "metrics": final})
+    log_history(cfg, "tprl-autoencoder", state["history"], [cfg.out / "autoencoder.json"])
+    return {**final, "epochs": state["epoch"]}

@@ -1,0 +1,168 @@
+"""What the Ray Train stages share: their config fields, Parquet inputs, checkpoints, resuming, exports.
+
+Each stage runs a ``TorchTrainer`` whose workers stream their shard of a precompute dataset
+(``ray.train.get_dataset_shard``), report metrics every epoch and a checkpoint from rank 0
+(``state.pt``: model, optimizer, epoch, history; loaded with ``weights_only=True``). A re-run with the
+same ``out`` resumes from the newest checkpoint under ``out/ray_train``. The driver then
+exports the weights as safetensors with a JSON card and logs the history to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import atomic_write_bytes
+
+STATE = "state.pt"
+
+
+class TrainStageConfig(StageConfig):
+    """Fields every Ray Train stage has."""
+
+    data: Path = Field(Path("runs/precompute/train"), description="precompute dataset (tprl precompute --out)")
+    val_data: Path | None = Field(None, description="precompute dataset for validation (default: 10% of data)")
+    out: Path = Field(Path("runs/train"), description="output directory (exports, checkpoints, MLflow)")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="samples (images x questions) per worker step")
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
+    mlflow_uri: str | None = None
+
+
+def feature_width(data: Path) -> int:
+    """``d_v`` of a precompute dataset, read from its Parquet schema."""
+    shards = sorted((Path(data) / "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
+    return int(pq.read_schema(shards[0]).field("features").type.shape[-1])
+
+
+def check_width(data: Path, expected: int, what: str) -> None:
+    width = feature_width(data)
+    if width != expected:
+        raise ValueError(f"{data}: features are {width}-wide but {what} expects {expected}-wide features "
+                         f"(precomputed with another model?)")
+
+
+def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
+    """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read)."""
+    import ray.data
+
+    def read(path: Path):
+        return ray.data.read_parquet(str(Path(path) / "shards")).select_columns(columns)
+
+    if cfg.val_data is not None:
+        return {"train": read(cfg.data), "val": read(cfg.val_data)}
+    train, val = read(cfg.data).train_test_split(test_size=0.1, shuffle=True, seed=cfg.seed)
+    return {"train": train, "val": val}
+
+
+def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
+    """Run ``loop`` on ``cfg.workers`` Ray Train workers. Ray Train (v2) restores the run named ``name``
+    under ``out/ray_train`` from its checkpoint manager's snapshot, so ``ray.train.get_checkpoint()``
+    in the workers is the newest checkpoint of an earlier run, if any."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tprl_ray.ray_setup import init_ray
+
+    init_ray(cfg.ray_address)
+    storage = cfg.out.resolve() / "ray_train"
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config, datasets=data,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    return trainer.fit()
+
+
+def save_state(state: dict, metrics: dict) -> None:
+    """From inside a worker: report ``metrics``, with a checkpoint of ``state`` from rank 0."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / STATE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, torch.nn.Module]:
+    """From inside a worker: the state to continue from (epoch, history; weights and optimizer loaded
+    from the checkpoint Ray Train resumes from, if any) and the model without its DDP wrapper."""
+    import ray.train
+
+    state = load_state(ray.train.get_checkpoint()) or {"epoch": 0, "history": []}
+    bare = model.module if hasattr(model, "module") else model
+    if "model" in state:
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    return state, bare
+
+
+def end_epoch(state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """From inside a worker: append the epoch's metrics, report them and checkpoint; the new state."""
+    state = {"epoch": state["epoch"] + 1, "history": state["history"] + [metrics], "model": bare.state_dict(),
+             "optimizer": optimizer.state_dict()}
+    save_state(state, {**metrics, "epoch": state["epoch"]})
+    return state
+
+
+def load_state(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE, weights_only=True)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums over the workers (identity when torch.distributed is not set up)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def export(module: torch.nn.Module, state: dict, out: Path, name: str, card: dict) -> None:
+    """Write ``name.safetensors`` and ``name.json`` (dims plus ``card``) atomically."""
+    module.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, Path(tmp) / "w.safetensors")
+        atomic_write_bytes(out / f"{name}.safetensors", (Path(tmp) / "w.safetensors").read_bytes())
+    atomic_write_bytes(out / f"{name}.json", json.dumps({"dims": module.dims, **card}, indent=2).encode())
+
+
+def load_exported(cls, directory: Path, name: str) -> tuple[torch.nn.Module, dict]:
+    """A module saved by :func:`export`, in eval mode, and its card."""
+    card_path = Path(directory) / f"{name}.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{directory}: no {name}.json (train it first)")
+    card = json.loads(card_path.read_text())
+    module = cls(**card["dims"])
+    module.load_state_dict(load_file(str(Path(directory) / f"{name}.safetensors")))
+    return module.eval(), card
+
+
+def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], artifacts: list[Path]) -> None:
+    import mlflow
+
+    from tprl_ray.tracking import mlflow_run
+
+    with mlflow_run(cfg.out, experiment, experiment, cfg.mlflow_uri, params=cfg.flat()):
+        for epoch, metrics in enumerate(history):
+            mlflow.log_metrics(metrics, step=epoch)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))

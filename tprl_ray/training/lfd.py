@@ -1,0 +1,116 @@
+"""`tprl train lfd`: the policy pre-trained on VisPruner demonstrations (SPEC 1.3), with Ray Train.
+
+Each demonstration step ``t >= 1`` is one example: the state holds the tokens step ``t-1`` kept
+(their frozen autoencoder codes; dropped tokens are masked out of the attention) plus the query,
+and each state token's label is 1 if VisPruner still keeps it at step ``t``. The loss is token-wise
+BCE over every state token and step. Validation: token-level F1 of ``p > 0.5`` against VisPruner.
+The export (``OUT/policy.*`` next to a copy of the autoencoder) is what the ``lfd`` pruner loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pydantic import Field
+
+from tprl_ray.training.common import (
+    TrainStageConfig, all_reduce_sum, check_width, datasets, end_epoch, export, fit, load_state, log_history, restore,
+)
+
+
+class LfdConfig(TrainStageConfig):
+    """`tprl train lfd`."""
+
+    autoencoder: Path = Field(Path("runs/train/autoencoder"), description="directory of the trained autoencoder")
+    attention: bool = Field(True, description="False: the MLP-only ablation")
+    heads: int = Field(4, ge=1)
+    hidden: int = Field(256, ge=1)
+
+
+def step_examples(masks):
+    """(state mask, labels) per demonstration step ``t >= 1``: states are step ``t-1``'s kept tokens."""
+    return [(masks[:, t - 1].bool(), masks[:, t].float()) for t in range(1, masks.shape[1])]
+
+
+def lfd_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.nn import functional as F
+
+    from tprl_ray.policy.autoencoder import TokenAutoencoder
+    from tprl_ray.policy.networks import PolicyValueNet
+    from tprl_ray.training.common import load_exported
+
+    torch.manual_seed(config["seed"])
+    encoder, _ = load_exported(TokenAutoencoder, Path(config["autoencoder"]), "autoencoder")
+    encoder.requires_grad_(False)
+    policy = PolicyValueNet(config["d_latent"], config["d_query"], config["heads"], config["hidden"],
+                            config["attention"])
+    model = ray.train.torch.prepare_model(policy)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    state, bare = restore(model, optimizer)
+
+    def losses_and_hits(batch):
+        codes = encoder.encode(batch["features"].float())
+        loss, hits = 0.0, torch.zeros(3)
+        examples = step_examples(batch["demo_masks"])
+        for state_mask, labels in examples:
+            logits, values = model(codes, batch["query"], state_mask)  # through DDP: gradients are averaged
+            # PPO trains the value head later; its zero-weighted term keeps DDP's gradient buckets complete
+            bce = F.binary_cross_entropy_with_logits(logits[state_mask], labels[state_mask])
+            loss = loss + bce + 0.0 * values.sum()
+            predicted, truth = (logits > 0)[state_mask], labels[state_mask].bool()
+            hits += torch.tensor([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()])
+        return loss / len(examples), hits
+
+    for epoch in range(state["epoch"], config["epochs"]):
+        model.train()
+        total, batches = 0.0, 0
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"]):
+            loss, _ = losses_and_hits(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        model.eval()
+        hits = torch.zeros(3)
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config["batch_size"]):
+                hits += losses_and_hits(batch)[1]
+        tp, fp, fn, total, batches = all_reduce_sum([*hits.tolist(), total, batches])
+        metrics = {"train_bce": total / max(batches, 1.0), "val_f1": 2 * tp / max(2 * tp + fp + fn, 1.0)}
+        state = end_epoch(state, metrics, bare, optimizer)
+
+
+def train_lfd(cfg: LfdConfig) -> dict:
+    """Fit (or resume), export the policy beside a copy of its autoencoder and log the run."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tprl_ray.policy.networks import PolicyValueNet
+
+    card_path = cfg.autoencoder / "autoencoder.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{cfg.autoencoder}: no autoencoder.json (run tprl train autoencoder first)")
+    dims = json.loads(card_path.read_text())["dims"]
+    check_width(cfg.data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
+    if cfg.val_data is not None:
+        check_width(cfg.val_data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
+    d_query = int(pq.read_schema(sorted((cfg.data / "shards").glob("*.parquet"))[0]).field("query").type.shape[-1])
+    loop_config = {"autoencoder": str(cfg.autoencoder.resolve()), "d_latent": dims["d_latent"], "d_query": d_query,
+                   "heads": cfg.heads, "hidden": cfg.hidden, "attention": cfg.attention, "lr": cfg.lr,
+                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    result = fit(lfd_loop, loop_config, cfg, "lfd", datasets(cfg, ["features", "query", "demo_masks"]))
+    state = load_state(result.checkpoint)
+    final = state["history"][-1]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for name in ("autoencoder.safetensors", "autoencoder.json"):
+        if (cfg.autoencoder / name).resolve() != (cfg.out / name).resolve():
+            shutil.copyfile(cfg.autoencoder / name, cfg.out / name)
+    export(PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention), state["model"], cfg.out,
+           "policy", {"data": str(cfg.data), "epochs": state["epoch"], "metrics": final})
+    log_history(cfg, "tprl-lfd", state["history"], [cfg.out / "policy.json"])
+    return {**final, "epochs": state["epoch"]}
