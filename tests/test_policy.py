@@ -79,6 +79,8 @@ def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_pa
     history = torch.load(sorted((tmp_path / "ae" / "ray_train").rglob("state.pt"))[-1], weights_only=True)["history"]
     assert len(history) == 2 and history[0]["train_mse"] == pytest.approx(first["train_mse"])  # epoch 1 not redone
     assert 0 < resumed["val_relative_mse"] < 1.5
+    with pytest.raises(ValueError, match="trained with other lr"):
+        train_autoencoder(ae_cfg.model_copy(update={"epochs": 3, "lr": 1e-2}))
     encoder, _ = load_exported(TokenAutoencoder, tmp_path / "ae", "autoencoder")
     assert encoder.dims == {"d_v": 96, "d_latent": 16, "hidden": 256}
 

@@ -68,18 +68,20 @@ def test_corrupt_image_and_missing_answer_are_rejected_with_reasons(local_ray, d
     samples = read_split(split)
     broken = samples[0].image
     (split / "images" / broken).write_bytes(b"not an image")
-    answers = (split / "answers.jsonl").read_text().splitlines()
-    (split / "answers.jsonl").write_text("\n".join(answers[:-1]) + "\n")  # the last question loses its answer
+    answers = [json.loads(x) for x in (split / "answers.jsonl").read_text().splitlines()]
+    empty = next(s for s in samples if s.image != broken).question_id
+    answers = [a | {"answer": ""} if a["question_id"] == empty else a for a in answers[:-1]]  # last one: no answer
+    (split / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     summary = run_precompute(config(split, tmp_path / "pc", shard_size=64, batch_size=16), progress=False)
     on_broken = {s.question_id for s in samples if s.image == broken}
     rejects = pq.read_table(tmp_path / "pc" / "rejects").to_pylist()
     by_reason = {r["sample_id"]: r["reason"] for r in rejects}
-    assert set(by_reason) == on_broken | {samples[-1].question_id}
-    assert all("cannot read image" in by_reason[q] for q in on_broken)
+    assert set(by_reason) == on_broken | {samples[-1].question_id, empty}
+    assert all("cannot read image" in by_reason[q] for q in on_broken) and "empty answer" in by_reason[empty]
     assert "has no answer" in by_reason[samples[-1].question_id]
     kept = pq.read_table(tmp_path / "pc" / "shards")["sample_id"].to_pylist()
-    assert sorted(kept) == sorted(s.question_id for s in samples[:-1] if s.question_id not in on_broken)
-    assert summary["rejects"] == len(on_broken) and summary["unanswered"] == 1
+    assert sorted(kept) == sorted(s.question_id for s in samples[:-1] if s.question_id not in on_broken | {empty})
+    assert summary["rejects"] == len(on_broken) + 1 and summary["unanswered"] == 1
 
 
 def test_an_interrupted_run_resumes_with_every_sample_once(local_ray, tmp_path):
@@ -111,6 +113,10 @@ def test_an_interrupted_run_resumes_with_every_sample_once(local_ray, tmp_path):
 
 
 def test_a_different_run_into_the_same_directory_is_refused(digits_dir, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must start at 0.0"):
+        PrecomputeConfig(demo_schedule=[0.25, 0.5])
     run_precompute(config(digits_dir / "val", tmp_path / "pc", limit=4), progress=False, engine="local")
     with pytest.raises(ValueError, match="other demo_schedule"):
         run_precompute(config(digits_dir / "val", tmp_path / "pc", limit=4, demo_schedule=[0.0, 0.5]),

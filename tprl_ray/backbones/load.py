@@ -16,6 +16,7 @@ from tprl_ray.backbones.qwen import QwenBackbone
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny-llava-digits"
+Dtype = Literal["float32", "bfloat16", "float16"]
 PAPER_CONFIGS = {name: ASSETS / "configs" / name for name in ("llava-1.5-7b", "llava-1.5-13b", "qwen2.5-vl-3b")}
 
 
@@ -25,7 +26,7 @@ class BackboneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     device: str = Field("auto", description="torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     prompt_format: Literal["auto", "vicuna_v1", "chat_template"] = Field(
         "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1")

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from tprl_ray.backbones.load import BackboneConfig, load_backbone
+from tprl_ray.backbones.load import BackboneConfig, Dtype, load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes, read_split
 from tprl_ray.evaluation.accuracy import predict, summarize
@@ -29,7 +29,7 @@ class EvalConfig(StageConfig):
     """`tprl eval`: which model, benchmark split, pruner and budget; how many actors."""
 
     model: str = Field("embedded", description="'embedded', a checkpoint directory or a hub id")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    dtype: Dtype = Field("float32", description="weights' dtype on the actors")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     data: Path = Field(Path("runs/demo/data/test"), description="split directory in the LLaVA layout")
     benchmark: str = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")

@@ -25,7 +25,7 @@ def decode_images(batch: dict[str, np.ndarray], split_dir: str) -> dict[str, np.
             with Image.open(io.BytesIO(path.read_bytes())) as img:
                 pixels.append(np.asarray(img.convert("RGB")))
             errors.append("")
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             pixels.append(np.zeros((1, 1, 3), np.uint8))
             errors.append(f"{path}: cannot read image ({exc})")
     same = len({p.shape for p in pixels}) == 1

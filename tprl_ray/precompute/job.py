@@ -28,6 +28,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from tprl_ray.backbones.load import Dtype
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import Reject, Sample, atomic_write_bytes, read_split
 from tprl_ray.precompute.decode import decode_images, ragged
@@ -41,7 +42,7 @@ class PrecomputeConfig(StageConfig):
     data: Path = Field(Path("runs/demo/data/train"), description="split directory in the LLaVA layout")
     out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
     model: str = Field("embedded", description="'embedded', a checkpoint directory or a hub id")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    dtype: Dtype = Field("float32", description="weights' dtype on the actors")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
     shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
@@ -75,9 +76,24 @@ class PrecomputeWorker:
         self.backbone = load_backbone(BackboneConfig(path=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device))
         self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False, rejects=[])}
 
+    def text_problem(self, sample: Sample) -> str:
+        """Why the model cannot score this question ('' if it can): no answer, an answer or a
+        question the tokenizer cannot handle."""
+        from tprl_ray.backbones.base import BackboneError
+
+        if not sample.answer or not reference_answer(sample.answer).strip():
+            return f"question {sample.question_id}: empty answer"
+        try:
+            self.backbone.answer_ids(sample.text, reference_answer(sample.answer))
+            self.backbone.query_embedding(sample.text)
+        except BackboneError as exc:
+            return f"question {sample.question_id}: {exc}"
+        return ""
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        errors = [str(e) or self.text_problem(self.samples[str(q)]) for e, q in zip(batch["error"], batch["sample_id"])]
+        ok = [i for i, e in enumerate(errors) if not e]
         samples = [self.samples[str(batch["sample_id"][i])] for i in ok]
         names = list(dict.fromkeys(s.image for s in samples))
         first = {name: ok[[s.image for s in samples].index(name)] for name in names}
@@ -101,9 +117,8 @@ class PrecomputeWorker:
                 "full_logp": float(logp[k]), "full_correct": bool(correct[k]),
                 "demo_masks": demonstration_masks(features, attention, self.cfg.demo_schedule).cpu().numpy(),
             })
-        failed = [{"sample_id": str(batch["sample_id"][i]), "shard": int(batch["shard"][i]),
-                   "error": str(batch["error"][i]), "image": str(batch["image"][i])}
-                  for i in range(len(batch["error"])) if batch["error"][i]]
+        failed = [{"sample_id": str(batch["sample_id"][i]), "shard": int(batch["shard"][i]), "error": errors[i],
+                   "image": str(batch["image"][i])} for i in range(len(errors)) if errors[i]]
         return _columns(rows, failed)
 
 

@@ -45,7 +45,9 @@ def autoencoder_loop(config: dict) -> None:
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
         model.eval()
-        sse, n, sums, squares = 0.0, 0.0, torch.zeros(d_v, dtype=torch.float64), torch.zeros(d_v, dtype=torch.float64)
+        sse, n = 0.0, 0.0
+        sums = torch.zeros(d_v, dtype=torch.float64, device=ray.train.torch.get_device())
+        squares = torch.zeros_like(sums)
         with torch.no_grad():
             for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config["batch_size"]):
                 tokens = batch["features"].float().reshape(-1, d_v)
@@ -55,11 +57,13 @@ def autoencoder_loop(config: dict) -> None:
                 squares += (tokens.double() ** 2).sum(0)
         reduced = all_reduce_sum([sse, n, *sums.tolist(), *squares.tolist()])
         sse, n = reduced[0], reduced[1]
-        sums, squares = torch.tensor(reduced[2:2 + d_v]), torch.tensor(reduced[2 + d_v:])
+        sums = torch.tensor(reduced[2:2 + d_v], dtype=torch.float64)
+        squares = torch.tensor(reduced[2 + d_v:], dtype=torch.float64)
         sst = (squares - sums ** 2 / max(n, 1.0)).sum().item()
         losses = all_reduce_sum([total, batches])
-        metrics = {"train_mse": losses[0] / max(losses[1], 1.0), "val_relative_mse": sse / sst if sst else 0.0}
-        state = end_epoch(state, metrics, bare, optimizer)
+        metrics = {"train_mse": losses[0] / max(losses[1], 1.0),
+                   "val_relative_mse": sse / sst if sst > 0 else float("nan")}  # NaN: no validation tokens
+        state = end_epoch(state, metrics, bare, optimizer, config)
 
 
 def train_autoencoder(cfg: AutoencoderConfig) -> dict:

@@ -57,16 +57,21 @@ def check_width(data: Path, expected: int, what: str) -> None:
 
 
 def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
-    """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read)."""
+    """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read); without
+    ``val_data``, a tenth of the images (with all their questions) is held out."""
+    import zlib
+
     import ray.data
 
-    def read(path: Path):
-        return ray.data.read_parquet(str(Path(path) / "shards")).select_columns(columns)
+    def read(path: Path, keep=None):
+        ds = ray.data.read_parquet(str(Path(path) / "shards")).select_columns([*columns, "image"])
+        if keep is not None:  # split by image: every question of an image lands on the same side
+            ds = ds.filter(lambda row: (zlib.crc32(str(row["image"]).encode()) % 10 == 0) == keep)
+        return ds.drop_columns(["image"])
 
     if cfg.val_data is not None:
         return {"train": read(cfg.data), "val": read(cfg.val_data)}
-    train, val = read(cfg.data).train_test_split(test_size=0.1, shuffle=True, seed=cfg.seed)
-    return {"train": train, "val": val}
+    return {"train": read(cfg.data, keep=False), "val": read(cfg.data, keep=True)}
 
 
 def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
@@ -80,12 +85,31 @@ def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
 
     init_ray(cfg.ray_address)
     storage = cfg.out.resolve() / "ray_train"
+    check_resumable(storage / name, loop_config)
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config, datasets=data,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)))
     return trainer.fit()
+
+
+def settings(loop_config: dict) -> dict:
+    """What must not change when a run resumes (everything but the epoch count)."""
+    return {k: v for k, v in loop_config.items() if k != "epochs"}
+
+
+def check_resumable(run_dir: Path, loop_config: dict) -> None:
+    """Refuse to resume a run that was trained with other settings (data, sizes, learning rate, ...)."""
+    found = sorted(run_dir.glob("checkpoint_*/" + STATE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return
+    before = torch.load(found[-1], map_location="cpu", weights_only=True).get("settings", {})
+    now = settings(loop_config)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"{run_dir.parent.parent} holds a run trained with other {', '.join(changed)}; "
+                         f"use another --out to start afresh")
 
 
 def save_state(state: dict, metrics: dict) -> None:
@@ -113,10 +137,11 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     return state, bare
 
 
-def end_epoch(state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def end_epoch(state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              loop_config: dict) -> dict:
     """From inside a worker: append the epoch's metrics, report them and checkpoint; the new state."""
     state = {"epoch": state["epoch"] + 1, "history": state["history"] + [metrics], "model": bare.state_dict(),
-             "optimizer": optimizer.state_dict()}
+             "optimizer": optimizer.state_dict(), "settings": settings(loop_config)}
     save_state(state, {**metrics, "epoch": state["epoch"]})
     return state
 
@@ -125,15 +150,18 @@ def load_state(checkpoint) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE, weights_only=True)
+        return torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sums over the workers (identity when torch.distributed is not set up)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
+    """Sums over the workers (identity when torch.distributed is not set up); on the worker's device,
+    as NCCL needs."""
+    import ray.train.torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=ray.train.torch.get_device())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor.cpu().tolist()
 
 
 def export(module: torch.nn.Module, state: dict, out: Path, name: str, card: dict) -> None:

@@ -45,7 +45,7 @@ def lfd_loop(config: dict) -> None:
 
     torch.manual_seed(config["seed"])
     encoder, _ = load_exported(TokenAutoencoder, Path(config["autoencoder"]), "autoencoder")
-    encoder.requires_grad_(False)
+    encoder.requires_grad_(False).to(ray.train.torch.get_device())
     policy = PolicyValueNet(config["d_latent"], config["d_query"], config["heads"], config["hidden"],
                             config["attention"])
     model = ray.train.torch.prepare_model(policy)
@@ -81,7 +81,7 @@ def lfd_loop(config: dict) -> None:
                 hits += losses_and_hits(batch)[1]
         tp, fp, fn, total, batches = all_reduce_sum([*hits.tolist(), total, batches])
         metrics = {"train_bce": total / max(batches, 1.0), "val_f1": 2 * tp / max(2 * tp + fp + fn, 1.0)}
-        state = end_epoch(state, metrics, bare, optimizer)
+        state = end_epoch(state, metrics, bare, optimizer, config)
 
 
 def train_lfd(cfg: LfdConfig) -> dict:
