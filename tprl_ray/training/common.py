@@ -28,7 +28,8 @@ class TrainStageConfig(StageConfig):
     """Fields every Ray Train stage has."""
 
     data: Path = Field(Path("runs/precompute/train"), description="precompute dataset (tprl precompute --out)")
-    val_data: Path | None = Field(None, description="precompute dataset for validation (default: 10% of data)")
+    val_data: Path | None = Field(None, description="precompute dataset for validation "
+                                                    "(default: a tenth of the images of data)")
     out: Path = Field(Path("runs/train"), description="output directory (exports, checkpoints, MLflow)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1, description="samples (images x questions) per worker step")
