@@ -15,3 +15,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                  log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
+
+
+def gpus_per_actor(requested: float | None) -> float:
+    """``requested``, or by default one GPU per actor when the cluster has any."""
+    return requested if requested is not None else float(ray.cluster_resources().get("GPU", 0) > 0)

@@ -81,13 +81,13 @@ class Predictor:
 def run_eval(cfg: EvalConfig) -> dict:
     import ray
 
-    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.ray_setup import gpus_per_actor, init_ray
 
     samples = read_split(cfg.data)  # validates everything (images included) before any actor starts
     if cfg.limit:
         samples = samples[: cfg.limit]
     init_ray(cfg.ray_address)
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
+    gpus = gpus_per_actor(cfg.gpus_per_actor)
     ds = ray.data.from_items([{"question_id": s.question_id} for s in samples])
     predictions = ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
                                  batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),

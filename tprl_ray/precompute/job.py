@@ -187,13 +187,13 @@ def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
     """The Ray Data pipeline: decoding tasks, then the model's actor pool; rows stream back in order."""
     import ray
 
-    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.ray_setup import gpus_per_actor, init_ray
 
     init_ray(cfg.ray_address)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # shards complete one after another
     context.enable_progress_bars = not progress  # ours counts rows per second
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
+    gpus = gpus_per_actor(cfg.gpus_per_actor)
     return (ray.data.from_items(items)
             .map_batches(decode_images, fn_kwargs={"split_dir": str(cfg.data)}, batch_size=cfg.batch_size,
                          num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))

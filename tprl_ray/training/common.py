@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes
@@ -42,12 +42,13 @@ class TrainStageConfig(StageConfig):
     mlflow_uri: str | None = None
 
 
-def feature_width(data: Path) -> int:
-    """``d_v`` of a precompute dataset, read from its Parquet schema."""
+def feature_width(data: Path, column: str = "features") -> int:
+    """Last dimension of a tensor column of a precompute dataset (``d_v`` for ``features``), read from
+    its Parquet schema."""
     shards = sorted((Path(data) / "shards").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
-    return int(pq.read_schema(shards[0]).field("features").type.shape[-1])
+    return int(pq.read_schema(shards[0]).field(column).type.shape[-1])
 
 
 def check_width(data: Path, expected: int, what: str) -> None:
@@ -168,9 +169,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def export(module: torch.nn.Module, state: dict, out: Path, name: str, card: dict) -> None:
     """Write ``name.safetensors`` and ``name.json`` (dims plus ``card``) atomically."""
     module.load_state_dict(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, Path(tmp) / "w.safetensors")
-        atomic_write_bytes(out / f"{name}.safetensors", (Path(tmp) / "w.safetensors").read_bytes())
+    atomic_write_bytes(out / f"{name}.safetensors", save({k: v.contiguous() for k, v in module.state_dict().items()}))
     atomic_write_bytes(out / f"{name}.json", json.dumps({"dims": module.dims, **card}, indent=2).encode())
 
 

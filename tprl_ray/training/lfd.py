@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import Field
 
 from tprl_ray.training.common import (
-    TrainStageConfig, all_reduce_sum, check_width, datasets, end_epoch, export, fit, load_state, log_history, restore,
+    TrainStageConfig, all_reduce_sum, check_width, datasets, end_epoch, export, feature_width, fit, load_state,
+    log_history, restore,
 )
 
 
@@ -88,8 +89,6 @@ def train_lfd(cfg: LfdConfig) -> dict:
     """Fit (or resume), export the policy beside a copy of its autoencoder and log the run."""
     import json
 
-    import pyarrow.parquet as pq
-
     from tprl_ray.policy.networks import PolicyValueNet
 
     card_path = cfg.autoencoder / "autoencoder.json"
@@ -99,7 +98,7 @@ def train_lfd(cfg: LfdConfig) -> dict:
     check_width(cfg.data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
     if cfg.val_data is not None:
         check_width(cfg.val_data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
-    d_query = int(pq.read_schema(sorted((cfg.data / "shards").glob("*.parquet"))[0]).field("query").type.shape[-1])
+    d_query = feature_width(cfg.data, "query")
     loop_config = {"autoencoder": str(cfg.autoencoder.resolve()), "d_latent": dims["d_latent"], "d_query": d_query,
                    "heads": cfg.heads, "hidden": cfg.hidden, "attention": cfg.attention, "lr": cfg.lr,
                    "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed}
