@@ -11,7 +11,7 @@ from tprl_ray.demo import DemoConfig, run_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(DemoConfig(out=out, budgets=[0.25]))
+    return out, run_demo(DemoConfig(out=out, budgets=[0.25], policy="shipped"))
 
 
 def test_report_schema(demo):
@@ -92,3 +92,24 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
             correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats, keep)[1])
         assert torch.cat(correct).float().mean().item() == pytest.approx(
             evaluate(backbone, split, samples, pruner, 0.25)["accuracy"])
+
+
+def test_full_pipeline_trains_every_stage_and_adds_tprl_rows(tmp_path):
+    """policy=train on a few questions: precompute, autoencoder, LfD, PPO, then the report with tprl rows."""
+    import ray
+    from ray import serve
+
+    cfg = DemoConfig(out=tmp_path, budgets=[0.25], pruners=["vispruner", "lfd", "tprl"], train_questions=96,
+                     autoencoder_epochs=1, lfd_epochs=1, ppo_iterations=1, eval_questions=64, ray_address="local")
+    try:
+        report = run_demo(cfg)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    rows = {r["pruner"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
+    assert 8 <= rows["tprl"]["avg_tokens"] <= 24  # tau calibrated on val to an average of 16 of 64 tokens
+    assert json.loads((tmp_path / "ppo" / "policy.json").read_text())["init"] == str(tmp_path / "lfd")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiments = {e.name for e in client.search_experiments()}
+    assert {"tprl-autoencoder", "tprl-lfd", "tprl-ppo", "tprl-demo"} <= experiments

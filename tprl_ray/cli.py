@@ -92,6 +92,20 @@ def _train_lfd(cfg) -> None:
     print(f"wrote {cfg.out / 'policy.safetensors'}")
 
 
+def _train_ppo(cfg) -> None:
+    from tprl_ray.rl.train import train_ppo
+
+    print(json.dumps(train_ppo(cfg)))
+    print(f"wrote {cfg.out / 'policy.safetensors'} (pruner: tprl --policy {cfg.out})")
+
+
+def _bench_ppo(cfg) -> None:
+    from tprl_ray.bench.ppo import format_ppo_bench, run_ppo_bench
+
+    print(format_ppo_bench(run_ppo_bench(cfg)))
+    print(f"wrote {cfg.out}")
+
+
 def _demo(cfg) -> None:
     from tprl_ray.demo import run_demo
 
@@ -111,6 +125,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
     from tprl_ray.precompute.job import PrecomputeConfig
     from tprl_ray.training.autoencoder import AutoencoderConfig
     from tprl_ray.training.lfd import LfdConfig
+    from tprl_ray.rl.train import PpoConfig
+    from tprl_ray.bench.ppo import PpoBenchConfig
 
     return {
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
@@ -120,9 +136,11 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
                                                           "to Parquet (Ray Data)"),
         ("train", "autoencoder"): (AutoencoderConfig, _train_autoencoder, "fit the token autoencoder (Ray Train)"),
         ("train", "lfd"): (LfdConfig, _train_lfd, "pre-train the policy on VisPruner demonstrations (Ray Train)"),
+        ("train", "ppo"): (PpoConfig, _train_ppo, "fine-tune the policy with PPO against the scorer (RLlib, Serve)"),
         ("eval",): (EvalConfig, _eval, "evaluate a benchmark unpruned and pruned on a Ray Data actor pool"),
         ("efficiency",): (EfficiencyConfig, _efficiency, "FLOPs and KV-cache bytes of a model config, as JSON"),
         ("report",): (ReportConfig, _report, "one table and a Pareto plot from reports and eval results"),
+        ("bench", "ppo"): (PpoBenchConfig, _bench_ppo, "PPO env steps/s and scorer busy fraction by env runners"),
         ("bench", "scorer"): (ScorerBenchConfig, _bench_scorer, "time batched pruned scoring (samples/s)"),
         ("bench", "latency"): (LatencyBenchConfig, _bench_latency, "measure prefill and per-token decode latency"),
         ("bench", "precompute"): (PrecomputeBenchConfig, _bench_precompute,

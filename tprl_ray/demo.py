@@ -1,19 +1,23 @@
-"""`make demo` / `tprl demo`: the main job on the embedded default.
+"""`make demo` / `tprl demo`: the whole pipeline on the embedded default.
 
-Builds the digits benchmark, obtains the tiny LLaVA (the shipped checkpoint, or trains one), evaluates
-it on the held-out test split unpruned and with every pruner at every budget (one vision pass per
-batch serves every setting), prints a table with each setting's FLOPs and KV cache, writes
-``OUT/report.json`` and the Pareto plot ``OUT/pareto.png`` and logs the run to MLflow (sqlite store
-in ``OUT/mlflow.db``).
+Builds the digits benchmark and obtains the tiny LLaVA (the shipped checkpoint, or trains one). With
+``policy: train`` (the default) it then runs every stage into ``OUT``: precompute of the train and
+val splits (Ray Data), the autoencoder and the LfD policy (Ray Train), PPO against the scorer
+service (RLlib, Ray Serve). Finally it evaluates the held-out test split unpruned and with every
+pruner at every budget (one vision pass per batch serves every setting; ``lfd`` and ``tprl`` are the
+policies just trained), prints a table with each setting's FLOPs and KV cache, writes
+``OUT/report.json`` and the Pareto plot ``OUT/pareto.png``. Every stage logs to one MLflow store
+(sqlite ``OUT/mlflow.db`` by default). A re-run with the same ``OUT`` resumes or skips finished stages.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import mlflow
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.backbones.load import EMBEDDED_MODEL, load_backbone
@@ -26,7 +30,7 @@ from tprl_ray.evaluation.report import format_table, pareto_plot, report_row
 from tprl_ray.models.train_tiny import TinyModelConfig, train_tiny
 from tprl_ray.pruners.base import budget_tokens
 from tprl_ray.pruners.registry import BASELINES, PRUNERS, build_pruner
-from tprl_ray.tracking import mlflow_run
+from tprl_ray.tracking import mlflow_run, tracking_uri
 
 PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
 
@@ -38,19 +42,33 @@ class DemoConfig(StageConfig):
     seed: int = Field(0, description="benchmark seed (the shipped model was trained on seed 0)")
     model: str = Field("embedded", description="'embedded' (shipped checkpoint), 'train', or a path")
     budgets: list[float] = Field(PAPER_BUDGETS, description="kept fractions of the visual tokens")
-    pruners: list[str] = Field([*BASELINES, "lfd"], description="pruners to compare against the full model "
-                                                                "(lfd: the policy shipped for the embedded model)")
+    policy: Literal["train", "shipped"] = Field(
+        "train", description="train: precompute, autoencoder, LfD and PPO in out; shipped: the LfD policy "
+                             "shipped for the embedded model, no training (no tprl rows)")
+    pruners: list[str] = Field([*BASELINES, "lfd", "tprl"], description="pruners to compare against the full model")
     eval_questions: int = Field(0, ge=0, description="test questions to evaluate (0: all)")
+    train_questions: int = Field(0, ge=0, description="first N questions of the train and val splits to train on "
+                                                       "(0: all)")
+    autoencoder_epochs: int = Field(3, ge=1)
+    lfd_epochs: int = Field(5, ge=1)
+    ppo_iterations: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
+    mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")
 
     @field_validator("pruners")
     @classmethod
     def _known_pruners(cls, names: list[str]) -> list[str]:
         unknown = [n for n in names if n not in PRUNERS or n == "none"]
         if unknown:
-            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)}, lfd)")
+            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)}, lfd, tprl)")
         return names
-    batch_size: int = Field(64, ge=1)
-    mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")
+
+    @model_validator(mode="after")
+    def _tprl_needs_training(self):
+        if self.policy == "shipped" and "tprl" in self.pruners:
+            self.pruners = [n for n in self.pruners if n != "tprl"]
+        return self
 
 
 def prepare_data(cfg: DemoConfig) -> Path:
@@ -81,14 +99,40 @@ def prepare_model(cfg: DemoConfig, data: Path) -> Path:
     return path
 
 
+def train_policies(cfg: DemoConfig, data: Path, model_path: Path) -> dict[str, Path]:
+    """Precompute, autoencoder, LfD and PPO into ``cfg.out``; the ``lfd`` and ``tprl`` policy directories."""
+    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+    from tprl_ray.rl.train import PpoConfig, train_ppo
+    from tprl_ray.training.autoencoder import AutoencoderConfig, train_autoencoder
+    from tprl_ray.training.lfd import LfdConfig, train_lfd
+
+    out, uri = cfg.out, tracking_uri(cfg.out, cfg.mlflow_uri)
+    for split in ("train", "val"):
+        print(f"[demo] precompute: {split}")
+        run_precompute(PrecomputeConfig(data=data / split, out=out / "precompute" / split, model=str(model_path),
+                                        limit=cfg.train_questions, ray_address=cfg.ray_address))
+    common = dict(data=out / "precompute" / "train", val_data=out / "precompute" / "val", seed=cfg.seed,
+                  ray_address=cfg.ray_address, mlflow_uri=uri)
+    print("[demo] autoencoder (Ray Train)")
+    train_autoencoder(AutoencoderConfig(out=out / "autoencoder", epochs=cfg.autoencoder_epochs, batch_size=128,
+                                        lr=2e-3, **common))
+    print("[demo] LfD policy (Ray Train)")
+    train_lfd(LfdConfig(out=out / "lfd", autoencoder=out / "autoencoder", epochs=cfg.lfd_epochs, **common))
+    print("[demo] PPO (RLlib, Ray Serve scorer)")
+    train_ppo(PpoConfig(init=out / "lfd", out=out / "ppo", iterations=cfg.ppo_iterations,
+                        scorer={"model": str(model_path)}, **common))
+    return {"lfd": out / "lfd", "tprl": out / "ppo"}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     data = prepare_data(cfg)
     model_path = prepare_model(cfg, data)
+    policies = train_policies(cfg, data, model_path) if cfg.policy == "train" else {}
     backbone = load_backbone(model_path)
     samples = read_split(data / "test", categories=CATEGORIES)
     if cfg.eval_questions:
         samples = samples[: cfg.eval_questions]
-    pruners = {name: build_pruner(name, cfg.seed) for name in cfg.pruners}
+    pruners = {name: build_pruner(name, cfg.seed, policies.get(name)) for name in cfg.pruners}
     settings = [("none_100", build_pruner("none"), 1.0)] + [
         (f"{name}_{round(budget * 100)}", pruner, budget) for name, pruner in pruners.items() for budget in cfg.budgets]
     with mlflow_run(cfg.out, "tprl-demo", "demo", cfg.mlflow_uri, params=cfg.flat()):

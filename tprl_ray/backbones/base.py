@@ -125,6 +125,11 @@ class Backbone:
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
         raise NotImplementedError
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """LLM-ready visual tokens from the stored pre-projector features (the RL scorer's input)."""
+        raise BackboneError(f"{type(self).__name__} cannot score from stored features: its visual tokens "
+                            f"need the image again")
+
     def position_ids(self, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

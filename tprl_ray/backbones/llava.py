@@ -89,6 +89,12 @@ class LlavaBackbone(Backbone):
         return VisualTokens(torch.stack(list(out.pooler_output)), features, attention,
                             [(side, features.shape[1] // side)] * features.shape[0])
 
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """LLM-ready visual tokens from stored pre-projector features (``[..., N, d_v]``)."""
+        projector = self.model.model.multi_modal_projector
+        return projector(features.to(self.device, self.model.dtype))
+
     def position_ids(self, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:
         """Recompacted 1-D positions: ``0..L-1`` over each row's real tokens."""
         return (mask.cumsum(-1) - 1).clamp(min=0)

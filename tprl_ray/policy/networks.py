@@ -53,15 +53,19 @@ class PolicyValueNet(nn.Module):
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return self.policy_out(self.policy_mlp(f))[..., 0]
 
-    def value(self, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def pool(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the kept tokens' features, ``[B, d_l]`` (the value head's input)."""
         weights = mask.float()[..., None]
-        pooled = (f * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return (f * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def value(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.value_out(self.value_mlp(pooled))[..., 0]
 
     def forward(self, codes: torch.Tensor, query: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(codes, query, mask)
-        return self.logits(f), self.value(f, mask)
+        return self.logits(f), self.value(self.pool(f, mask))
 
     def keep_probabilities(self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(self.features(codes, query, mask)))

@@ -1,14 +1,17 @@
-"""The learned pruner (LfD or RL policy) used one-shot, as at inference (SPEC 1.6).
+"""The learned pruners (LfD and TPRL policies) used one-shot, as at inference (SPEC 1.6).
 
 One policy pass over the frozen autoencoder codes of all tokens and the question's query
-embedding gives each token a keep probability; the pruner keeps the top ``budget`` tokens, or with
-``threshold`` set, every token with ``p > threshold`` (at least one).
+embedding gives each token a keep probability. ``lfd`` keeps the top ``budget`` tokens, or with
+``threshold`` set, every token with ``p > threshold``; ``tprl`` keeps every token with ``p > tau``,
+``tau`` calibrated on validation data so that the *average* kept fraction is the budget (the count
+varies per question). At least one token is always kept.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tprl_ray.pruners.base import PruneBatch, Pruner, budget_tokens
@@ -44,13 +47,37 @@ class LearnedPruner(Pruner):
         mask = torch.ones(codes.shape[:2], dtype=torch.bool)
         return self.policy.keep_probabilities(codes, query.float().cpu()[None], mask)[0]
 
+    def tau(self, budget: float | int, n: int) -> float | None:
+        """The keep threshold for ``budget`` of ``n`` tokens (None: top-k)."""
+        return self.threshold
+
     def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
         if batch.queries is None:
             raise ValueError("the learned pruner needs the query embeddings (PruneBatch.queries)")
         out = []
         for features, query in zip(batch.features, batch.queries):
             p = self.keep_probabilities(features, query)
-            keep = (p > self.threshold).nonzero()[:, 0] if self.threshold is not None else \
-                p.topk(budget_tokens(budget, p.numel())).indices
+            tau = self.tau(budget, p.numel())
+            keep = (p > tau).nonzero()[:, 0] if tau is not None else p.topk(budget_tokens(budget, p.numel())).indices
             out.append((keep if keep.numel() else p.argmax()[None]).to(features.device))
         return out
+
+
+def tau_for_budget(quantiles: list[float], budget: float) -> float:
+    """The threshold whose kept fraction, over the calibration tokens, is ``budget``."""
+    return float(np.interp(1.0 - budget, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
+
+
+class TprlPruner(LearnedPruner):
+    """The PPO policy (``tprl train ppo`` export), thresholded at the calibrated ``tau``."""
+
+    name = "tprl"
+
+    def __init__(self, directory: str | Path):
+        super().__init__(directory)
+        if "keep_quantiles" not in self.card:
+            raise ValueError(f"{directory}: policy.json has no tau calibration (not a `tprl train ppo` export)")
+
+    def tau(self, budget: float | int, n: int) -> float:
+        fraction = budget if isinstance(budget, float) else budget_tokens(budget, n) / n
+        return tau_for_budget(self.card["keep_quantiles"], fraction)

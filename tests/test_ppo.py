@@ -1,0 +1,193 @@
+"""PPO stage: the pruning MDP, the per-token Bernoulli distribution and RLModule, tau calibration, and
+RLlib training against the Ray Serve scorer (a killed replica, resuming)."""
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tprl_ray.policy.autoencoder import TokenAutoencoder
+from tprl_ray.policy.networks import PolicyValueNet
+from tprl_ray.rl.codes import Codes
+from tprl_ray.rl.env import EnvConfig, PruningVectorEnv
+from tprl_ray.rl.module import DROPPED_LOGIT, TokenBernoulli, sampling_logits
+from tprl_ray.training.common import export
+
+
+def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
+    rng = np.random.default_rng(0)
+    return Codes(np.array([f"s{i}" for i in range(m)]), rng.normal(size=(m, n, d)).astype(np.float16),
+                 rng.normal(size=(m, dq)).astype(np.float32), np.full(m, -0.5, np.float32), np.ones(m, bool))
+
+
+def first_half_score(ids, masks):
+    """A score that only depends on keeping tokens 0..3: log-likelihood -2 * (fraction of them dropped)."""
+    lost = 1.0 - masks[:, :4].mean(axis=1)
+    return (-0.5 - 2.0 * lost).astype(np.float32), lost == 0
+
+
+def test_env_rewards_masks_and_next_step_autoreset():
+    env = PruningVectorEnv(toy_codes(), EnvConfig(t_max=2), num_envs=2, score_fn=first_half_score, seed=0)
+    obs, _ = env.reset()
+    assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2 and obs["step"].ravel().tolist() == [0, 0]
+    keep = np.array([[1, 1, 1, 1, 0, 0, 0, 0],    # drops the unimportant half: no score lost
+                     [0, 0, 1, 1, 1, 1, 1, 1]])   # drops half of the important tokens
+    obs, reward, terminated, truncated, _ = env.step(keep)
+    # r = alpha * dScore + beta * (1 - K_t / K_{t-1})
+    np.testing.assert_allclose(reward, [0.0 + 0.1 * 0.5, -1.0 + 0.1 * 0.25], rtol=1e-6)
+    assert obs["mask"].tolist() == keep.astype(float).tolist() and not terminated.any()
+    obs, reward, terminated, _, _ = env.step(np.zeros((2, 8), dtype=np.int8))  # dropping all keeps one token
+    assert obs["mask"].sum(axis=1).tolist() == [1, 1] and terminated.all() and obs["step"].ravel().tolist() == [2, 2]
+    assert keep[0, obs["mask"][0].argmax()] == 1  # the survivor was kept at the step before
+    obs, reward, terminated, _, _ = env.step(keep)  # NEXT_STEP autoreset: a fresh episode, no reward
+    assert reward.tolist() == [0.0, 0.0] and not terminated.any() and obs["mask"].sum() == 16
+
+    batch = PruningVectorEnv(toy_codes(), EnvConfig(reward="batch"), num_envs=2, score_fn=first_half_score, seed=0)
+    batch.reset()
+    _, reward, _, _, _ = batch.step(keep)
+    np.testing.assert_allclose(reward, [(0.0 - 1.0) / 2 + 0.1 * 0.375] * 2, rtol=1e-6)
+
+
+def test_sampling_probabilities_discount_and_mask():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    mask = torch.tensor([[True, True, False]])
+    for t in (0, 1, 2):
+        q = torch.sigmoid(sampling_logits(logits, mask, torch.tensor([float(t)]), 0.5))
+        torch.testing.assert_close(q[0, :2], 0.5 ** t * torch.sigmoid(logits[0, :2]))
+        assert q[0, 2] < 1e-12
+    dist = TokenBernoulli.from_logits(sampling_logits(logits, mask, torch.tensor([1.0]), 0.5))
+    action = torch.tensor([[1, 0, 0]], dtype=torch.int8)
+    p = 0.5 * torch.sigmoid(logits[0, :2])
+    torch.testing.assert_close(dist.logp(action), (torch.log(p[0]) + torch.log(1 - p[1]))[None], atol=1e-5, rtol=0)
+    assert dist.entropy().shape == (1,) and (dist.sample()[0, 2] == 0)
+    assert dist.to_deterministic().sample().tolist() == [[0.0, 0.0, 0.0]]
+    assert DROPPED_LOGIT < -20
+
+
+def test_rl_module_wraps_the_lfd_network(tmp_path):
+    from ray.rllib.core.columns import Columns
+
+    from tprl_ray.rl.module import PruningModule
+
+    torch.manual_seed(0)
+    net = PolicyValueNet(4, 3, heads=2, hidden=8)
+    export(net, net.state_dict(), tmp_path, "policy", {})
+    env = PruningVectorEnv(toy_codes(), EnvConfig(), num_envs=3, score_fn=first_half_score, seed=0)
+    module = PruningModule(observation_space=env.single_observation_space, action_space=env.single_action_space,
+                           model_config={"dims": net.dims, "lambda_disc": 0.5, "t_max": 3, "init": str(tmp_path)})
+    obs, _ = env.reset()
+    obs["mask"][0, 5:] = 0
+    obs["step"][:] = 1
+    batch = {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}
+    out = module.forward_train(batch)
+    codes, query, mask = batch[Columns.OBS]["codes"].float(), batch[Columns.OBS]["query"], batch[Columns.OBS]["mask"] > 0
+    expected_logits, expected_values = net(codes, query, mask)
+    torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], sampling_logits(expected_logits, mask, torch.ones(3), 0.5))
+    torch.testing.assert_close(module.compute_values(batch, embeddings=out[Columns.EMBEDDINGS]), expected_values)
+    torch.testing.assert_close(module.compute_values(batch), expected_values)
+
+
+def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
+    from tprl_ray.pruners.lfd import TprlPruner, tau_for_budget
+    from tprl_ray.pruners.base import PruneBatch
+    from tprl_ray.rl.train import calibration
+
+    torch.manual_seed(0)
+    ae, net = TokenAutoencoder(12, 4, 16), PolicyValueNet(4, 3, heads=2, hidden=8)
+    export(ae, ae.state_dict(), tmp_path, "autoencoder", {})
+    features, queries = torch.randn(40, 20, 12), torch.randn(40, 3)
+    with torch.no_grad():
+        codes = ae.encode(features)
+    quantiles = calibration(net, Codes(np.arange(40).astype(str), codes.numpy(), queries.numpy(), np.zeros(40),
+                                       np.ones(40, bool)))
+    export(net, net.state_dict(), tmp_path, "policy", {"keep_quantiles": quantiles})
+    pruner = TprlPruner(tmp_path)
+    batch = PruneBatch(list(features), list(features), None, [(4, 5)] * 40, ["q"] * 40, ["?"] * 40, list(queries))
+    for budget in (0.5, 0.25):
+        kept = [len(k) for k in pruner.prune(batch, budget).keep]
+        assert np.mean(kept) / 20 == pytest.approx(budget, abs=0.02)  # on average, not per sample
+        assert tau_for_budget(quantiles, budget) == pytest.approx(np.quantile(quantiles, 1 - budget), abs=1e-3)
+    export(net, net.state_dict(), tmp_path / "plain", "policy", {})
+    export(ae, ae.state_dict(), tmp_path / "plain", "autoencoder", {})
+    with pytest.raises(ValueError, match="no tau calibration"):
+        TprlPruner(tmp_path / "plain")
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(digits_dir, tmp_path_factory):
+    """A small precompute dataset (the shipped tiny model) and an LfD-shaped export to start from."""
+    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("ppo")
+    run_precompute(PrecomputeConfig(data=digits_dir / "train", out=out / "train", shard_size=64), progress=False,
+                   engine="local")
+    torch.manual_seed(0)
+    ae, net = TokenAutoencoder(96, 8, 32), PolicyValueNet(8, 128, heads=2, hidden=16)
+    export(ae, ae.state_dict(), out / "lfd", "autoencoder", {})
+    export(net, net.state_dict(), out / "lfd", "policy", {})
+    yield out
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def small_run(inputs, out, iterations):
+    from tprl_ray.rl.train import PpoConfig
+
+    return PpoConfig(data=inputs / "train", init=inputs / "lfd", out=out, iterations=iterations, envs_per_runner=8,
+                     train_batch_size=48, minibatch_size=24, epochs=1, checkpoint_every=1, ray_address="local",
+                     scorer={"cpus_per_replica": 0.25}, cpus_per_runner=0.25)
+
+
+def scorer_replicas() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+
+
+def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
+    from tprl_ray.rl.train import train_ppo
+
+    killed = []
+
+    def kill_soon(iteration, metrics):
+        if iteration == 1:
+            def kill():  # during iteration 2's sampling
+                name = scorer_replicas()[0]
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                killed.append(name)
+            threading.Timer(0.5, kill).start()
+
+    result = train_ppo(small_run(ppo_inputs, tmp_path / "ppo", 3), on_iteration=kill_soon)
+    assert killed and result["iterations"] == 3
+    history = json.loads((tmp_path / "ppo" / "checkpoints" / "iter-00003" / "progress.json").read_text())["history"]
+    assert len(history) == 3
+    for metrics in history:
+        for key in ("policy_loss", "vf_loss", "entropy"):
+            assert math.isfinite(metrics[key])
+    card = json.loads((tmp_path / "ppo" / "policy.json").read_text())
+    assert card["iterations"] == 3 and len(card["keep_quantiles"]) == 1001
+
+
+def test_training_resumes_from_its_checkpoint(ppo_inputs, tmp_path):
+    from mlflow import MlflowClient
+
+    from tprl_ray.pruners.registry import build_pruner
+    from tprl_ray.rl.train import train_ppo
+
+    cfg = small_run(ppo_inputs, tmp_path / "ppo", 1)
+    first = train_ppo(cfg)
+    resumed = train_ppo(cfg.model_copy(update={"iterations": 2}))
+    assert first["iterations"] == 1 and resumed["iterations"] == 2
+    history = json.loads((tmp_path / "ppo" / "checkpoints" / "iter-00002" / "progress.json").read_text())["history"]
+    assert history[0]["policy_loss"] == pytest.approx(first["policy_loss"])  # iteration 1 was not redone
+    assert history[0]["env_steps"] < history[1]["env_steps"]  # the env step count continued too
+    with pytest.raises(ValueError, match="trained with other lr"):
+        train_ppo(cfg.model_copy(update={"iterations": 3, "lr": 1e-2}))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ppo' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tprl-ppo").experiment_id])
+    assert sorted(len(client.get_metric_history(r.info.run_id, "policy_loss")) for r in runs) == [1, 1]
+    assert build_pruner("tprl", policy=tmp_path / "ppo").name == "tprl"

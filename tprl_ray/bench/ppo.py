@@ -1,0 +1,76 @@
+"""`tprl bench ppo`: PPO's env steps/s and the scorer's busy fraction, by number of env runners.
+
+For each runner count, in one run: build the algorithm against one scorer replica, run ``warmup``
+iterations, then time ``iterations`` more. Env steps/s counts the steps sampled over the wall time of
+the timed iterations (sampling plus learning); the busy fraction is the scorer replica's time spent
+scoring over that wall time (:meth:`Scorer.stats`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import atomic_write_bytes
+
+
+class PpoBenchConfig(StageConfig):
+    """`tprl bench ppo`."""
+
+    data: Path = Field(Path("runs/demo/precompute/train"), description="precompute dataset")
+    init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
+    out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
+    runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
+    envs_per_runner: int = Field(64, ge=1)
+    warmup: int = Field(1, ge=0, description="untimed iterations first")
+    iterations: int = Field(4, ge=1, description="timed iterations")
+    ray_address: str | None = "local"
+
+
+def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
+    from ray import serve
+
+    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.rl.scorer import APP, scorer_handle, start_scorer
+    from tprl_ray.rl.train import PpoConfig, build_algo, prepare_codes
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        init_ray(cfg.ray_address)
+        for runners in cfg.runner_counts:
+            ppo = PpoConfig(data=cfg.data, init=cfg.init, out=Path(tmp), env_runners=runners,
+                            envs_per_runner=cfg.envs_per_runner, cpus_per_runner=0.5)
+            codes_dir, _ = prepare_codes(ppo)
+            start_scorer(ppo.scorer, ppo.data)
+            algo = build_algo(ppo, codes_dir)
+            try:
+                for _ in range(cfg.warmup):
+                    algo.train()
+                before, steps, start = scorer_handle().stats.remote().result(), 0, time.perf_counter()
+                for _ in range(cfg.iterations):
+                    steps += algo.train()["env_runners"]["num_env_steps_sampled"]
+                wall = time.perf_counter() - start
+                after = scorer_handle().stats.remote().result()
+            finally:
+                algo.stop()
+                serve.delete(APP)
+            rows.append({"env_runners": runners, "envs_per_runner": cfg.envs_per_runner, "env_steps": int(steps),
+                         "seconds": wall, "env_steps_per_s": steps / wall,
+                         "scorer_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
+                         "scorer_samples_per_s": (after["samples"] - before["samples"]) / wall})
+            print(format_ppo_bench({"rows": rows[-1:]}))
+    result = {"bench": "ppo", "data": str(cfg.data), "rows": rows}
+    atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
+    return result
+
+
+def format_ppo_bench(result: dict) -> str:
+    lines = ["| env runners | envs each | env steps/s | scorer busy | scorer samples/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['env_runners']} | {r['envs_per_runner']} | {r['env_steps_per_s']:.1f} | "
+              f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |" for r in result["rows"]]
+    return "\n".join(lines)

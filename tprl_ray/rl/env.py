@@ -1,0 +1,116 @@
+"""The pruning MDP of SPEC 1.2 as a natively vectorized gymnasium env (one scorer call per step).
+
+Each sub-env plays one sample for ``t_max`` steps. State: the frozen codes of all ``N`` tokens, the
+query embedding, the keep mask over original indices (tokens with ``mask = 0`` have left the state)
+and the step ``t``. Action: one keep bit per token (bits of dropped tokens are ignored). If a step
+would drop every token, the env keeps one of the previous step's tokens at random. Reward at step
+``t`` (``K`` = kept count, ``Score`` = the scorer's ``logprob`` or ``accuracy`` with the kept tokens,
+``Score(H_0)`` from precompute)::
+
+    r_t = alpha * (Score_t - Score_{t-1}) + beta * (1 - K_t / K_{t-1})
+
+per sample (``reward="sample"``) or both terms averaged over the sub-envs of the step
+(``reward="batch"``, the paper's mini-batch mean). Episodes end after ``t_max`` steps; the next
+``step`` resets that sub-env (gymnasium's NEXT_STEP autoreset). Observations hold codes and masks
+only; the scorer is called with sample ids and masks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+from pydantic import BaseModel, Field
+
+from tprl_ray.rl.codes import Codes
+
+ScoreFn = Callable[[list[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class EnvConfig(BaseModel):
+    """The MDP (SPEC 1.2 defaults)."""
+
+    t_max: int = Field(3, ge=1, description="steps per episode")
+    alpha: float = Field(1.0, description="weight of the score difference")
+    beta: float = Field(0.1, description="weight of the pruned fraction")
+    reward: Literal["sample", "batch"] = Field("sample", description="per-sample reward or the mean over the "
+                                                                     "sub-envs of a step (the paper's)")
+    score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
+                                                                         "or greedy-correct (0/1)")
+
+
+class PruningVectorEnv(gym.vector.VectorEnv):
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, codes: Codes, cfg: EnvConfig, num_envs: int, score_fn: ScoreFn, seed: int | None = None):
+        self.data, self.cfg, self.num_envs, self.score_fn = codes, cfg, num_envs, score_fn
+        m, n, d_latent = codes.codes.shape
+        self.n_tokens = n
+        self.single_observation_space = spaces.Dict({
+            "codes": spaces.Box(-np.inf, np.inf, (n, d_latent), np.float32),
+            "query": spaces.Box(-np.inf, np.inf, codes.query.shape[1:], np.float32),
+            "mask": spaces.Box(0.0, 1.0, (n,), np.float32),
+            "step": spaces.Box(0.0, float(cfg.t_max), (1,), np.float32),
+        })
+        self.single_action_space = spaces.MultiBinary(n)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.rng = np.random.default_rng(seed)
+        self.index = np.zeros(num_envs, dtype=np.int64)
+        self.mask = np.ones((num_envs, n), dtype=bool)
+        self.t = np.zeros(num_envs, dtype=np.int64)
+        self.prev_score = np.zeros(num_envs, dtype=np.float32)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def _full_score(self, index: np.ndarray) -> np.ndarray:
+        if self.cfg.score == "logprob":
+            return self.data.full_logp[index]
+        return self.data.full_correct[index].astype(np.float32)
+
+    def _start(self, envs: np.ndarray) -> None:
+        self.index[envs] = self.rng.integers(0, len(self.data.ids), size=len(envs))
+        self.mask[envs] = True
+        self.t[envs] = 0
+        self.prev_score[envs] = self._full_score(self.index[envs])
+        self.done[envs] = False
+
+    def _obs(self) -> dict:
+        return {"codes": self.data.codes[self.index].astype(np.float32),
+                "query": self.data.query[self.index],
+                "mask": self.mask.astype(np.float32),
+                "step": self.t[:, None].astype(np.float32)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self._start(np.arange(self.num_envs))
+        return self._obs(), {}
+
+    def step(self, actions):
+        restarting = self.done.copy()
+        playing = ~restarting
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        if playing.any():
+            rewards[playing] = self._play(np.flatnonzero(playing), np.asarray(actions, dtype=bool)[playing])
+        self._start(np.flatnonzero(restarting))
+        terminated = self.done & playing
+        return self._obs(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), {}
+
+    def _play(self, envs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        before = self.mask[envs]
+        after = before & actions
+        for row in np.flatnonzero(~after.any(axis=1)):  # never an empty image: keep one token back
+            after[row, self.rng.choice(np.flatnonzero(before[row]))] = True
+        logp, correct = self.score_fn(self.data.ids[self.index[envs]].tolist(), after.astype(np.uint8))
+        score = np.asarray(logp if self.cfg.score == "logprob" else correct, dtype=np.float32)
+        gain = score - self.prev_score[envs]
+        pruned = 1.0 - after.sum(axis=1) / before.sum(axis=1)
+        if self.cfg.reward == "batch":
+            gain, pruned = np.full_like(gain, gain.mean()), np.full_like(pruned, pruned.mean())
+        self.mask[envs], self.prev_score[envs] = after, score
+        self.t[envs] += 1
+        self.done[envs] = self.t[envs] >= self.cfg.t_max
+        return (self.cfg.alpha * gain + self.cfg.beta * pruned).astype(np.float32)

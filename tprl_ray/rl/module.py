@@ -1,0 +1,111 @@
+"""The RLlib side of the policy: a per-token Bernoulli action distribution and the RLModule.
+
+Observations (see :mod:`tprl_ray.rl.env`) are ``codes [B, N, d_l]``, ``query [B, d_q]``, ``mask [B, N]``
+(tokens still kept) and ``step [B, 1]`` (``t``). The module runs :class:`PolicyValueNet` over the kept
+tokens and turns each keep probability ``p_i`` into the sampling probability of SPEC 1.5,
+``lambda_disc ** t * p_i``; tokens already dropped get a keep probability of zero. The action
+distribution's inputs are those probabilities as logits, so RLlib's PPO loss, entropy and KL all see
+the discounted, masked policy.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
+from ray.rllib.core.rl_module.apis import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from tprl_ray.policy.networks import PolicyValueNet
+
+DROPPED_LOGIT = -30.0  # keep probability ~1e-13: a dropped token is never sampled back in
+
+
+class TokenBernoulli(TorchDistribution):
+    """Independent keep/drop bits, one per token; ``logp`` and ``entropy`` are summed over tokens."""
+
+    def _get_torch_distribution(self, logits: torch.Tensor) -> torch.distributions.Distribution:
+        return torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1)
+
+    def logp(self, value: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self._dist.log_prob(value.float())
+
+    @staticmethod
+    def required_input_dim(space, **kwargs) -> int:
+        return int(space.n)
+
+    def to_deterministic(self) -> TorchDeterministic:
+        return TorchDeterministic(loc=(self._dist.base_dist.logits > 0).float())
+
+
+def sampling_logits(keep_logits: torch.Tensor, mask: torch.Tensor, step: torch.Tensor,
+                    lambda_disc: float) -> torch.Tensor:
+    """Logits of ``lambda_disc ** t * sigmoid(keep_logits)`` for kept tokens, :data:`DROPPED_LOGIT` for
+    dropped ones (``mask`` bool ``[B, N]``, ``step`` ``[B]``)."""
+    log_q = F.logsigmoid(keep_logits) + step[:, None] * math.log(lambda_disc)
+    log_q = log_q.clamp(max=math.log1p(-1e-6))
+    logits = log_q - torch.log1p(-log_q.exp())
+    return torch.where(mask, logits, torch.full_like(logits, DROPPED_LOGIT))
+
+
+class PruningModule(TorchRLModule, ValueFunctionAPI):
+    """PPO's policy and value function: :class:`PolicyValueNet` built from ``model_config["dims"]``,
+    initialised from ``model_config["init"]`` (a directory with ``policy.safetensors``, e.g. the LfD
+    export) when given."""
+
+    def setup(self):
+        from safetensors.torch import load_file
+
+        self.net = PolicyValueNet(**self.model_config["dims"])
+        self.lambda_disc = float(self.model_config["lambda_disc"])
+        # the return still to come depends on how far the episode is: the value adds a learned term in
+        # the step (one-hot) and the kept fraction, neither of which the pooled token features carry
+        self.progress_value = torch.nn.Linear(int(self.model_config["t_max"]) + 2, 1)
+        torch.nn.init.zeros_(self.progress_value.weight)
+        torch.nn.init.zeros_(self.progress_value.bias)
+        init = self.model_config.get("init")
+        if init:
+            self.net.load_state_dict(load_file(str(Path(init) / "policy.safetensors")))
+
+    def _state(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        obs = batch[Columns.OBS]
+        return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5, obs["step"][:, 0].float()
+
+    def _forward(self, batch: dict, **kwargs) -> dict:
+        codes, query, mask, step = self._state(batch)
+        f = self.net.features(codes, query, mask)
+        return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc)}
+
+    def _progress(self, mask: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(step.long().clamp(max=self.progress_value.in_features - 2),
+                           self.progress_value.in_features - 1)
+        return torch.cat([onehot.float(), mask.float().mean(dim=1, keepdim=True)], dim=1)
+
+    def _forward_train(self, batch: dict, **kwargs) -> dict:
+        codes, query, mask, step = self._state(batch)
+        f = self.net.features(codes, query, mask)
+        return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc),
+                Columns.EMBEDDINGS: torch.cat([self.net.pool(f, mask), self._progress(mask, step)], dim=1)}
+
+    def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """``net.value(mean token features) + w . [one-hot(t), kept fraction]``."""
+        if embeddings is None:
+            codes, query, mask, step = self._state(batch)
+            f = self.net.features(codes, query, mask)
+            embeddings = torch.cat([self.net.pool(f, mask), self._progress(mask, step)], dim=1)
+        d = self.net.dims["d_latent"]
+        return self.net.value(embeddings[:, :d]) + self.progress_value(embeddings[:, d:])[:, 0]
+
+    def get_train_action_dist_cls(self):
+        return TokenBernoulli
+
+    def get_exploration_action_dist_cls(self):
+        return TokenBernoulli
+
+    def get_inference_action_dist_cls(self):
+        return TokenBernoulli

@@ -1,0 +1,172 @@
+"""The reward service: LVLM replicas behind Ray Serve, scoring keep masks by sample id.
+
+Each env step sends one request: the sub-envs' sample ids and keep masks over original token
+indices (``uint8 [B, N]``). ``@serve.batch`` merges the requests of every env runner that arrive
+within ``batch_wait_s``; the replica then projects the cached pre-projector features of the kept
+tokens and scores the reference answers in chunks of ``chunk`` samples. Features are read from the
+precompute shards on first use and kept in an LRU cache of ``cache_shards`` shards, so callers move
+ids, never tensors.
+
+Failures: Serve restarts a dead replica; :func:`score` runs as a Ray task with ``max_retries`` and
+``retry_exceptions``, so a request lost with its replica is sent again by Ray.
+
+Metrics (``ray.util.metrics``, exported as ``ray_tprl_scorer_*``): batch size (samples), batch
+latency, queue length (requests waiting or running), and a samples counter. :meth:`Scorer.stats`
+gives the busy time since start for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, Field
+
+from ray import serve
+
+APP = "tprl-scorer"
+DEPLOYMENT = "Scorer"
+
+
+class ScorerConfig(BaseModel):
+    """The scorer pool: model, data, replicas and batching."""
+
+    model: str = Field("embedded", description="LLaVA checkpoint directory, hub id or 'embedded'")
+    dtype: str = "float32"
+    device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu")
+    replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    gpus_per_replica: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+    threads: int = Field(1, ge=1, description="torch CPU threads per replica")
+    max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
+    batch_wait_s: float = Field(0.01, ge=0)
+    chunk: int = Field(64, ge=1, description="samples per forward pass")
+    cache_shards: int = Field(64, ge=1, description="precompute shards kept in memory per replica")
+    retries: int = Field(5, ge=0, description="Ray task retries of a request whose replica died")
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64)
+class Scorer:
+    def __init__(self, cfg: dict, data: str):
+        from ray.util import metrics
+
+        from tprl_ray.backbones.load import BackboneConfig, load_backbone
+
+        self.cfg = ScorerConfig.model_validate(cfg)
+        torch.set_num_threads(self.cfg.threads)
+        self.backbone = load_backbone(BackboneConfig(path=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device))
+        self.shards = sorted((Path(data) / "shards").glob("*.parquet"))
+        self.index = {}
+        for s, shard in enumerate(self.shards):
+            for r, sample_id in enumerate(pq.read_table(shard, columns=["sample_id"])["sample_id"].to_pylist()):
+                self.index[sample_id] = (s, r)
+        self._batched.set_max_batch_size(self.cfg.max_batch_requests)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.shard = lru_cache(maxsize=self.cfg.cache_shards)(self._read_shard)
+        self.started, self.busy, self.samples, self.pending = time.perf_counter(), 0.0, 0, 0
+        self.m_batch = metrics.Histogram("tprl_scorer_batch_size", "samples per scorer batch",
+                                         boundaries=[1, 8, 16, 32, 64, 128, 256, 512])
+        self.m_latency = metrics.Histogram("tprl_scorer_batch_latency_s", "seconds per scorer batch",
+                                           boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10])
+        self.m_queue = metrics.Gauge("tprl_scorer_queue_length", "requests waiting or being scored")
+        self.m_samples = metrics.Counter("tprl_scorer_samples", "samples scored")
+
+    def _read_shard(self, s: int) -> tuple[torch.Tensor, list[str], list[str]]:
+        from tprl_ray.precompute.schema import tensor
+
+        table = pq.read_table(self.shards[s], columns=["features", "question", "answer"])
+        return (torch.from_numpy(tensor(table["features"])), table["question"].to_pylist(),
+                table["answer"].to_pylist())
+
+    def _rows(self, ids: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
+        features, questions, answers = [], [], []
+        for sample_id in ids:
+            if sample_id not in self.index:
+                raise KeyError(f"sample {sample_id!r} is not in the scorer's precompute dataset")
+            s, r = self.index[sample_id]
+            shard_features, shard_questions, shard_answers = self.shard(s)
+            features.append(shard_features[r])
+            questions.append(shard_questions[r])
+            answers.append(shard_answers[r])
+        return torch.stack(features), questions, answers
+
+    def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logps, correct = [], []
+        for start in range(0, len(ids), self.cfg.chunk):
+            features, questions, answers = self._rows(ids[start:start + self.cfg.chunk])
+            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start:start + self.cfg.chunk]]
+            logp, ok = self.backbone.score(questions, answers, self.backbone.project(features), keep)
+            logps.append(logp.numpy())
+            correct.append(ok.numpy())
+        return np.concatenate(logps), np.concatenate(correct)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[tuple[list[str], np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        ids = [i for request_ids, _ in requests for i in request_ids]
+        masks = np.concatenate([m for _, m in requests])
+        start = time.perf_counter()
+        logp, correct = await asyncio.to_thread(self._score, ids, masks)
+        elapsed = time.perf_counter() - start
+        self.busy, self.samples = self.busy + elapsed, self.samples + len(ids)
+        self.m_batch.observe(len(ids))
+        self.m_latency.observe(elapsed)
+        self.m_samples.inc(len(ids))
+        out, offset = [], 0
+        for request_ids, _ in requests:
+            out.append((logp[offset:offset + len(request_ids)], correct[offset:offset + len(request_ids)]))
+            offset += len(request_ids)
+        return out
+
+    async def score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean answer log-likelihood and greedy-correct flag per sample, keeping ``masks[i] > 0``."""
+        if masks.ndim != 2 or len(ids) != masks.shape[0] or not masks.any(axis=1).all():
+            raise ValueError("one non-empty keep mask per sample id is needed")
+        self.pending += 1
+        self.m_queue.set(self.pending)
+        try:
+            return await self._batched((list(ids), masks))
+        finally:
+            self.pending -= 1
+            self.m_queue.set(self.pending)
+
+    def stats(self) -> dict:
+        return {"busy_s": self.busy, "uptime_s": time.perf_counter() - self.started, "samples": self.samples}
+
+
+def start_scorer(cfg: ScorerConfig, data: Path) -> None:
+    """Deploy (or update) the scorer application; blocks until its replicas are ready."""
+    from tprl_ray.ray_setup import gpus_per_actor
+
+    serve.start(proxy_location="Disabled")
+    deployment = Scorer.options(
+        num_replicas=cfg.replicas, max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus_per_actor(cfg.gpus_per_replica)})
+    app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))
+    serve.run(app, name=APP, route_prefix=None)
+
+
+@lru_cache(maxsize=1)
+def scorer_handle():
+    """The scorer app's handle, made once per process (a handle keeps its router and replica view)."""
+    return serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
+
+
+def _score_task(ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return scorer_handle().score.remote(ids, masks).result(timeout_s=600)
+
+
+def remote_score(retries: int):
+    """``fn(ids, masks) -> (logp, correct)`` through the scorer app, retried by Ray on failure."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=retries, retry_exceptions=True)(_score_task)
+
+    def call(ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ray.get(task.remote(list(ids), masks))
+
+    return call

@@ -1,0 +1,278 @@
+"""`tprl train ppo`: fine-tune the policy with RLlib PPO (new API stack) against the scorer service.
+
+Controller (this process, PPO's learner) -> ``env_runners`` CPU env runners, each stepping one
+:class:`PruningVectorEnv` of ``envs_per_runner`` sub-envs -> one request per env step to the Ray Serve
+scorer pool (ids and masks, batched across runners). Every PPO hyperparameter of SPEC 1.5 is set
+explicitly. Each iteration logs curated metrics to MLflow; every ``checkpoint_every`` iterations the
+algorithm is saved atomically under ``out/checkpoints`` and a re-run with the same ``out`` resumes
+from the newest one (other settings are refused). At the end the policy is exported as
+``out/policy.*`` next to its autoencoder, with keep-probability quantiles on the validation set that
+calibrate the threshold ``tau`` to any average budget (the ``tprl`` pruner).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from tprl_ray.config import StageConfig
+from tprl_ray.data.layout import atomic_write_bytes
+from tprl_ray.rl.codes import Codes
+from tprl_ray.rl.env import EnvConfig
+from tprl_ray.rl.scorer import APP, ScorerConfig
+
+ENV_NAME = "tprl-pruning"
+PROGRESS = "progress.json"
+
+
+class PpoConfig(StageConfig):
+    """`tprl train ppo` (defaults: SPEC 1.5)."""
+
+    data: Path = Field(Path("runs/precompute/train"), description="precompute dataset to train on")
+    val_data: Path | None = Field(None, description="precompute dataset to calibrate tau on (default: data)")
+    init: Path | None = Field(Path("runs/train/lfd"), description="LfD export to start from (None: from scratch)")
+    autoencoder: Path | None = Field(None, description="autoencoder directory (default: the copy in init)")
+    out: Path = Field(Path("runs/train/ppo"), description="output directory")
+    iterations: int = Field(100, ge=1, description="PPO iterations (a re-run continues up to this count)")
+    env: EnvConfig = EnvConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    lambda_disc: float = Field(0.5, gt=0, le=1, description="step discount of the keep probability")
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.01
+    lr: float = Field(1e-4, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: int = Field(4, ge=1, description="PPO epochs per iteration")
+    minibatch_size: int = Field(128, ge=1)
+    train_batch_size: int = Field(768, ge=1, description="env steps per iteration")
+    env_runners: int = Field(1, ge=1)
+    envs_per_runner: int = Field(64, ge=1)
+    cpus_per_runner: float = Field(0.5, gt=0)
+    attention: bool = Field(True, description="without init: False is the MLP-only ablation")
+    heads: int = Field(4, ge=1)
+    hidden: int = Field(256, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
+    seed: int = 0
+    ray_address: str | None = None
+    mlflow_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_an_autoencoder(self):
+        if self.init is None and self.autoencoder is None:
+            raise ValueError("from scratch (init: null) the autoencoder directory must be given")
+        return self
+
+    def autoencoder_dir(self) -> Path:
+        return self.autoencoder or self.init
+
+
+def make_env(config: dict):
+    """RLlib's env creator (``vector_entry_point``): the vector env of one env runner."""
+    from tprl_ray.rl.env import PruningVectorEnv
+    from tprl_ray.rl.scorer import remote_score
+
+    return PruningVectorEnv(Codes.load(Path(config["codes"])), EnvConfig.model_validate(config["env"]),
+                            config.get("num_envs", 1), remote_score(config["retries"]),
+                            seed=np.random.SeedSequence().entropy % 2**32)
+
+
+def kept_fraction(episode, metrics_logger, **kwargs) -> None:
+    """``on_episode_end``: the fraction of tokens the episode's last state kept."""
+    mask = episode.get_observations(-1)["mask"]
+    metrics_logger.log_value("kept_fraction", float(np.mean(mask)))
+
+
+def policy_dims(cfg: PpoConfig, d_latent: int, d_query: int) -> dict:
+    if cfg.init is not None:
+        return json.loads((cfg.init / "policy.json").read_text())["dims"]
+    return {"d_latent": d_latent, "d_query": d_query, "heads": cfg.heads, "hidden": cfg.hidden,
+            "attention": cfg.attention}
+
+
+def prepare_codes(cfg: PpoConfig) -> tuple[Path, Path]:
+    """The codes of the training data and of the calibration data (written if missing)."""
+    from tprl_ray.rl.codes import write_codes
+
+    codes_dir = write_codes(cfg.data, cfg.autoencoder_dir(), cfg.out / "codes")
+    if cfg.val_data is None:
+        return codes_dir, codes_dir
+    return codes_dir, write_codes(cfg.val_data, cfg.autoencoder_dir(), cfg.out / "codes-val")
+
+
+def build_algo(cfg: PpoConfig, codes_dir: Path):
+    """The PPO algorithm (env runners, learner, RLModule) for ``cfg``; the scorer must be running."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.tune.registry import register_env
+
+    from tprl_ray.rl.env import PruningVectorEnv
+    from tprl_ray.rl.module import PruningModule
+
+    codes = Codes.load(codes_dir)
+    dims = policy_dims(cfg, codes.codes.shape[-1], codes.query.shape[-1])
+    spaces_env = PruningVectorEnv(codes, cfg.env, 1, score_fn=None)
+
+    register_env(ENV_NAME, make_env)
+    config = (
+        PPOConfig()
+        .environment(ENV_NAME, env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump(),
+                                           "retries": cfg.scorer.retries})
+        .env_runners(num_env_runners=cfg.env_runners, num_envs_per_env_runner=cfg.envs_per_runner,
+                     gym_env_vectorize_mode="vector_entry_point", num_cpus_per_env_runner=cfg.cpus_per_runner,
+                     rollout_fragment_length="auto", sample_timeout_s=1800)
+        .learners(num_learners=0)
+        .rl_module(rl_module_spec=RLModuleSpec(
+            module_class=PruningModule, observation_space=spaces_env.single_observation_space,
+            action_space=spaces_env.single_action_space,
+            model_config={"dims": dims, "lambda_disc": cfg.lambda_disc, "t_max": cfg.env.t_max,
+                          "init": str(cfg.init.resolve()) if cfg.init else None}))
+        .training(lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.gae_lambda, clip_param=cfg.clip,
+                  vf_loss_coeff=cfg.vf_coef, entropy_coeff=cfg.entropy_coef, use_kl_loss=False, kl_coeff=0.0,
+                  grad_clip=cfg.grad_clip, num_epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
+                  train_batch_size_per_learner=cfg.train_batch_size, vf_clip_param=10.0)
+        .callbacks(on_episode_end=kept_fraction)
+        .debugging(seed=cfg.seed)
+    )
+    return config.build_algo()
+
+
+def curated(result: dict, seconds: float) -> dict:
+    """The per-iteration metrics worth a chart."""
+    runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
+    out = {"episode_return_mean": runners.get("episode_return_mean"),
+           "kept_fraction": runners.get("kept_fraction"),
+           "env_steps": runners.get("num_env_steps_sampled_lifetime"),
+           "env_steps_per_s": runners.get("num_env_steps_sampled", 0) / max(seconds, 1e-9),
+           "policy_loss": learner.get("policy_loss"), "vf_loss": learner.get("vf_loss"),
+           "entropy": learner.get("entropy"), "vf_explained_var": learner.get("vf_explained_var"),
+           "iteration_s": seconds}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def settings(cfg: PpoConfig) -> dict:
+    """What must not change when a run resumes."""
+    return {k: v for k, v in json.loads(cfg.model_dump_json()).items()
+            if k not in ("iterations", "checkpoint_every", "budgets", "ray_address", "mlflow_uri")}
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("iter-*"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(algo, out: Path, history: list[dict], cfg: PpoConfig) -> None:
+    """``algo.save_to_path`` into a temporary directory, then rename; keeps the two newest."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp.resolve()))
+    (tmp / PROGRESS).write_text(json.dumps({"history": history, "settings": settings(cfg)}))
+    os.replace(tmp, root / f"iter-{len(history):05d}")
+    for old in sorted(root.glob("iter-*"))[:-2]:
+        shutil.rmtree(old)
+
+
+def resumable_history(cfg: PpoConfig) -> list[dict]:
+    """The history of the run to continue (empty for a fresh one); refuses one with other settings."""
+    checkpoint = latest_checkpoint(cfg.out)
+    if checkpoint is None:
+        return []
+    progress = json.loads((checkpoint / PROGRESS).read_text())
+    now = settings(cfg)
+    changed = sorted(k for k in set(now) | set(progress["settings"]) if now.get(k) != progress["settings"].get(k))
+    if changed:
+        raise ValueError(f"{cfg.out} holds a PPO run trained with other {', '.join(changed)}; "
+                         f"use another --out to start afresh")
+    return progress["history"]
+
+
+def resume(algo, cfg: PpoConfig) -> list[dict]:
+    """Restore the newest checkpoint, if any, and return its history."""
+    history = resumable_history(cfg)
+    if not history:
+        return []
+    checkpoint = latest_checkpoint(cfg.out)
+    algo.restore_from_path(str(checkpoint.resolve()))
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True,
+                                       timeout_seconds=60)
+    print(f"[ppo] resumed from {checkpoint} (iteration {len(history)})")
+    return history
+
+
+def calibration(net, codes: Codes) -> list[float]:
+    """1001 quantiles of the one-shot keep probabilities of every token of ``codes``: the threshold
+    for an average kept fraction ``b`` is the ``1 - b`` quantile."""
+    probabilities = []
+    with torch.no_grad():
+        for start in range(0, len(codes.ids), 256):
+            c = torch.from_numpy(codes.codes[start:start + 256].astype(np.float32))
+            q = torch.from_numpy(codes.query[start:start + 256])
+            probabilities.append(net.keep_probabilities(c, q, torch.ones(c.shape[:2], dtype=torch.bool)).flatten())
+    return np.quantile(torch.cat(probabilities).numpy(), np.linspace(0, 1, 1001)).tolist()
+
+
+def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) -> dict:
+    from tprl_ray.pruners.lfd import tau_for_budget
+    from tprl_ray.training.common import export
+
+    for name in ("autoencoder.safetensors", "autoencoder.json"):
+        if (cfg.autoencoder_dir() / name).resolve() != (cfg.out / name).resolve():
+            shutil.copyfile(cfg.autoencoder_dir() / name, cfg.out / name)
+    quantiles = calibration(net, val_codes)
+    taus = {f"{b:.4f}": tau_for_budget(quantiles, b) for b in cfg.budgets}
+    export(net, net.state_dict(), cfg.out, "policy",
+           {"data": str(cfg.data), "iterations": len(history), "init": str(cfg.init), "metrics": history[-1],
+            "keep_quantiles": quantiles, "tau": taus})
+    return taus
+
+
+def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
+    """Train (or resume) up to ``cfg.iterations``; export and log. ``on_iteration(i, metrics)`` is
+    called after each iteration (tests use it to disturb the run)."""
+    import mlflow
+    from ray import serve
+
+    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.rl.scorer import start_scorer
+    from tprl_ray.tracking import mlflow_run
+
+    resumable_history(cfg)  # refuse early, before anything starts
+    codes_dir, val_dir = prepare_codes(cfg)
+    init_ray(cfg.ray_address)
+    print(f"[ppo] starting {cfg.scorer.replicas} scorer replica(s)")
+    algo = None
+    try:
+        start_scorer(cfg.scorer, cfg.data)
+        algo = build_algo(cfg, codes_dir)
+        history = resume(algo, cfg)
+        with mlflow_run(cfg.out, "tprl-ppo", "ppo", cfg.mlflow_uri, params=cfg.flat()):
+            for i in range(len(history), cfg.iterations):
+                start = time.perf_counter()
+                metrics = curated(algo.train(), time.perf_counter() - start)
+                history.append(metrics)
+                mlflow.log_metrics(metrics, step=i + 1)
+                print(f"[ppo] iteration {i + 1}/{cfg.iterations}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.iterations:
+                    save_checkpoint(algo, cfg.out, history, cfg)
+                if on_iteration is not None:
+                    on_iteration(i + 1, metrics)
+            net = algo.get_module().net.cpu().eval()
+            taus = export_policy(cfg, net, history, Codes.load(val_dir))
+            mlflow.log_artifact(str(cfg.out / "policy.json"))
+    finally:
+        if algo is not None:
+            algo.stop()
+        serve.delete(APP)
+    return {**history[-1], "iterations": len(history), "tau": taus}
