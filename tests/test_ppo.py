@@ -78,7 +78,7 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     export(net, net.state_dict(), tmp_path, "policy", {})
     env = PruningVectorEnv(toy_codes(), EnvConfig(), num_envs=3, score_fn=first_half_score, seed=0)
     module = PruningModule(observation_space=env.single_observation_space, action_space=env.single_action_space,
-                           model_config={"dims": net.dims, "lambda_disc": 0.5, "t_max": 3, "init": str(tmp_path)})
+                           model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)})
     obs, _ = env.reset()
     obs["mask"][0, 5:] = 0
     obs["step"][:] = 1

@@ -51,7 +51,7 @@ class DemoConfig(StageConfig):
                                                        "(0: all)")
     autoencoder_epochs: int = Field(3, ge=1)
     lfd_epochs: int = Field(5, ge=1)
-    ppo_iterations: int = Field(100, ge=1)
+    ppo_iterations: int = Field(60, ge=1)
     batch_size: int = Field(64, ge=1)
     ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
     mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")

@@ -63,11 +63,6 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
 
         self.net = PolicyValueNet(**self.model_config["dims"])
         self.lambda_disc = float(self.model_config["lambda_disc"])
-        # the return still to come depends on how far the episode is: the value adds a learned term in
-        # the step (one-hot) and the kept fraction, neither of which the pooled token features carry
-        self.progress_value = torch.nn.Linear(int(self.model_config["t_max"]) + 2, 1)
-        torch.nn.init.zeros_(self.progress_value.weight)
-        torch.nn.init.zeros_(self.progress_value.bias)
         init = self.model_config.get("init")
         if init:
             self.net.load_state_dict(load_file(str(Path(init) / "policy.safetensors")))
@@ -81,25 +76,17 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         f = self.net.features(codes, query, mask)
         return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc)}
 
-    def _progress(self, mask: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(step.long().clamp(max=self.progress_value.in_features - 2),
-                           self.progress_value.in_features - 1)
-        return torch.cat([onehot.float(), mask.float().mean(dim=1, keepdim=True)], dim=1)
-
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         codes, query, mask, step = self._state(batch)
         f = self.net.features(codes, query, mask)
         return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc),
-                Columns.EMBEDDINGS: torch.cat([self.net.pool(f, mask), self._progress(mask, step)], dim=1)}
+                Columns.EMBEDDINGS: self.net.pool(f, mask)}
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """``net.value(mean token features) + w . [one-hot(t), kept fraction]``."""
         if embeddings is None:
-            codes, query, mask, step = self._state(batch)
-            f = self.net.features(codes, query, mask)
-            embeddings = torch.cat([self.net.pool(f, mask), self._progress(mask, step)], dim=1)
-        d = self.net.dims["d_latent"]
-        return self.net.value(embeddings[:, :d]) + self.progress_value(embeddings[:, d:])[:, 0]
+            codes, query, mask, _ = self._state(batch)
+            embeddings = self.net.pool(self.net.features(codes, query, mask), mask)
+        return self.net.value(embeddings)
 
     def get_train_action_dist_cls(self):
         return TokenBernoulli

@@ -49,7 +49,7 @@ class PpoConfig(StageConfig):
     clip: float = 0.2
     vf_coef: float = 0.5
     entropy_coef: float = 0.01
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(3e-4, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     epochs: int = Field(4, ge=1, description="PPO epochs per iteration")
     minibatch_size: int = Field(128, ge=1)
@@ -134,7 +134,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
         .rl_module(rl_module_spec=RLModuleSpec(
             module_class=PruningModule, observation_space=spaces_env.single_observation_space,
             action_space=spaces_env.single_action_space,
-            model_config={"dims": dims, "lambda_disc": cfg.lambda_disc, "t_max": cfg.env.t_max,
+            model_config={"dims": dims, "lambda_disc": cfg.lambda_disc,
                           "init": str(cfg.init.resolve()) if cfg.init else None}))
         .training(lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.gae_lambda, clip_param=cfg.clip,
                   vf_loss_coeff=cfg.vf_coef, entropy_coeff=cfg.entropy_coef, use_kl_loss=False, kl_coeff=0.0,
