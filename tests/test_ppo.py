@@ -33,7 +33,8 @@ def first_half_score(ids, masks):
 def test_env_rewards_masks_and_next_step_autoreset():
     env = PruningVectorEnv(toy_codes(), EnvConfig(t_max=2), num_envs=2, score_fn=first_half_score, seed=0)
     obs, _ = env.reset()
-    assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2 and obs["step"].ravel().tolist() == [0, 0]
+    assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2
+    assert obs["step"].ravel().tolist() == [0, 0]
     keep = np.array([[1, 1, 1, 1, 0, 0, 0, 0],    # drops the unimportant half: no score lost
                      [0, 0, 1, 1, 1, 1, 1, 1]])   # drops half of the important tokens
     obs, reward, terminated, truncated, _ = env.step(keep)
@@ -84,9 +85,11 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     obs["step"][:] = 1
     batch = {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}
     out = module.forward_train(batch)
-    codes, query, mask = batch[Columns.OBS]["codes"].float(), batch[Columns.OBS]["query"], batch[Columns.OBS]["mask"] > 0
+    state = batch[Columns.OBS]
+    codes, query, mask = state["codes"].float(), state["query"], state["mask"] > 0
     expected_logits, expected_values = net(codes, query, mask)
-    torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], sampling_logits(expected_logits, mask, torch.ones(3), 0.5))
+    expected_inputs = sampling_logits(expected_logits, mask, torch.ones(3), 0.5)
+    torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], expected_inputs)
     torch.testing.assert_close(module.compute_values(batch, embeddings=out[Columns.EMBEDDINGS]), expected_values)
     torch.testing.assert_close(module.compute_values(batch), expected_values)
 

@@ -35,7 +35,8 @@ class EvalConfig(StageConfig):
     benchmark: str = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")
     pruner: str = Field("random", description=f"one of {', '.join(PRUNERS)}")
     budget: float = Field(0.25, gt=0, description="kept fraction (<= 1) or kept token count (> 1)")
-    policy: str | None = Field(None, description="lfd: directory of the learned pruner (default: the shipped one)")
+    policy: str | None = Field(None, description="lfd/tprl: directory of the learned pruner "
+                                                 "(lfd default: the shipped one)")
     out: Path = Field(Path("runs/eval/result.json"), description="result JSON (predictions beside it)")
     seed: int = 0
     limit: int = Field(0, ge=0, description="first N questions only (0: all)")

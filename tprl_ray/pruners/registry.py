@@ -24,7 +24,8 @@ class NoPruning(Pruner):
         return [torch.arange(t.shape[0], device=t.device) for t in batch.tokens]
 
 
-PRUNERS = {cls.name: cls for cls in (NoPruning, RandomPruner, VisPruner, DivPrune, ToMe, FastV, LearnedPruner, TprlPruner)}
+PRUNERS = {cls.name: cls for cls in (NoPruning, RandomPruner, VisPruner, DivPrune, ToMe, FastV, LearnedPruner,
+                                      TprlPruner)}
 BASELINES = ("random", "vispruner", "divprune", "tome", "fastv")
 EMBEDDED_LFD = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava-digits-lfd"
 

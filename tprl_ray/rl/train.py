@@ -23,7 +23,6 @@ import torch
 from pydantic import Field, model_validator
 
 from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
 from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.env import EnvConfig
 from tprl_ray.rl.scorer import APP, ScorerConfig
@@ -81,6 +80,7 @@ def make_env(config: dict):
     from tprl_ray.rl.env import PruningVectorEnv
     from tprl_ray.rl.scorer import remote_score
 
+    # RLlib's vector entry point does not pass the worker index: each env runner draws its own seed
     return PruningVectorEnv(Codes.load(Path(config["codes"])), EnvConfig.model_validate(config["env"]),
                             config.get("num_envs", 1), remote_score(config["retries"]),
                             seed=np.random.SeedSequence().entropy % 2**32)
