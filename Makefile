@@ -5,7 +5,7 @@ OUT ?= runs/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install mlflow clean
 
 install: $(STAMP)
 
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tprl demo --out $(OUT)
+	$(VENV)/bin/tprl pipeline --out $(OUT)
+
+# The MLflow UI over OUT's store, on 127.0.0.1 only (PORT=5000).
+PORT ?= 5000
+mlflow: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+		--backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -40,3 +40,31 @@ def test_cli_flags_and_set_build_the_same_object(tmp_path):
         ["model", "tiny", "--data", str(tmp_path), "--tune-steps", "3", "--set", "size.vision_layers=2"])
     cfg = config_from_args(args, args._cls)
     assert cfg == TinyModelConfig.load(None, {"data": str(tmp_path), "tune_steps": 3, "size.vision_layers": 2})
+
+
+def test_pipeline_sections_are_the_stage_configs(tmp_path):
+    """A pipeline file's stage sections become each stage's own config; paths stay the pipeline's."""
+    from tprl_ray.pipeline import PipelineConfig, stage_configs
+
+    path = tmp_path / "full.yaml"
+    path.write_text("out: /data/run\nlfd: {epochs: 2}\nppo: {env_runners: 4, scorer: {resources: {scorer_slot: 1}}}\n")
+    cfg = PipelineConfig.load(path, {"ppo.iterations": 7, "autoencoder.latent": 32})
+    stages = stage_configs(cfg, tmp_path / "data", tmp_path / "model")
+    assert stages["lfd"].epochs == 2 and stages["autoencoder"].epochs == 3 and stages["autoencoder"].latent == 32
+    ppo = stages["ppo"]
+    assert (ppo.iterations, ppo.env_runners, ppo.scorer.resources) == (7, 4, {"scorer_slot": 1})
+    assert ppo.scorer.model == str(tmp_path / "model") and ppo.init == ppo.out.parent / "lfd"
+    assert stages["precompute_val"].data == tmp_path / "data" / "val"
+    with pytest.raises(ConfigError, match=r"LfdConfig.epochz: Extra inputs"):
+        PipelineConfig.load(path, {"lfd.epochz": 1})
+    with pytest.raises(ConfigError, match=r"\['out'\] are set by the pipeline"):
+        PipelineConfig.load(path, {"ppo.out": "/elsewhere"})
+
+
+def test_the_shipped_cluster_pipeline_config_loads():
+    from pathlib import Path
+
+    from tprl_ray.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.load(Path(__file__).parent.parent / "cluster" / "configs" / "full.yaml")
+    assert cfg.model == "llava-hf/llava-1.5-7b-hf" and cfg.ppo["scorer"]["resources"] == {"scorer_slot": 1}

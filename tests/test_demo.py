@@ -1,17 +1,18 @@
-"""The demo on the shipped tiny model: report schema, the quality bar, pruning sensitivity, MLflow."""
+"""The pipeline with the shipped policy (`policy: shipped`): report schema, the quality bar, pruning sensitivity,
+MLflow. The full pipeline with every stage is submitted as a job in test_pipeline_job.py."""
 
 import json
 
 import mlflow
 import pytest
 
-from tprl_ray.demo import DemoConfig, run_demo
+from tprl_ray.pipeline import PipelineConfig, run_pipeline
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(DemoConfig(out=out, budgets=[0.25], policy="shipped"))
+    return out, run_pipeline(PipelineConfig(out=out, budgets=[0.25], policy="shipped"))
 
 
 def test_report_schema(demo):
@@ -59,9 +60,11 @@ def test_report_command_table_plot_and_mlflow(demo, tmp_path, capsys):
 def test_run_is_in_mlflow(demo):
     out, report = demo
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tprl-demo").experiment_id])
-    assert len(runs) == 1
-    metrics = runs[0].data.metrics
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tprl").experiment_id])}
+    assert set(runs) == {"pipeline", "evaluation"}
+    assert runs["evaluation"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
+    assert runs["pipeline"].data.params["policy"] == "shipped"
+    metrics = runs["evaluation"].data.metrics
     assert metrics["none_100.accuracy"] == pytest.approx(report["rows"][0]["accuracy"])
     assert metrics["random_25.avg_tokens"] == 16.0
     assert (out / "mlruns").is_dir()
@@ -92,24 +95,3 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
             correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats, keep)[1])
         assert torch.cat(correct).float().mean().item() == pytest.approx(
             evaluate(backbone, split, samples, pruner, 0.25)["accuracy"])
-
-
-def test_full_pipeline_trains_every_stage_and_adds_tprl_rows(tmp_path):
-    """policy=train on a few questions: precompute, autoencoder, LfD, PPO, then the report with tprl rows."""
-    import ray
-    from ray import serve
-
-    cfg = DemoConfig(out=tmp_path, budgets=[0.25], pruners=["vispruner", "lfd", "tprl"], train_questions=96,
-                     autoencoder_epochs=1, lfd_epochs=1, ppo_iterations=1, eval_questions=64, ray_address="local")
-    try:
-        report = run_demo(cfg)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    rows = {r["pruner"]: r for r in report["rows"]}
-    assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
-    assert 8 <= rows["tprl"]["avg_tokens"] <= 24  # tau calibrated on val to an average of 16 of 64 tokens
-    assert json.loads((tmp_path / "ppo" / "policy.json").read_text())["init"] == str(tmp_path / "lfd")
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiments = {e.name for e in client.search_experiments()}
-    assert {"tprl-autoencoder", "tprl-lfd", "tprl-ppo", "tprl-demo"} <= experiments

@@ -69,7 +69,7 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "--help"], capture_output=True, text=True,
                          timeout=120).stdout
-    for command in ("data", "model", "demo"):
+    for command in ("data", "model", "pipeline", "precompute", "train", "eval"):
         assert command in out
     sub = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "data", "--help"], capture_output=True, text=True,
                          timeout=120).stdout

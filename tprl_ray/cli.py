@@ -106,17 +106,17 @@ def _bench_ppo(cfg) -> None:
     print(f"wrote {cfg.out}")
 
 
-def _demo(cfg) -> None:
-    from tprl_ray.demo import run_demo
+def _pipeline(cfg) -> None:
+    from tprl_ray.pipeline import run_pipeline
 
-    run_demo(cfg)
+    run_pipeline(cfg)
 
 
 def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]]:
     from tprl_ray.bench.latency import LatencyBenchConfig
     from tprl_ray.bench.scorer import ScorerBenchConfig
     from tprl_ray.data.digits import DigitsConfig
-    from tprl_ray.demo import DemoConfig
+    from tprl_ray.pipeline import PipelineConfig
     from tprl_ray.evaluation.efficiency import EfficiencyConfig
     from tprl_ray.evaluation.job import EvalConfig
     from tprl_ray.evaluation.report import ReportConfig
@@ -131,7 +131,8 @@ def _commands() -> dict[tuple[str, ...], tuple[type[StageConfig], Callable, str]
     return {
         ("data", "digits"): (DigitsConfig, _data_digits, "build the embedded digit-grid VQA benchmark"),
         ("model", "tiny"): (TinyModelConfig, _model_tiny, "train the embedded tiny LLaVA on CPU"),
-        ("demo",): (DemoConfig, _demo, "run the main pipeline on the embedded default"),
+        ("pipeline",): (PipelineConfig, _pipeline, "every stage, then every pruner evaluated (default: the embedded "
+                                                    "model and data)"),
         ("precompute",): (PrecomputeConfig, _precompute, "features, query embeddings, scores and demonstrations "
                                                           "to Parquet (Ray Data)"),
         ("train", "autoencoder"): (AutoencoderConfig, _train_autoencoder, "fit the token autoencoder (Ray Train)"),

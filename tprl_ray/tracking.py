@@ -1,4 +1,9 @@
-"""MLflow tracking: a sqlite store under the run's output directory unless a URI is given."""
+"""MLflow tracking: a sqlite store under the run's output directory unless a URI is given.
+
+A pipeline run (:func:`pipeline_run`) is a parent run; every stage started inside it logs a child
+run into the pipeline's experiment, whatever experiment the stage would use on its own. The trained
+pruner is registered as a model version with its tau-per-budget table (:func:`register_pruner`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import Iterator
 
 import mlflow
 
+PARENT_RUN = "TPRL_MLFLOW_PARENT_RUN"
+
 
 def tracking_uri(out_dir: str | Path, uri: str | None = None) -> str:
     """``uri`` if given (or ``MLFLOW_TRACKING_URI``), else ``sqlite:///<out_dir>/mlflow.db``."""
@@ -18,10 +25,22 @@ def tracking_uri(out_dir: str | Path, uri: str | None = None) -> str:
     return f"sqlite:///{(Path(out_dir).resolve() / 'mlflow.db')}"
 
 
+def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
+    parent = os.environ.get(PARENT_RUN)
+    if parent:
+        experiment_id = mlflow.get_run(parent).info.experiment_id
+        return mlflow.start_run(run_name=run_name, experiment_id=experiment_id, parent_run_id=parent, nested=True)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.start_run(run_name=run_name, experiment_id=mlflow.get_experiment_by_name(experiment).experiment_id)
+
+
 @contextlib.contextmanager
 def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
                params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open an MLflow run; artifacts of a local store live in ``<out_dir>/mlruns``.
+    """Open an MLflow run (a child run inside :func:`pipeline_run`); artifacts of a local store live
+    in ``<out_dir>/mlruns``.
 
     ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; the user's value (or its
     absence) is restored afterwards, so a later run in this process picks its own store again.
@@ -32,11 +51,7 @@ def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | N
     uri = tracking_uri(out_dir, uri)
     mlflow.set_tracking_uri(uri)
     try:
-        if mlflow.get_experiment_by_name(experiment) is None:
-            location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-            mlflow.create_experiment(experiment, artifact_location=location)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name) as run:
+        with _start(out_dir, experiment, run_name, uri) as run:
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             yield run
@@ -45,3 +60,30 @@ def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | N
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = user_uri
+
+
+@contextlib.contextmanager
+def pipeline_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
+                 params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """The parent run of a pipeline: stages run inside it log child runs into ``experiment``."""
+    with mlflow_run(out_dir, experiment, run_name, uri, params) as run:
+        os.environ[PARENT_RUN] = run.info.run_id
+        try:
+            yield run
+        finally:
+            os.environ.pop(PARENT_RUN, None)
+
+
+def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
+    """Log ``files`` as the active run's ``pruner`` artifact and register them as a new version of
+    the model ``name``, tagged ``tau:<budget>`` and described by the tau-per-budget table."""
+    run = mlflow.active_run()
+    for path in files:
+        mlflow.log_artifact(str(path), artifact_path="pruner")
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="TPRL visual-token pruner: one policy pass, keep p > tau")
+    table = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
+    return client.create_model_version(
+        name, f"runs:/{run.info.run_id}/pruner", run_id=run.info.run_id,
+        tags={f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}, description=table)

@@ -12,7 +12,7 @@ would drop every token, the env keeps one of the previous step's tokens at rando
 per sample (``reward="sample"``) or both terms averaged over the sub-envs of the step
 (``reward="batch"``, the paper's mini-batch mean). Episodes end after ``t_max`` steps; the next
 ``step`` resets that sub-env (gymnasium's NEXT_STEP autoreset). Observations hold codes and masks
-only; the scorer is called with sample ids and masks.
+only; the scorer is called with sample ids and masks. Metrics: :mod:`tprl_ray.rl.telemetry`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gymnasium.vector.utils import batch_space
 from pydantic import BaseModel, Field
 
 from tprl_ray.rl.codes import Codes
+from tprl_ray.rl.telemetry import EnvTelemetry
 
 ScoreFn = Callable[[list[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -64,6 +65,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.t = np.zeros(num_envs, dtype=np.int64)
         self.prev_score = np.zeros(num_envs, dtype=np.float32)
         self.done = np.zeros(num_envs, dtype=bool)
+        self.telemetry = EnvTelemetry(num_envs)
 
     def _full_score(self, index: np.ndarray) -> np.ndarray:
         if self.cfg.score == "logprob":
@@ -76,6 +78,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.t[envs] = 0
         self.prev_score[envs] = self._full_score(self.index[envs])
         self.done[envs] = False
+        self.telemetry.start(envs)
 
     def _obs(self) -> dict:
         return {"codes": self.data.codes[self.index].astype(np.float32),
@@ -97,6 +100,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             rewards[playing] = self._play(np.flatnonzero(playing), np.asarray(actions, dtype=bool)[playing])
         self._start(np.flatnonzero(restarting))
         terminated = self.done & playing
+        self.telemetry.record(playing, rewards, terminated, self.mask)
         return self._obs(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), {}
 
     def _play(self, envs: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -104,7 +108,8 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         after = before & actions
         for row in np.flatnonzero(~after.any(axis=1)):  # never an empty image: keep one token back
             after[row, self.rng.choice(np.flatnonzero(before[row]))] = True
-        logp, correct = self.score_fn(self.data.ids[self.index[envs]].tolist(), after.astype(np.uint8))
+        with self.telemetry.scoring():
+            logp, correct = self.score_fn(self.data.ids[self.index[envs]].tolist(), after.astype(np.uint8))
         score = np.asarray(logp if self.cfg.score == "logprob" else correct, dtype=np.float32)
         gain = score - self.prev_score[envs]
         pruned = 1.0 - after.sum(axis=1) / before.sum(axis=1)

@@ -42,6 +42,8 @@ class ScorerConfig(BaseModel):
     replicas: int = Field(1, ge=1)
     cpus_per_replica: float = Field(0.5, gt=0)
     gpus_per_replica: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
+    resources: dict[str, float] = Field({}, description="custom Ray resources per replica, e.g. "
+                                       "{scorer_slot: 1} to pin replicas to GPU scorer nodes")
     threads: int = Field(1, ge=1, description="torch CPU threads per replica")
     max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
     batch_wait_s: float = Field(0.01, ge=0)
@@ -145,7 +147,8 @@ def start_scorer(cfg: ScorerConfig, data: Path) -> None:
     serve.start(proxy_location="Disabled")
     deployment = Scorer.options(
         num_replicas=cfg.replicas, max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus_per_actor(cfg.gpus_per_replica)})
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus_per_actor(cfg.gpus_per_replica),
+                           "resources": cfg.resources})
     app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))
     serve.run(app, name=APP, route_prefix=None)
 

@@ -29,6 +29,7 @@ from tprl_ray.rl.scorer import APP, ScorerConfig
 
 ENV_NAME = "tprl-pruning"
 PROGRESS = "progress.json"
+STALLED_ITERATIONS = 3
 
 
 class PpoConfig(StageConfig):
@@ -61,6 +62,8 @@ class PpoConfig(StageConfig):
     hidden: int = Field(256, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
+    registered_model: str | None = Field("tprl-pruner", description="MLflow model the export is registered as "
+                                                                     "(None: not registered)")
     seed: int = 0
     ray_address: str | None = None
     mlflow_uri: str | None = None
@@ -162,7 +165,7 @@ def curated(result: dict, seconds: float) -> dict:
 def settings(cfg: PpoConfig) -> dict:
     """What must not change when a run resumes."""
     return {k: v for k, v in json.loads(cfg.model_dump_json()).items()
-            if k not in ("iterations", "checkpoint_every", "budgets", "ray_address", "mlflow_uri")}
+            if k not in ("iterations", "checkpoint_every", "budgets", "registered_model", "ray_address", "mlflow_uri")}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -245,7 +248,8 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
 
     from tprl_ray.ray_setup import init_ray
     from tprl_ray.rl.scorer import start_scorer
-    from tprl_ray.tracking import mlflow_run
+    from tprl_ray.rl.telemetry import record_iteration
+    from tprl_ray.tracking import mlflow_run, register_pruner
 
     resumable_history(cfg)  # refuse early, before anything starts
     codes_dir, val_dir = prepare_codes(cfg)
@@ -257,11 +261,17 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
         algo = build_algo(cfg, codes_dir)
         history = resume(algo, cfg)
         with mlflow_run(cfg.out, "tprl-ppo", "ppo", cfg.mlflow_uri, params=cfg.flat()):
+            idle = 0
             for i in range(len(history), cfg.iterations):
                 start = time.perf_counter()
                 metrics = curated(algo.train(), time.perf_counter() - start)
+                idle = 0 if metrics.get("env_steps_per_s") else idle + 1
+                if idle == STALLED_ITERATIONS:  # RLlib would go on learning from nothing
+                    raise RuntimeError(f"no env steps sampled in {idle} iterations in a row: the env runners fail "
+                                       "(their worker logs under the Ray session's logs/ say why)")
                 history.append(metrics)
                 mlflow.log_metrics(metrics, step=i + 1)
+                record_iteration(metrics, i + 1)
                 print(f"[ppo] iteration {i + 1}/{cfg.iterations}: "
                       + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.iterations:
@@ -270,7 +280,9 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
                     on_iteration(i + 1, metrics)
             net = algo.get_module().net.cpu().eval()
             taus = export_policy(cfg, net, history, Codes.load(val_dir))
-            mlflow.log_artifact(str(cfg.out / "policy.json"))
+            if cfg.registered_model:
+                register_pruner(cfg.registered_model, [cfg.out / f"{name}.{ext}" for name in ("policy", "autoencoder")
+                                                       for ext in ("safetensors", "json")], taus)
     finally:
         if algo is not None:
             algo.stop()

@@ -189,7 +189,7 @@ def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], art
 
     from tprl_ray.tracking import mlflow_run
 
-    with mlflow_run(cfg.out, experiment, experiment, cfg.mlflow_uri, params=cfg.flat()):
+    with mlflow_run(cfg.out, experiment, experiment.removeprefix("tprl-"), cfg.mlflow_uri, params=cfg.flat()):
         for epoch, metrics in enumerate(history):
             mlflow.log_metrics(metrics, step=epoch)
         for path in artifacts:

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python pipelines/train_ppo.py --config ppo.yaml`.
+"""`ray job submit --working-dir . -- python pipelines/ppo.py --config ppo.yaml`.
 
 The PPO stage on the cluster: the same `PpoConfig` as `tprl train ppo`. The driver hosts the
 learner; env runners and the Serve scorer replicas (one GPU each when the cluster has GPUs) are

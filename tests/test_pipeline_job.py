@@ -1,0 +1,40 @@
+"""`ray job submit -- python pipelines/full.py --config ...` on a local head: outputs, MLflow runs, registered pruner."""
+
+import json
+
+import mlflow
+
+
+def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
+    out, proc = pipeline_job
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["pruner"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
+    assert 8 <= rows["tprl"]["avg_tokens"] <= 24  # tau calibrated on val to an average of 16 of 64 tokens
+    for path in ("precompute/train/manifest.json", "precompute/val/manifest.json", "autoencoder/autoencoder.safetensors",
+                 "lfd/policy.safetensors", "ppo/policy.safetensors", "pareto.png"):
+        assert (out / path).is_file(), path
+    assert json.loads((out / "ppo" / "policy.json").read_text())["init"] == str(out / "lfd")
+
+
+def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
+    out, _ = pipeline_job
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tprl")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"autoencoder", "lfd", "ppo", "evaluation"} and len(runs) == 5
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert children["ppo"].data.params["train_batch_size"] == "768"
+    report = json.loads((out / "report.json").read_text())
+    tprl = next(r for r in report["rows"] if r["pruner"] == "tprl")
+    assert children["evaluation"].data.metrics["tprl_25.accuracy"] == tprl["accuracy"]
+    version = client.get_model_version("tprl-pruner", "1")
+    card = json.loads((out / "ppo" / "policy.json").read_text())
+    assert version.run_id == children["ppo"].info.run_id
+    assert version.tags == {f"tau:{b}": f"{t:.6g}" for b, t in card["tau"].items()} and "0.2500" in card["tau"]
+    files = {f.path for f in client.list_artifacts(version.run_id, "pruner")}
+    assert files == {f"pruner/{n}.{e}" for n in ("policy", "autoencoder") for e in ("safetensors", "json")}
