@@ -1,6 +1,16 @@
-"""Shared fixtures: a small digits benchmark built once per session."""
+"""Shared fixtures: a small digits benchmark and its precompute built once per session, Ray heads of the
+tests' own."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -13,3 +23,81 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     build_digits(DigitsConfig(out=out, seed=0, split_sizes={"train": 40, "val": 10, "test": 30}))
     return out
+
+
+@pytest.fixture(scope="session")
+def precomputed(digits_dir, tmp_path_factory):
+    """The digits train and val splits precomputed with the shipped model (in-process, no Ray)."""
+    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("pc")
+    for split in ("train", "val"):
+        run_precompute(PrecomputeConfig(data=digits_dir / split, out=out / split, shard_size=64), progress=False,
+                       engine="local")
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a private test head; the CLI would otherwise need the token
+
+
+@contextlib.contextmanager
+def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None,
+             port: int | None = None) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 with its own ports and temp dir, in its own process group; yields its
+    GCS address. Stopped by SIGTERM to `ray start`, then SIGKILL to that group (never `ray stop`, which stops
+    every Ray on the host)."""
+    port = port or free_port()
+    own = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "metrics-export-port", "runtime-env-agent-port",
+                                                  "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *own, *args]
+    head = subprocess.Popen(cmd, env={**os.environ, **RAY_ENV, **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        # SIGTERM to `ray start` alone: it drains the node through its GCS (1 s), then stops its processes. SIGTERM
+        # to the whole group stops the GCS first, and the drain waits 30 s for it.
+        head.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
+
+
+PIPELINE_JOB = {"budgets": [0.25], "pruners": ["vispruner", "lfd", "tprl"], "train_questions": 96,
+                "eval_questions": 64, "autoencoder": {"epochs": 1}, "lfd": {"epochs": 1}, "ppo": {"iterations": 1}}
+
+
+@pytest.fixture(scope="session")
+def pipeline_job(tmp_path_factory):
+    """`ray job submit` of `pipelines/full.py` (every stage, a few questions) to a head of our own;
+    yields the job's output directory and its logs."""
+    import tempfile
+
+    import yaml
+
+    out = tmp_path_factory.mktemp("pipeline-job")
+    config = out / "full.yaml"
+    config.write_text(yaml.safe_dump({**PIPELINE_JOB, "out": str(out / "run")}))
+    dashboard = free_port()
+    repo = Path(__file__).resolve().parent.parent
+    with ray_head(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), "--num-cpus=2", "--include-dashboard=true",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"):
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                  "--working-dir", str(repo), "--", sys.executable, "pipelines/full.py", "--config", str(config)]
+        for _ in range(60):  # the job server and its agent answer some seconds after the head
+            proc = subprocess.run(submit, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=1200)
+            if not any(m in proc.stdout + proc.stderr for m in ("Failed to connect", "No available agent")):
+                break
+            time.sleep(2)
+    return out / "run", proc

@@ -11,8 +11,13 @@ from tprl_ray.pipeline import PipelineConfig, run_pipeline
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    import ray
+
     out = tmp_path_factory.mktemp("demo")
-    return out, run_pipeline(PipelineConfig(out=out, budgets=[0.25], policy="shipped"))
+    try:
+        return out, run_pipeline(PipelineConfig(out=out, budgets=[0.25], policy="shipped", ray_address="local"))
+    finally:
+        ray.shutdown()
 
 
 def test_report_schema(demo):

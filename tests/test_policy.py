@@ -54,14 +54,9 @@ def test_learned_pruner_keeps_the_most_probable_tokens(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def precomputed(digits_dir, tmp_path_factory):
-    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
-
-    out = tmp_path_factory.mktemp("pc")
-    for split in ("train", "val"):
-        run_precompute(PrecomputeConfig(data=digits_dir / split, out=out / split, shard_size=64), progress=False,
-                       engine="local")
-    yield out
+def precomputed(precomputed):
+    """The shared precompute dataset; this module's local Ray is shut down after it."""
+    yield precomputed
     ray.shutdown()
 
 

@@ -121,13 +121,10 @@ def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ppo_inputs(digits_dir, tmp_path_factory):
-    """A small precompute dataset (the shipped tiny model) and an LfD-shaped export to start from."""
-    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
-
+def ppo_inputs(precomputed, tmp_path_factory):
+    """The shared precompute dataset (train split) and an LfD-shaped export to start from."""
     out = tmp_path_factory.mktemp("ppo")
-    run_precompute(PrecomputeConfig(data=digits_dir / "train", out=out / "train", shard_size=64), progress=False,
-                   engine="local")
+    (out / "train").symlink_to(precomputed / "train")
     torch.manual_seed(0)
     ae, net = TokenAutoencoder(96, 8, 32), PolicyValueNet(8, 128, heads=2, hidden=16)
     export(ae, ae.state_dict(), out / "lfd", "autoencoder", {})

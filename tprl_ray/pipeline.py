@@ -69,6 +69,9 @@ class PipelineConfig(StageConfig):
     lfd: dict[str, Any] = Field({}, description=f"LfdConfig settings over {STAGE_DEFAULTS['lfd']}")
     ppo: dict[str, Any] = Field({}, description=f"PpoConfig settings over {STAGE_DEFAULTS['ppo']}")
     batch_size: int = Field(64, ge=1, description="questions per evaluation batch")
+    eval_cpus: float = Field(2, gt=0, description="CPUs (torch threads) of the evaluation task")
+    eval_gpus: float | None = Field(None, ge=0, description="GPUs of the evaluation task (None: 1 if the cluster "
+                                                            "has GPUs now)")
     experiment: str = Field("tprl", description="MLflow experiment of the pipeline run and its stage runs")
     ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
     mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under out)")
@@ -188,7 +191,7 @@ def train_policies(cfg: PipelineConfig, data: Path, model_path: Path) -> dict[st
 
 def evaluate_pruners(cfg: PipelineConfig, data: Path, model_path: Path, policies: dict[str, Path]) -> dict:
     """The test split unpruned and with every pruner at every budget (one vision pass per batch serves
-    every setting): report rows with accuracy, FLOPs and KV cache, logged to the active run."""
+    every setting): the report, rows with accuracy, FLOPs and KV cache. Runs as a Ray task."""
     backbone = load_backbone(model_path)
     samples = read_split(data / "test", categories=CATEGORIES if cfg.benchmark == "digits" else None)
     if cfg.eval_questions:
@@ -206,12 +209,26 @@ def evaluate_pruners(cfg: PipelineConfig, data: Path, model_path: Path, policies
         result = results[label]
         kept = budget_tokens(budget, full_tokens)
         cost = pruned_efficiency(backbone.model.config, pruner, full_tokens, kept, text_tokens)
-        rows.append(report_row(pruner.name, budget, result, base["accuracy"],
-                               {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6}))
-        print(f"[pipeline] {pruner.name:>9} @ {budget:.3f}: accuracy {result['accuracy']:.3f}")
-        mlflow.log_metrics({f"{label}.accuracy": result["accuracy"], f"{label}.relative": rows[-1]["relative"],
-                            f"{label}.avg_tokens": result["avg_tokens"], f"{label}.flops": cost.flops})
+        rows.append({"label": label} | report_row(pruner.name, budget, result, base["accuracy"],
+                                                  {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6}))
     return {"benchmark": cfg.benchmark, "model": str(model_path), "text_tokens": text_tokens, "rows": rows}
+
+
+def evaluate_remotely(cfg: PipelineConfig, data: Path, model_path: Path, policies: dict[str, Path]) -> dict:
+    """:func:`evaluate_pruners` on a Ray worker (a GPU node on a cluster); each row logged to the active run."""
+    import ray
+
+    from tprl_ray.ray_setup import gpus_per_actor, init_ray
+
+    init_ray(cfg.ray_address)
+    task = ray.remote(num_cpus=cfg.eval_cpus, num_gpus=gpus_per_actor(cfg.eval_gpus))(evaluate_pruners)
+    print(f"[pipeline] evaluation: {len(cfg.pruners)} pruner(s) x {len(cfg.budgets)} budget(s) on a Ray worker")
+    report = ray.get(task.remote(cfg, data, model_path, policies))
+    for row in report["rows"]:
+        label = row.pop("label")
+        print(f"[pipeline] {row['pruner']:>9} @ {row['budget']:.3f}: accuracy {row['accuracy']:.3f}")
+        mlflow.log_metrics({f"{label}.{key}": row[key] for key in ("accuracy", "relative", "avg_tokens", "flops")})
+    return report
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -221,7 +238,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         model_path = prepare_model(cfg, data)
         policies = train_policies(cfg, data, model_path) if cfg.policy == "train" else {}
         with mlflow_run(cfg.out, cfg.experiment, "evaluation", cfg.mlflow_uri):
-            report = evaluate_pruners(cfg, data, model_path, policies)
+            report = evaluate_remotely(cfg, data, model_path, policies)
             atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
             pareto_plot(report, cfg.out / "pareto.png")
             mlflow.log_artifact(str(cfg.out / "report.json"))
