@@ -1,6 +1,6 @@
 """`tprl bench ppo`: PPO's env steps/s and the scorer's busy fraction, by number of env runners.
 
-For each runner count, in one run: build the algorithm against one scorer replica, run ``warmup``
+For each runner count (and scorer thread count), in one run: build the algorithm against one scorer replica, run ``warmup``
 iterations, then time ``iterations`` more. Env steps/s counts the steps sampled over the wall time of
 the timed iterations (sampling plus learning); the busy fraction is the scorer replica's time spent
 scoring over that wall time (:meth:`Scorer.stats`).
@@ -26,6 +26,7 @@ class PpoBenchConfig(StageConfig):
     init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
     out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
     runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
+    scorer_threads: list[int] = Field([1], description="torch threads of the scorer replica to compare")
     envs_per_runner: int = Field(64, ge=1)
     warmup: int = Field(1, ge=0, description="untimed iterations first")
     iterations: int = Field(4, ge=1, description="timed iterations")
@@ -42,9 +43,9 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         init_ray(cfg.ray_address)
-        for runners in cfg.runner_counts:
+        for runners, threads in [(r, t) for r in cfg.runner_counts for t in cfg.scorer_threads]:
             ppo = PpoConfig(data=cfg.data, init=cfg.init, out=Path(tmp), env_runners=runners,
-                            envs_per_runner=cfg.envs_per_runner, cpus_per_runner=0.5)
+                            envs_per_runner=cfg.envs_per_runner, cpus_per_runner=0.5, scorer={"threads": threads})
             codes_dir, _ = prepare_codes(ppo)
             start_scorer(ppo.scorer, ppo.data)
             algo = build_algo(ppo, codes_dir)
@@ -59,7 +60,8 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
             finally:
                 algo.stop()
                 serve.delete(APP)
-            rows.append({"env_runners": runners, "envs_per_runner": cfg.envs_per_runner, "env_steps": int(steps),
+            rows.append({"env_runners": runners, "envs_per_runner": cfg.envs_per_runner, "scorer_threads": threads,
+                         "env_steps": int(steps),
                          "seconds": wall, "env_steps_per_s": steps / wall,
                          "scorer_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
                          "scorer_samples_per_s": (after["samples"] - before["samples"]) / wall})
@@ -70,7 +72,8 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
 
 
 def format_ppo_bench(result: dict) -> str:
-    lines = ["| env runners | envs each | env steps/s | scorer busy | scorer samples/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['env_runners']} | {r['envs_per_runner']} | {r['env_steps_per_s']:.1f} | "
+    lines = ["| env runners | envs each | scorer threads | env steps/s | scorer busy | scorer samples/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['env_runners']} | {r['envs_per_runner']} | {r['scorer_threads']} | {r['env_steps_per_s']:.1f} | "
               f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |" for r in result["rows"]]
     return "\n".join(lines)
