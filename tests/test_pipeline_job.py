@@ -1,4 +1,5 @@
-"""`ray job submit -- python pipelines/full.py --config ...` on a local head: outputs, MLflow runs, registered pruner."""
+"""`ray job submit -- python pipelines/full.py --config ...` on a local head: outputs, MLflow runs, the
+registered pruner."""
 
 import json
 
@@ -12,8 +13,10 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
     report = json.loads((out / "report.json").read_text())
     rows = {r["pruner"]: r for r in report["rows"]}
     assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
-    assert 8 <= rows["tprl"]["avg_tokens"] <= 24  # tau calibrated on val to an average of 16 of 64 tokens
-    for path in ("precompute/train/manifest.json", "precompute/val/manifest.json", "autoencoder/autoencoder.safetensors",
+    # tau calibrated on val to an average of 16 of 64 tokens
+    assert 8 <= rows["tprl"]["avg_tokens"] <= 24
+    for path in ("precompute/train/manifest.json", "precompute/val/manifest.json",
+                 "autoencoder/autoencoder.safetensors",
                  "lfd/policy.safetensors", "ppo/policy.safetensors", "pareto.png"):
         assert (out / path).is_file(), path
     assert json.loads((out / "ppo" / "policy.json").read_text())["init"] == str(out / "lfd")

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the culprit."""
 
 
+def known_name(kind: str, value: str, known) -> str:
+    """``value`` if it is one of ``known``, else a ValueError listing them (for field validators)."""
+    if value not in known:
+        raise ValueError(f"unknown {kind} {value!r} (available: {', '.join(known)})")
+    return value
+
+
 class StageConfig(BaseModel):
     """Base of every stage configuration: strict keys, YAML round trip, dotted overrides."""
 

@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.backbones.load import EMBEDDED_MODEL, load_backbone
-from tprl_ray.config import StageConfig
+from tprl_ray.config import StageConfig, known_name
 from tprl_ray.data.digits import CATEGORIES, DigitsConfig, build_digits
 from tprl_ray.data.layout import DataError, atomic_write_bytes, read_split
 from tprl_ray.evaluation.accuracy import evaluate_settings
@@ -65,7 +65,8 @@ class PipelineConfig(StageConfig):
     train_questions: int = Field(0, ge=0, description="first N questions of the train and val splits to train on "
                                                        "(0: all)")
     precompute: dict[str, Any] = Field({}, description="PrecomputeConfig settings")
-    autoencoder: dict[str, Any] = Field({}, description=f"AutoencoderConfig settings over {STAGE_DEFAULTS['autoencoder']}")
+    autoencoder: dict[str, Any] = Field({}, description="AutoencoderConfig settings over "
+                                                        f"{STAGE_DEFAULTS['autoencoder']}")
     lfd: dict[str, Any] = Field({}, description=f"LfdConfig settings over {STAGE_DEFAULTS['lfd']}")
     ppo: dict[str, Any] = Field({}, description=f"PpoConfig settings over {STAGE_DEFAULTS['ppo']}")
     batch_size: int = Field(64, ge=1, description="questions per evaluation batch")
@@ -87,9 +88,7 @@ class PipelineConfig(StageConfig):
     @field_validator("benchmark")
     @classmethod
     def _known_benchmark(cls, name: str) -> str:
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r} (available: {', '.join(BENCHMARKS)})")
-        return name
+        return known_name("benchmark", name, BENCHMARKS)
 
     @field_validator("precompute", "autoencoder", "lfd", "ppo")
     @classmethod
@@ -243,7 +242,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             pareto_plot(report, cfg.out / "pareto.png")
             mlflow.log_artifact(str(cfg.out / "report.json"))
             mlflow.log_artifact(str(cfg.out / "pareto.png"))
-        mlflow.log_artifact(str(cfg.out / "report.json"))
     print(format_table(report))
     print(f"[pipeline] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
           f"MLflow store {tracking_uri(cfg.out, cfg.mlflow_uri)}, experiment {cfg.experiment!r}")

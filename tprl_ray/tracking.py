@@ -30,10 +30,12 @@ def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
     if parent:
         experiment_id = mlflow.get_run(parent).info.experiment_id
         return mlflow.start_run(run_name=run_name, experiment_id=experiment_id, parent_run_id=parent, nested=True)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-        mlflow.create_experiment(experiment, artifact_location=location)
-    return mlflow.start_run(run_name=run_name, experiment_id=mlflow.get_experiment_by_name(experiment).experiment_id)
+    existing = mlflow.get_experiment_by_name(experiment)
+    if existing is not None:
+        return mlflow.start_run(run_name=run_name, experiment_id=existing.experiment_id)
+    location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+    return mlflow.start_run(run_name=run_name,
+                            experiment_id=mlflow.create_experiment(experiment, artifact_location=location))
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """`tprl bench ppo`: PPO's env steps/s and the scorer's busy fraction, by number of env runners.
 
-For each runner count (and scorer thread count), in one run: build the algorithm against one scorer replica, run ``warmup``
-iterations, then time ``iterations`` more. Env steps/s counts the steps sampled over the wall time of
-the timed iterations (sampling plus learning); the busy fraction is the scorer replica's time spent
-scoring over that wall time (:meth:`Scorer.stats`).
+For each runner count (and scorer thread count), in one run: build the algorithm against one scorer
+replica, run ``warmup`` iterations, then time ``iterations`` more. Env steps/s counts the steps
+sampled over the wall time of the timed iterations (sampling plus learning); the busy fraction is the
+scorer replica's time spent scoring over that wall time (:meth:`Scorer.stats`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from tprl_ray.backbones.load import BackboneConfig, Dtype, load_backbone
-from tprl_ray.config import StageConfig
+from tprl_ray.config import StageConfig, known_name
 from tprl_ray.data.layout import atomic_write_bytes, read_split
 from tprl_ray.evaluation.accuracy import predict, summarize
 from tprl_ray.evaluation.metrics import BENCHMARKS
@@ -51,10 +51,7 @@ class EvalConfig(StageConfig):
     @field_validator("benchmark", "pruner")
     @classmethod
     def _known_name(cls, value: str, info: ValidationInfo) -> str:
-        known = BENCHMARKS if info.field_name == "benchmark" else tuple(PRUNERS)
-        if value not in known:
-            raise ValueError(f"unknown {info.field_name} {value!r} (available: {', '.join(known)})")
-        return value
+        return known_name(info.field_name, value, BENCHMARKS if info.field_name == "benchmark" else tuple(PRUNERS))
 
     def budget_value(self) -> float | int:
         return self.budget if self.budget <= 1 else int(self.budget)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from tprl_ray.config import known_name
+
 BENCHMARKS = ("digits", "vqav2", "gqa", "pope", "mme", "mmbench", "seed", "scienceqa")
 
 _REQUIRED = ("question_id", "category", "prediction", "answer")
@@ -38,8 +40,7 @@ def score_benchmark(benchmark: str, records: list[dict]) -> dict:
     "answer": str | list[str], **extra}``. Returns ``{"score": float, "per_category": {cat: float},
     "n": int, **details}``; scores are on a 0..1 scale except MME (its own 0..2000 / 0..800 scale).
     """
-    if benchmark not in _SCORERS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+    known_name("benchmark", benchmark, _SCORERS)
     for i, record in enumerate(records):
         for field in _REQUIRED + _EXTRA_REQUIRED.get(benchmark, ()):
             if field not in record:

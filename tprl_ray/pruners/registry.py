@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tprl_ray.config import known_name
 from tprl_ray.pruners.base import PruneBatch, Pruner
 from tprl_ray.pruners.divprune import DivPrune
 from tprl_ray.pruners.fastv import FastV
@@ -33,8 +34,7 @@ EMBEDDED_LFD = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava-d
 def build_pruner(name: str, seed: int = 0, policy: str | Path | None = None) -> Pruner:
     """The pruner called ``name``; ``policy`` is the directory of a learned pruner (``lfd``, default:
     the policy shipped for the embedded model; ``tprl``, required: a ``tprl train ppo`` output)."""
-    if name not in PRUNERS:
-        raise ValueError(f"unknown pruner {name!r} (available: {', '.join(PRUNERS)})")
+    known_name("pruner", name, PRUNERS)
     if name == "random":
         return RandomPruner(seed)
     if name == "lfd":
