@@ -16,6 +16,7 @@ from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.env import EnvConfig, PruningVectorEnv
 from tprl_ray.rl.module import DROPPED_LOGIT, TokenBernoulli, sampling_logits
 from tprl_ray.training.common import export
+from tprl_ray.rl.train import PpoConfig
 
 
 def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
@@ -31,7 +32,8 @@ def first_half_score(ids, masks):
 
 
 def test_env_rewards_masks_and_next_step_autoreset():
-    env = PruningVectorEnv(toy_codes(), EnvConfig(t_max=2), num_envs=2, score_fn=first_half_score, seed=0)
+    env = PruningVectorEnv(toy_codes(), EnvConfig(t_max=2, reward="sample"), num_envs=2, score_fn=first_half_score,
+                           seed=0)
     obs, _ = env.reset()
     assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2
     assert obs["step"].ravel().tolist() == [0, 0]
@@ -51,6 +53,27 @@ def test_env_rewards_masks_and_next_step_autoreset():
     batch.reset()
     _, reward, _, _, _ = batch.step(keep)
     np.testing.assert_allclose(reward, [(0.0 - 1.0) / 2 + 0.1 * 0.375] * 2, rtol=1e-6)
+
+
+def test_group_reward_is_relative_to_the_other_plays_of_the_same_sample():
+    cfg = EnvConfig(reward="group", group_size=3, t_max=1)
+    env = PruningVectorEnv(toy_codes(m=50), cfg, num_envs=6, score_fn=first_half_score, seed=0)
+    env.reset()
+    for _ in range(4):  # t_max=1: a step plays, the next one restarts with one new sample per group
+        assert len(set(env.index[:3])) == 1 and len(set(env.index[3:])) == 1
+        env.step(np.ones((6, 8), dtype=np.int8))
+    keep = np.ones((6, 8), dtype=np.int8)
+    keep[0, :4] = 0  # loses the whole score (-2) and half the tokens
+    keep[1, 4:] = 0  # loses nothing, prunes half
+    keep[3:, :2] = 0  # all three plays of the second sample act alike: no relative reward
+    _, reward, _, _, _ = env.step(keep)
+    own = np.array([-2.0 + 0.05, 0.05, 0.0])
+    np.testing.assert_allclose(reward[:3], own - (own.sum() - own) / 2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(reward[3:], 0.0, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        PruningVectorEnv(toy_codes(), cfg, num_envs=4, score_fn=first_half_score)
+    with pytest.raises(ValueError, match="envs_per_runner"):  # refused at load time, not in the env runners
+        PpoConfig(envs_per_runner=12)
 
 
 def test_sampling_probabilities_discount_and_mask():
@@ -77,7 +100,7 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     torch.manual_seed(0)
     net = PolicyValueNet(4, 3, heads=2, hidden=8)
     export(net, net.state_dict(), tmp_path, "policy", {})
-    env = PruningVectorEnv(toy_codes(), EnvConfig(), num_envs=3, score_fn=first_half_score, seed=0)
+    env = PruningVectorEnv(toy_codes(), EnvConfig(reward="sample"), num_envs=3, score_fn=first_half_score, seed=0)
     module = PruningModule(observation_space=env.single_observation_space, action_space=env.single_action_space,
                            model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)})
     obs, _ = env.reset()
@@ -137,7 +160,6 @@ def ppo_inputs(precomputed, tmp_path_factory):
 
 
 def small_run(inputs, out, iterations):
-    from tprl_ray.rl.train import PpoConfig
 
     return PpoConfig(data=inputs / "train", init=inputs / "lfd", out=out, iterations=iterations, envs_per_runner=8,
                      train_batch_size=48, minibatch_size=24, epochs=1, checkpoint_every=1, ray_address="local",

@@ -26,7 +26,7 @@ class PpoBenchConfig(StageConfig):
     init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
     out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
     runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
-    scorer_threads: list[int] = Field([1], description="torch threads of the scorer replica to compare")
+    scorer_threads: list[int] = Field([2], description="torch threads of the scorer replica to compare")
     envs_per_runner: int = Field(64, ge=1)
     warmup: int = Field(1, ge=0, description="untimed iterations first")
     iterations: int = Field(4, ge=1, description="timed iterations")

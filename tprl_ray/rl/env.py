@@ -9,7 +9,10 @@ would drop every token, the env keeps one of the previous step's tokens at rando
 
     r_t = alpha * (Score_t - Score_{t-1}) + beta * (1 - K_t / K_{t-1})
 
-per sample (``reward="sample"``) or both terms averaged over the sub-envs of the step
+group-relative (``reward="group"``, the default, GRPO-style): consecutive groups of ``group_size``
+sub-envs play the same sample and each gets its reward minus the mean reward of the others in its
+group, a leave-one-out baseline that takes the question's difficulty out of the advantage; per
+sample (``reward="sample"``); or both terms averaged over the sub-envs of the step
 (``reward="batch"``, the paper's mini-batch mean). Episodes end after ``t_max`` steps; the next
 ``step`` resets that sub-env (gymnasium's NEXT_STEP autoreset). Observations hold codes and masks
 only; the scorer is called with sample ids and masks. Metrics: :mod:`tprl_ray.rl.telemetry`.
@@ -37,8 +40,10 @@ class EnvConfig(BaseModel):
     t_max: int = Field(3, ge=1, description="steps per episode")
     alpha: float = Field(1.0, description="weight of the score difference")
     beta: float = Field(0.1, description="weight of the pruned fraction")
-    reward: Literal["sample", "batch"] = Field("sample", description="per-sample reward or the mean over the "
-                                                                     "sub-envs of a step (the paper's)")
+    reward: Literal["sample", "batch", "group"] = Field(
+        "group", description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
+                              "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)")
+    group_size: int = Field(8, ge=2, description="reward=group: sub-envs playing the same sample")
     score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
                                                                          "or greedy-correct (0/1)")
 
@@ -47,6 +52,8 @@ class PruningVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, codes: Codes, cfg: EnvConfig, num_envs: int, score_fn: ScoreFn, seed: int | None = None):
+        if cfg.reward == "group" and num_envs % cfg.group_size:
+            raise ValueError(f"reward=group needs a multiple of group_size={cfg.group_size} sub-envs, got {num_envs}")
         self.data, self.cfg, self.num_envs, self.score_fn = codes, cfg, num_envs, score_fn
         m, n, d_latent = codes.codes.shape
         self.n_tokens = n
@@ -73,7 +80,11 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         return self.data.full_correct[index].astype(np.float32)
 
     def _start(self, envs: np.ndarray) -> None:
-        self.index[envs] = self.rng.integers(0, len(self.data.ids), size=len(envs))
+        if self.cfg.reward == "group":  # all sub-envs restart together (every episode lasts t_max steps)
+            draws = self.rng.integers(0, len(self.data.ids), size=self.num_envs // self.cfg.group_size)
+            self.index[envs] = draws[envs // self.cfg.group_size]
+        else:
+            self.index[envs] = self.rng.integers(0, len(self.data.ids), size=len(envs))
         self.mask[envs] = True
         self.t[envs] = 0
         self.prev_score[envs] = self._full_score(self.index[envs])
@@ -115,7 +126,16 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         pruned = 1.0 - after.sum(axis=1) / before.sum(axis=1)
         if self.cfg.reward == "batch":
             gain, pruned = np.full_like(gain, gain.mean()), np.full_like(pruned, pruned.mean())
+        elif self.cfg.reward == "group":
+            gain, pruned = self._relative(envs, gain), self._relative(envs, pruned)
         self.mask[envs], self.prev_score[envs] = after, score
         self.t[envs] += 1
         self.done[envs] = self.t[envs] >= self.cfg.t_max
         return (self.cfg.alpha * gain + self.cfg.beta * pruned).astype(np.float32)
+
+    def _relative(self, envs: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``x`` minus the mean of the other sub-envs of its group (the groups of ``envs`` are whole)."""
+        size = self.cfg.group_size
+        groups = envs // size
+        totals = np.bincount(groups, weights=x)[groups]
+        return x - (totals - x) / (size - 1)

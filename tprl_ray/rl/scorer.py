@@ -44,7 +44,7 @@ class ScorerConfig(BaseModel):
     gpus_per_replica: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
     resources: dict[str, float] = Field({}, description="custom Ray resources per replica, e.g. "
                                        "{scorer_slot: 1} to pin replicas to GPU scorer nodes")
-    threads: int = Field(1, ge=1, description="torch CPU threads per replica")
+    threads: int = Field(2, ge=1, description="torch CPU threads per replica")
     max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
     batch_wait_s: float = Field(0.01, ge=0)
     chunk: int = Field(64, ge=1, description="samples per forward pass")

@@ -74,6 +74,13 @@ class PpoConfig(StageConfig):
             raise ValueError("from scratch (init: null) the autoencoder directory must be given")
         return self
 
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        if self.env.reward == "group" and self.envs_per_runner % self.env.group_size:
+            raise ValueError(f"reward=group: envs_per_runner ({self.envs_per_runner}) must be a multiple of "
+                             f"env.group_size ({self.env.group_size})")
+        return self
+
     def autoencoder_dir(self) -> Path:
         return self.autoencoder or self.init
 
@@ -123,7 +130,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
 
     codes = Codes.load(codes_dir)
     dims = policy_dims(cfg, codes.codes.shape[-1], codes.query.shape[-1])
-    spaces_env = PruningVectorEnv(codes, cfg.env, 1, score_fn=None)
+    spaces_env = PruningVectorEnv(codes, cfg.env, cfg.envs_per_runner, score_fn=None)
 
     register_env(ENV_NAME, make_env)
     config = (
