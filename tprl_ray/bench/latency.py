@@ -17,7 +17,8 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from tprl_ray.bench.scorer import workloads
+from tprl_ray.backbones.load import Dtype
+from tprl_ray.bench.scorer import device_name, workloads
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes
 from tprl_ray.pruners.random import random_keep
@@ -33,6 +34,8 @@ class LatencyBenchConfig(StageConfig):
     new_tokens: int = Field(8, ge=1, description="decode steps timed after the prefill")
     repeats: int = Field(5, ge=1, description="timings per cell (the median is reported)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    device: str = Field("auto", description="torch device of the models: 'auto' (CUDA when present), 'cpu', ...")
+    dtype: Dtype = Field("float32", description="weights and visual tokens of the models")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -56,9 +59,10 @@ def time_latency(backbone, tokens, question: str, fraction: float, new_tokens: i
 
 
 def run_latency_bench(cfg: LatencyBenchConfig) -> dict:
-    rows, ratios = [], {}
-    for name, make in workloads(cfg.models, cfg.decoder_layers, cfg.threads).items():
+    rows, ratios, device = [], {}, "cpu"
+    for name, make in workloads(cfg).items():
         backbone, tokens, questions, _ = make()
+        device = device_name(backbone)
         for fraction in tqdm(cfg.fractions, desc=f"latency {name}", unit="cell"):
             cell = time_latency(backbone, tokens, questions[0], fraction, cfg.new_tokens, cfg.repeats)
             rows.append({"model": name, "fraction": fraction, **cell})
@@ -67,7 +71,8 @@ def run_latency_bench(cfg: LatencyBenchConfig) -> dict:
         ratios[name] = {f"prefill_speedup_{least}_vs_{full}":
                         by_fraction[full]["prefill_ms"] / by_fraction[least]["prefill_ms"]}
         del backbone, tokens
-    result = {"bench": "latency", "threads": torch.get_num_threads(), "new_tokens": cfg.new_tokens,
+    result = {"bench": "latency", "device": device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
+              "new_tokens": cfg.new_tokens,
               "rows": rows, "ratios": ratios}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result

@@ -2,7 +2,7 @@
 
 Two models: the shipped tiny LLaVA on real test images, and a random-initialised LLaVA with
 LLaVA-1.5-7B's layer dimensions (d=4096, 32 heads, MLP 11008, vocabulary 32064, 576 visual tokens)
-but only ``decoder_layers`` decoder layers. The scorer receives LLM-ready visual tokens (as the
+and ``decoder_layers`` decoder layers (32: the whole 7B decoder), on ``device`` in ``dtype``. The scorer receives LLM-ready visual tokens (as the
 scorer service will, from its cache), so the vision tower is outside the timed region.
 """
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tprl_ray.backbones.base import Backbone
 from tprl_ray.backbones.llava import LlavaBackbone
-from tprl_ray.backbones.load import PAPER_CONFIGS, load_backbone
+from tprl_ray.backbones.load import PAPER_CONFIGS, BackboneConfig, Dtype, load_backbone
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes
 
@@ -35,14 +35,16 @@ class ScorerBenchConfig(StageConfig):
     decoder_layers: int = Field(1, ge=1, description="decoder layers of the 7B-shaped model")
     min_seconds: float = Field(2.0, gt=0, description="time each cell for at least this long")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    device: str = Field("auto", description="torch device of the models: 'auto' (CUDA when present), 'cpu', ...")
+    dtype: Dtype = Field("float32", description="weights and visual tokens of the models")
 
 
-def tiny_workload() -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
+def tiny_workload(device: str, dtype: str) -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
     """The shipped model with 64 real test boards and their questions."""
     from tprl_ray.data.digits import DigitsConfig, SceneSampler, load_digit_pools, split_rng
     from PIL import Image
 
-    backbone = load_backbone("embedded")
+    backbone = load_backbone(BackboneConfig(path="embedded", device=device, dtype=dtype))
     cfg = DigitsConfig()
     sampler = SceneSampler(load_digit_pools(cfg.seed, cfg.test_digit_fraction)["test"], split_rng(cfg.seed, "test"))
     scenes = [sampler.sample() for _ in range(64)]
@@ -52,9 +54,10 @@ def tiny_workload() -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
     return backbone, features, questions, answers
 
 
-def llava7b_workload(layers: int) -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
+def llava7b_workload(layers: int, device: str, dtype: str) -> tuple[LlavaBackbone, torch.Tensor, list[str], list[str]]:
     """The shipped LLaVA-1.5-7B ``config.json`` cut to ``layers`` decoder layers and one vision layer,
-    random weights and random visual tokens; prompts use the tiny tokenizer (its ids fit the vocabulary)."""
+    random weights (initialised on ``device`` in ``dtype``) and random visual tokens; prompts use the
+    tiny tokenizer (its ids fit the vocabulary)."""
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
     from tprl_ray.models.tiny_llava import TinyLlavaSize, build_processor
@@ -65,10 +68,17 @@ def llava7b_workload(layers: int) -> tuple[LlavaBackbone, torch.Tensor, list[str
     config.vision_config.num_hidden_layers = 1
     config.vision_feature_layer = -1
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.text_config.dtype = config.dtype = dtype
     torch.manual_seed(0)
-    backbone = LlavaBackbone(LlavaForConditionalGeneration(config).float(), processor)
-    features = torch.randn(64, 576, 4096) * 0.02
-    return backbone, features, ["what digit is at c2 ?"] * 64, ["7"] * 64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    features = (torch.randn(64, 576, 4096) * 0.02).to(device, getattr(torch, dtype))
+    return LlavaBackbone(model, processor, device), features, ["what digit is at c2 ?"] * 64, ["7"] * 64
 
 
 def time_cell(backbone, features, questions, answers, batch: int, fraction: float, min_seconds: float) -> float:
@@ -85,29 +95,37 @@ def time_cell(backbone, features, questions, answers, batch: int, fraction: floa
     return calls * batch / (time.perf_counter() - start)
 
 
-def workloads(models: list[str], decoder_layers: int, threads: int) -> dict:
+def workloads(cfg: "ScorerBenchConfig | LatencyBenchConfig") -> dict:
     """Workload builders by model name, checked against the known ones; sets torch's thread count."""
-    if threads:
-        torch.set_num_threads(threads)
-    makers = {"tiny": tiny_workload, "llava-7b-shape": lambda: llava7b_workload(decoder_layers)}
-    unknown = set(models) - set(makers)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    makers = {"tiny": lambda: tiny_workload(device, cfg.dtype),
+              "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers, device, cfg.dtype)}
+    unknown = set(cfg.models) - set(makers)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(makers)}")
-    return {name: makers[name] for name in models}
+    return {name: makers[name] for name in cfg.models}
 
 
 def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
     rows = []
-    for name, make in workloads(cfg.models, cfg.decoder_layers, cfg.threads).items():
+    for name, make in workloads(cfg).items():
         workload = make()
         sizes = cfg.batch_sizes if name == "tiny" else cfg.large_batch_sizes
         cells = [(b, f) for b in sizes for f in cfg.fractions]
         for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):
             rate = time_cell(*workload, batch=batch, fraction=fraction, min_seconds=cfg.min_seconds)
             rows.append({"model": name, "batch": batch, "fraction": fraction, "samples_per_s": rate})
-    result = {"bench": "scorer", "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios(rows)}
+    result = {"bench": "scorer", "device": device_name(workload[0]), "dtype": cfg.dtype, "threads": torch.get_num_threads(),
+              "rows": rows, "ratios": ratios(rows)}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
+
+
+def device_name(backbone: Backbone) -> str:
+    """The GPU's name, or 'cpu'."""
+    return torch.cuda.get_device_name(backbone.device) if backbone.device.type == "cuda" else "cpu"
 
 
 def ratios(rows: list[dict]) -> dict:
