@@ -2,8 +2,9 @@
 
 Two models: the shipped tiny LLaVA on real test images, and a random-initialised LLaVA with
 LLaVA-1.5-7B's layer dimensions (d=4096, 32 heads, MLP 11008, vocabulary 32064, 576 visual tokens)
-and ``decoder_layers`` decoder layers (32: the whole 7B decoder), on ``device`` in ``dtype``. The scorer receives LLM-ready visual tokens (as the
-scorer service will, from its cache), so the vision tower is outside the timed region.
+and ``decoder_layers`` decoder layers (32: the whole 7B decoder), on ``device`` in ``dtype``. The
+scorer receives LLM-ready visual tokens (as the scorer service will, from its cache), so the vision
+tower is outside the timed region.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
         for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):
             rate = time_cell(*workload, batch=batch, fraction=fraction, min_seconds=cfg.min_seconds)
             rows.append({"model": name, "batch": batch, "fraction": fraction, "samples_per_s": rate})
-    result = {"bench": "scorer", "device": device_name(workload[0]), "dtype": cfg.dtype, "threads": torch.get_num_threads(),
-              "rows": rows, "ratios": ratios(rows)}
+    result = {"bench": "scorer", "device": device_name(workload[0]), "dtype": cfg.dtype,
+              "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios(rows)}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
 
