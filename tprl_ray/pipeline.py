@@ -31,7 +31,7 @@ from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.evaluation.report import format_table, pareto_plot, report_row
 from tprl_ray.models.train_tiny import TinyModelConfig, train_tiny
 from tprl_ray.pruners.base import budget_tokens
-from tprl_ray.pruners.registry import BASELINES, PRUNERS, build_pruner
+from tprl_ray.pruners.registry import BASELINES, build_pruner
 from tprl_ray.tracking import mlflow_run, pipeline_run, tracking_uri
 
 PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
@@ -80,10 +80,7 @@ class PipelineConfig(StageConfig):
     @field_validator("pruners")
     @classmethod
     def _known_pruners(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in PRUNERS or n == "none"]
-        if unknown:
-            raise ValueError(f"unknown pruner(s) {unknown} (available: {', '.join(BASELINES)}, lfd, tprl)")
-        return names
+        return [known_name("pruner", name, [*BASELINES, "lfd", "tprl"]) for name in names]
 
     @field_validator("benchmark")
     @classmethod

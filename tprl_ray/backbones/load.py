@@ -37,12 +37,16 @@ def resolve_path(path: str | Path) -> str | Path:
     return EMBEDDED_MODEL if str(path) == "embedded" else path
 
 
+def resolve_device(device: str) -> str:
+    """``device`` with 'auto' replaced by 'cuda' when a GPU is visible, else 'cpu'."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def load_backbone(cfg: BackboneConfig | str | Path) -> Backbone:
     """The adapter for ``cfg.path``'s model type, loaded with ``from_pretrained``."""
     cfg = cfg if isinstance(cfg, BackboneConfig) else BackboneConfig(path=str(cfg))
     path = resolve_path(cfg.path)
-    if cfg.device == "auto":
-        cfg = cfg.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    cfg = cfg.model_copy(update={"device": resolve_device(cfg.device)})
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

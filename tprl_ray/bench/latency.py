@@ -59,10 +59,9 @@ def time_latency(backbone, tokens, question: str, fraction: float, new_tokens: i
 
 
 def run_latency_bench(cfg: LatencyBenchConfig) -> dict:
-    rows, ratios, device = [], {}, "cpu"
+    rows, ratios = [], {}
     for name, make in workloads(cfg).items():
         backbone, tokens, questions, _ = make()
-        device = device_name(backbone)
         for fraction in tqdm(cfg.fractions, desc=f"latency {name}", unit="cell"):
             cell = time_latency(backbone, tokens, questions[0], fraction, cfg.new_tokens, cfg.repeats)
             rows.append({"model": name, "fraction": fraction, **cell})
@@ -71,9 +70,8 @@ def run_latency_bench(cfg: LatencyBenchConfig) -> dict:
         ratios[name] = {f"prefill_speedup_{least}_vs_{full}":
                         by_fraction[full]["prefill_ms"] / by_fraction[least]["prefill_ms"]}
         del backbone, tokens
-    result = {"bench": "latency", "device": device, "dtype": cfg.dtype, "threads": torch.get_num_threads(),
-              "new_tokens": cfg.new_tokens,
-              "rows": rows, "ratios": ratios}
+    result = {"bench": "latency", "device": device_name(cfg.device), "dtype": cfg.dtype,
+              "threads": torch.get_num_threads(), "new_tokens": cfg.new_tokens, "rows": rows, "ratios": ratios}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
 

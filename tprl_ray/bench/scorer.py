@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tprl_ray.backbones.base import Backbone
 from tprl_ray.backbones.llava import LlavaBackbone
-from tprl_ray.backbones.load import PAPER_CONFIGS, BackboneConfig, Dtype, load_backbone
+from tprl_ray.backbones.load import PAPER_CONFIGS, BackboneConfig, Dtype, load_backbone, resolve_device
 from tprl_ray.config import StageConfig
 from tprl_ray.data.layout import atomic_write_bytes
 
@@ -100,7 +100,7 @@ def workloads(cfg: "ScorerBenchConfig | LatencyBenchConfig") -> dict:
     """Workload builders by model name, checked against the known ones; sets torch's thread count."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     makers = {"tiny": lambda: tiny_workload(device, cfg.dtype),
               "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers, device, cfg.dtype)}
     unknown = set(cfg.models) - set(makers)
@@ -118,15 +118,16 @@ def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
         for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):
             rate = time_cell(*workload, batch=batch, fraction=fraction, min_seconds=cfg.min_seconds)
             rows.append({"model": name, "batch": batch, "fraction": fraction, "samples_per_s": rate})
-    result = {"bench": "scorer", "device": device_name(workload[0]), "dtype": cfg.dtype,
+    result = {"bench": "scorer", "device": device_name(cfg.device), "dtype": cfg.dtype,
               "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios(rows)}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
 
 
-def device_name(backbone: Backbone) -> str:
-    """The GPU's name, or 'cpu'."""
-    return torch.cuda.get_device_name(backbone.device) if backbone.device.type == "cuda" else "cpu"
+def device_name(device: str) -> str:
+    """The name of the GPU that ``device`` (a bench config's) resolves to, or 'cpu'."""
+    resolved = torch.device(resolve_device(device))
+    return torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu"
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -47,13 +47,17 @@ class EnvConfig(BaseModel):
     score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
                                                                          "or greedy-correct (0/1)")
 
+    def check_envs(self, num_envs: int, what: str = "sub-envs") -> None:
+        """reward=group plays whole groups: ``num_envs`` must be a multiple of ``group_size``."""
+        if self.reward == "group" and num_envs % self.group_size:
+            raise ValueError(f"reward=group: {what} ({num_envs}) must be a multiple of group_size ({self.group_size})")
+
 
 class PruningVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
     def __init__(self, codes: Codes, cfg: EnvConfig, num_envs: int, score_fn: ScoreFn, seed: int | None = None):
-        if cfg.reward == "group" and num_envs % cfg.group_size:
-            raise ValueError(f"reward=group needs a multiple of group_size={cfg.group_size} sub-envs, got {num_envs}")
+        cfg.check_envs(num_envs)
         self.data, self.cfg, self.num_envs, self.score_fn = codes, cfg, num_envs, score_fn
         m, n, d_latent = codes.codes.shape
         self.n_tokens = n

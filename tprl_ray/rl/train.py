@@ -76,9 +76,7 @@ class PpoConfig(StageConfig):
 
     @model_validator(mode="after")
     def _whole_groups(self):
-        if self.env.reward == "group" and self.envs_per_runner % self.env.group_size:
-            raise ValueError(f"reward=group: envs_per_runner ({self.envs_per_runner}) must be a multiple of "
-                             f"env.group_size ({self.env.group_size})")
+        self.env.check_envs(self.envs_per_runner, "envs_per_runner")
         return self
 
     def autoencoder_dir(self) -> Path:
