@@ -47,7 +47,8 @@ def digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def precomputed(digits_dir, tmp_path_factory):
     """The digits train and val splits precomputed with the shipped model (in-process, no Ray)."""
-    from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+    from tprl_ray.precompute.config import PrecomputeConfig
+    from tprl_ray.precompute.job import run_precompute
 
     out = tmp_path_factory.mktemp("pc")
     for split in ("train", "val"):

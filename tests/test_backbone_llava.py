@@ -149,7 +149,8 @@ def test_loading_mismatched_or_foreign_checkpoints_fails_clearly(backbone, tmp_p
 
 
 def test_checkpoints_load_with_vicuna_v1_prompts_and_pad_to_square(backbone, tmp_path):
-    from tprl_ray.backbones.load import BackboneConfig, load_backbone
+    from tprl_ray.backbones.load import load_backbone
+    from tprl_ray.config import BackboneConfig
 
     backbone.model.save_pretrained(tmp_path)
     backbone.processor.save_pretrained(tmp_path)

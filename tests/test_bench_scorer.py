@@ -2,7 +2,8 @@
 
 import json
 
-from tprl_ray.bench.scorer import ScorerBenchConfig, format_bench, run_scorer_bench
+from tprl_ray.bench.config import ScorerBenchConfig
+from tprl_ray.bench.scorer import format_bench, run_scorer_bench
 
 
 def test_scorer_bench_writes_rows_and_ratios(tmp_path):
@@ -19,7 +20,8 @@ def test_scorer_bench_writes_rows_and_ratios(tmp_path):
 
 
 def test_latency_bench_writes_rows_and_the_prefill_ratio(tmp_path):
-    from tprl_ray.bench.latency import LatencyBenchConfig, format_latency, run_latency_bench
+    from tprl_ray.bench.config import LatencyBenchConfig
+    from tprl_ray.bench.latency import format_latency, run_latency_bench
 
     cfg = LatencyBenchConfig(out=tmp_path / "latency.json", models=["tiny"], new_tokens=2, repeats=1)
     result = run_latency_bench(cfg)

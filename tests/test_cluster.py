@@ -130,11 +130,12 @@ def alive_nodes() -> list[dict]:
 
 
 def test_scorer_replica_scales_up_a_gpu_scorer_node_that_is_removed_when_idle(fake_cluster, precomputed):
-    from tprl_ray.rl.scorer import APP, ScorerConfig, start_scorer
+    from tprl_ray.service.config import ScorerConfig
+    from tprl_ray.service.scorer import APP, start_scorer
 
     assert len(alive_nodes()) == 1 and "GPU" not in ray.cluster_resources()  # the head alone, no GPU
-    start_scorer(ScorerConfig(model="embedded", gpus_per_replica=1, resources={"scorer_slot": 1},
-                              cpus_per_replica=1), data=precomputed / "train")  # returns once the replica is up
+    start_scorer(ScorerConfig(pool={"gpus": 1, "cpus": 1}, resources={"scorer_slot": 1}),
+                 data=precomputed / "train")  # returns once the replica is up
     nodes = alive_nodes()
     gpu = [n["Resources"] for n in nodes if n["Resources"].get("scorer_slot")]
     assert len(nodes) == 2 and len(gpu) == 1  # only a gpu-scorer node was launched, no cpu-worker

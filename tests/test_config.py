@@ -2,8 +2,8 @@ import pytest
 
 from tprl_ray.cli import build_parser
 from tprl_ray.config import ConfigError, config_from_args
-from tprl_ray.data.digits import DigitsConfig
-from tprl_ray.models.train_tiny import TinyModelConfig
+from tprl_ray.data.config import DigitsConfig
+from tprl_ray.models.config import TinyModelConfig
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -38,13 +38,13 @@ def test_bad_config_names_the_culprit(tmp_path, text, fragment):
 def test_cli_flags_and_set_build_the_same_object(tmp_path):
     args = build_parser().parse_args(
         ["model", "tiny", "--data", str(tmp_path), "--tune-steps", "3", "--set", "size.vision_layers=2"])
-    cfg = config_from_args(args, args._cls)
+    cfg = config_from_args(args, args._command.config)
     assert cfg == TinyModelConfig.load(None, {"data": str(tmp_path), "tune_steps": 3, "size.vision_layers": 2})
 
 
 def test_pipeline_sections_are_the_stage_configs(tmp_path):
     """A pipeline file's stage sections become each stage's own config; paths stay the pipeline's."""
-    from tprl_ray.pipeline import PipelineConfig, stage_configs
+    from tprl_ray.pipeline.config import PipelineConfig, stage_configs
 
     path = tmp_path / "full.yaml"
     path.write_text("out: /data/run\nlfd: {epochs: 2}\nppo: {env_runners: 4, scorer: {resources: {scorer_slot: 1}}}\n")
@@ -53,18 +53,62 @@ def test_pipeline_sections_are_the_stage_configs(tmp_path):
     assert stages["lfd"].epochs == 2 and stages["autoencoder"].epochs == 3 and stages["autoencoder"].latent == 32
     ppo = stages["ppo"]
     assert (ppo.iterations, ppo.env_runners, ppo.scorer.resources) == (7, 4, {"scorer_slot": 1})
-    assert ppo.scorer.model == str(tmp_path / "model") and ppo.init == ppo.out.parent / "lfd"
+    assert ppo.scorer.backbone.path == str(tmp_path / "model") and ppo.init == ppo.out.parent / "lfd"
     assert stages["precompute_val"].data == tmp_path / "data" / "val"
-    with pytest.raises(ConfigError, match=r"LfdConfig.epochz: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"PipelineConfig.lfd.epochz: Extra inputs"):
         PipelineConfig.load(path, {"lfd.epochz": 1})
-    with pytest.raises(ConfigError, match=r"\['out'\] are set by the pipeline"):
+    with pytest.raises(ConfigError, match=r"ppo: \['out'\] are set by the pipeline"):
         PipelineConfig.load(path, {"ppo.out": "/elsewhere"})
+    with pytest.raises(ConfigError, match=r"ppo: \['scorer.backbone'\] are set by the pipeline"):
+        PipelineConfig.load(path, {"ppo.scorer.backbone.dtype": "float16"})
+
+
+def test_one_backbone_reaches_precompute_scorer_and_evaluation(tmp_path):
+    """The pipeline's backbone section is the object every model-loading stage gets (path: the model)."""
+    from tprl_ray.pipeline.config import PipelineConfig, stage_configs
+
+    cfg = PipelineConfig.load(None, {"backbone.dtype": "bfloat16", "backbone.pad_to_square": False})
+    stages = stage_configs(cfg, tmp_path / "data", tmp_path / "model")
+    expected = cfg.backbone.model_copy(update={"path": str(tmp_path / "model")})
+    assert stages["precompute_train"].backbone == stages["ppo"].scorer.backbone == expected
+    assert stages["evaluation"].backbone == expected
+
+
+def test_pipeline_defaults_are_the_stage_defaults():
+    from tprl_ray.pipeline.config import PipelineConfig
+    from tprl_ray.rl.config import PpoConfig
+    from tprl_ray.training.config import AutoencoderConfig, LfdConfig
+
+    cfg = PipelineConfig()
+    assert cfg.ppo == PpoConfig() and cfg.lfd == LfdConfig() and cfg.autoencoder == AutoencoderConfig()
+    assert (PpoConfig().iterations, LfdConfig().epochs, AutoencoderConfig().epochs) == (60, 5, 3)
+
+
+def test_nested_fields_get_dotted_flags_in_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "--backbone.dtype" in text and "--pool.batch-size" in text and "--pruners" in text
+    args = build_parser().parse_args(["eval", "--backbone.dtype", "float16", "--pruners", "random,vispruner",
+                                      "--budgets", "0.25,0.5", "--policies", "lfd=/p"])
+    cfg = config_from_args(args, args._command.config)
+    assert (cfg.backbone.dtype, cfg.pruners, cfg.budgets) == ("float16", ["random", "vispruner"], [0.25, 0.5])
+    assert str(cfg.policies["lfd"]) == "/p"
+
+
+def test_the_pipeline_hides_the_flags_it_wires(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pipeline", "--help"])
+    text = capsys.readouterr().out
+    assert "--ppo.iterations" in text and "--ppo.scorer.pool.size" in text and "--backbone.path" in text
+    assert "--ppo.out" not in text and "--ppo.scorer.backbone" not in text and "--precompute.data" not in text
 
 
 def test_the_shipped_cluster_pipeline_config_loads():
     from pathlib import Path
 
-    from tprl_ray.pipeline import PipelineConfig
+    from tprl_ray.pipeline.config import PipelineConfig
 
     cfg = PipelineConfig.load(Path(__file__).parent.parent / "cluster" / "configs" / "full.yaml")
-    assert cfg.model == "llava-hf/llava-1.5-7b-hf" and cfg.ppo["scorer"]["resources"] == {"scorer_slot": 1}
+    assert cfg.backbone.path == "llava-hf/llava-1.5-7b-hf" and cfg.backbone.dtype == "float16"
+    assert cfg.ppo.scorer.resources == {"scorer_slot": 1} and cfg.ppo.scorer.pool.size == 4

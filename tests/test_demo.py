@@ -6,7 +6,8 @@ import json
 import mlflow
 import pytest
 
-from tprl_ray.pipeline import PipelineConfig, run_pipeline
+from tprl_ray.pipeline.config import PipelineConfig
+from tprl_ray.pipeline.run import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
 
     from tprl_ray.backbones.load import load_backbone
     from tprl_ray.data.layout import load_image, read_split
-    from tprl_ray.evaluation.accuracy import evaluate
+    from tprl_ray.evaluation.predict import evaluate
     from tprl_ray.pruners.base import PruneBatch
     from tprl_ray.pruners.random import RandomPruner
 

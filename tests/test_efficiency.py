@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from tprl_ray.backbones.load import PAPER_CONFIGS
+from tprl_ray.config import PAPER_CONFIGS
 from tprl_ray.evaluation.efficiency import efficiency, model_config
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
-from tprl_ray.backbones.load import PAPER_CONFIGS
+from tprl_ray.config import PAPER_CONFIGS
 
 EXPECTED = {  # (class, text hidden, layers, heads, kv heads, vision hidden, billions of parameters)
     "llava-1.5-7b": (LlavaForConditionalGeneration, 4096, 32, 32, 32, 1024, 7.06),

@@ -10,7 +10,7 @@ from tprl_ray.policy.autoencoder import TokenAutoencoder, relative_mse
 from tprl_ray.policy.networks import PolicyValueNet
 from tprl_ray.pruners.base import PruneBatch
 from tprl_ray.pruners.lfd import LearnedPruner
-from tprl_ray.training.common import export, load_exported
+from tprl_ray.artifacts.export import export, load_exported
 
 
 def test_autoencoder_shapes_and_relative_mse():
@@ -61,8 +61,10 @@ def precomputed(precomputed):
 
 
 def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_path):
-    from tprl_ray.training.autoencoder import AutoencoderConfig, train_autoencoder
-    from tprl_ray.training.lfd import LfdConfig, train_lfd
+    from tprl_ray.training.autoencoder import train_autoencoder
+    from tprl_ray.training.config import AutoencoderConfig
+    from tprl_ray.training.config import LfdConfig
+    from tprl_ray.training.lfd import train_lfd
 
     common = dict(data=precomputed / "train", val_data=precomputed / "val", workers=2, cpus_per_worker=0.5,
                   batch_size=16, ray_address="local")
@@ -88,7 +90,8 @@ def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_pa
 
 
 def test_features_of_another_width_fail_clearly(precomputed, tmp_path):
-    from tprl_ray.training.lfd import LfdConfig, train_lfd
+    from tprl_ray.training.config import LfdConfig
+    from tprl_ray.training.lfd import train_lfd
 
     export(TokenAutoencoder(32, 16), TokenAutoencoder(32, 16).state_dict(), tmp_path / "ae32", "autoencoder", {})
     with pytest.raises(ValueError, match="features are 96-wide but the autoencoder in .* expects 32-wide"):

@@ -13,10 +13,11 @@ import torch
 from tprl_ray.policy.autoencoder import TokenAutoencoder
 from tprl_ray.policy.networks import PolicyValueNet
 from tprl_ray.rl.codes import Codes
-from tprl_ray.rl.env import EnvConfig, PruningVectorEnv
+from tprl_ray.rl.config import EnvConfig
+from tprl_ray.rl.env import PruningVectorEnv
 from tprl_ray.rl.module import DROPPED_LOGIT, TokenBernoulli, sampling_logits
-from tprl_ray.training.common import export
-from tprl_ray.rl.train import PpoConfig
+from tprl_ray.artifacts.export import export
+from tprl_ray.rl.config import PpoConfig
 
 
 def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
@@ -163,7 +164,7 @@ def small_run(inputs, out, iterations):
 
     return PpoConfig(data=inputs / "train", init=inputs / "lfd", out=out, iterations=iterations, envs_per_runner=8,
                      train_batch_size=48, minibatch_size=24, epochs=1, checkpoint_every=1, ray_address="local",
-                     scorer={"cpus_per_replica": 0.25}, cpus_per_runner=0.25)
+                     scorer={"pool": {"cpus": 0.25}}, cpus_per_runner=0.25)
 
 
 def scorer_replicas() -> list[str]:

@@ -17,7 +17,8 @@ import torch
 
 from tprl_ray.data.digits import DigitsConfig, build_digits
 from tprl_ray.data.layout import read_split
-from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
+from tprl_ray.precompute.config import PrecomputeConfig
+from tprl_ray.precompute.job import run_precompute
 from tprl_ray.precompute.schema import SCHEMA_VERSION, tensor
 
 
@@ -27,8 +28,8 @@ def local_ray():
     ray.shutdown()
 
 
-def config(data: Path, out: Path, **kw) -> PrecomputeConfig:
-    return PrecomputeConfig(data=data, out=out, ray_address="local", cpus_per_actor=0.5, **kw)
+def config(data: Path, out: Path, batch_size: int = 32, **kw) -> PrecomputeConfig:
+    return PrecomputeConfig(data=data, out=out, ray_address="local", pool={"cpus": 0.5, "batch_size": batch_size}, **kw)
 
 
 def test_train_split_to_parquet_that_plain_pyarrow_reads(local_ray, digits_dir, tmp_path):
@@ -87,8 +88,8 @@ def test_corrupt_image_and_missing_answer_are_rejected_with_reasons(local_ray, d
 def test_an_interrupted_run_resumes_with_every_sample_once(local_ray, tmp_path):
     build_digits(DigitsConfig(out=tmp_path / "data", seed=0, split_sizes={"train": 200, "val": 1, "test": 1}))
     data, out = tmp_path / "data" / "train", tmp_path / "pc"
-    args = ["--data", str(data), "--out", str(out), "--shard-size", "16", "--batch-size", "8",
-            "--cpus-per-actor", "0.5"]
+    args = ["--data", str(data), "--out", str(out), "--shard-size", "16", "--pool.batch-size", "8",
+            "--pool.cpus", "0.5"]
     proc = subprocess.Popen([sys.executable, "-m", "tprl_ray.cli", "precompute", *args, "--ray-address", "local"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -124,10 +125,11 @@ def test_a_different_run_into_the_same_directory_is_refused(digits_dir, tmp_path
 
 
 def test_precompute_bench_compares_both_engines(local_ray, digits_dir, tmp_path):
-    from tprl_ray.bench.precompute import PrecomputeBenchConfig, format_precompute_bench, run_precompute_bench
+    from tprl_ray.bench.config import PrecomputeBenchConfig
+    from tprl_ray.bench.precompute import format_precompute_bench, run_precompute_bench
 
     cfg = PrecomputeBenchConfig(data=digits_dir / "val", limit=16, work=tmp_path / "work", out=tmp_path / "b.json",
-                                shard_size=8, batch_size=8, cpus_per_actor=0.5, ray_address="local")
+                                shard_size=8, pool={"batch_size": 8, "cpus": 0.5}, ray_address="local")
     result = run_precompute_bench(cfg)
     assert json.loads(cfg.out.read_text()) == result
     assert {e: r["rows"] for e, r in result["engines"].items()} == {"local": 16, "ray": 16}

@@ -105,7 +105,7 @@ def test_fastv_prunes_at_layer_k_and_reports_tokens_per_layer(digits_dir):
     from tprl_ray.backbones.fastv import fastv_generate
     from tprl_ray.backbones.llava import LlavaBackbone
     from tprl_ray.data.layout import read_split
-    from tprl_ray.evaluation.accuracy import prune_batch
+    from tprl_ray.evaluation.predict import prune_batch
     from tprl_ray.models import tiny_llava
 
     size = tiny_llava.TinyLlavaSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,

@@ -8,8 +8,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.load import load_backbone
 from tprl_ray.data.layout import read_split
-from tprl_ray.evaluation.accuracy import evaluate
-from tprl_ray.models.train_tiny import TinyModelConfig, token_cells, train_tiny
+from tprl_ray.evaluation.predict import evaluate
+from tprl_ray.models.config import TinyModelConfig
+from tprl_ray.models.train_tiny import token_cells, train_tiny
 
 
 def test_token_cells_follow_the_grid():

@@ -1,23 +1,37 @@
-"""Typed stage configurations: defaults <- YAML file <- command-line flags.
+"""Typed stage configurations: defaults <- YAML file <- command-line flags, and their shared parts.
 
 Every stage has one pydantic model derived from :class:`StageConfig`. The same object drives the
 ``tprl`` CLI, the ``pipelines/*.py`` entrypoints for ``ray job submit`` and the tests:
 
     cfg = DigitsConfig.load("digits.yaml", overrides={"seed": 3})
 
-On the command line each top-level field becomes a ``--field-name`` flag (see :func:`add_config_args`)
-and any field, nested ones included, can be set with ``--set a.b=value``.
+Shared parts are defined once here: the run fields (:class:`RayConfig`, :class:`RunConfig`), an actor
+pool (:class:`PoolConfig`) and the model to load (:class:`BackboneConfig`). On the command line every
+field becomes a flag, nested ones dotted (``--backbone.dtype float16``, see :func:`add_config_args`),
+and ``--set a.b=value`` sets any field. This module imports no heavy library: the CLI builds its
+parser from these classes alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Callable, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = ASSETS / "tiny-llava-digits"
+EMBEDDED_LFD = ASSETS / "tiny-llava-digits-lfd"
+PAPER_CONFIGS = {name: ASSETS / "configs" / name for name in ("llava-1.5-7b", "llava-1.5-13b", "qwen2.5-vl-3b")}
+
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class ConfigError(ValueError):
@@ -31,10 +45,17 @@ def known_name(kind: str, value: str, known) -> str:
     return value
 
 
-class StageConfig(BaseModel):
-    """Base of every stage configuration: strict keys, YAML round trip, dotted overrides."""
+class Section(BaseModel):
+    """A nested part of a stage configuration: strict keys, checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageConfig(Section):
+    """Base of every stage configuration: YAML round trip, dotted overrides. ``wired`` names fields
+    of its nested sections that the stage sets itself (they get no flag)."""
+
+    wired: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Self:
@@ -79,6 +100,44 @@ class StageConfig(BaseModel):
         return out
 
 
+class RayConfig(StageConfig):
+    """A stage that runs on Ray."""
+
+    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
+
+
+class RunConfig(RayConfig):
+    """A stage that runs on Ray, is seeded and logs to MLflow."""
+
+    seed: int = 0
+    mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under the output directory)")
+
+
+class PoolConfig(Section):
+    """A pool of model replicas (Ray Data actors or Serve replicas)."""
+
+    size: int = Field(1, ge=1, description="replicas")
+    cpus: float = Field(1.0, gt=0, description="CPUs per replica (its torch threads)")
+    gpus: float | None = Field(None, ge=0, description="GPUs per replica (None: 1 if the cluster has GPUs, else 0)")
+    batch_size: int = Field(32, ge=1, description="samples per call")
+
+
+class BackboneConfig(Section):
+    """Which vision-language model to load, with which backend, and how."""
+
+    backend: Literal["hf"] = Field("hf", description="hf: transformers model classes")
+    path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
+    dtype: Dtype = "float32"
+    device: str = Field("auto", description="torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
+    prompt_format: Literal["auto", "vicuna_v1", "chat_template"] = Field(
+        "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1")
+    pad_to_square: bool = Field(True, description="LLaVA: pad images to a square with the mean colour first")
+
+    def resolved_path(self) -> Path | str:
+        """The shipped checkpoint's directory for ``embedded``, else ``path``."""
+        return EMBEDDED_MODEL if self.path == "embedded" else self.path
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
@@ -89,19 +148,72 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
-    """Add ``--config``, ``--set`` and one ``--flag`` per top-level scalar field of ``cls``."""
-    parser.add_argument("--config", type=Path, help="YAML file with this stage's settings")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override any field, dotted for nested ones (repeatable); VALUE is parsed as YAML",
-    )
+# ----------------------------------------------------------------------------- the command line
+
+@dataclass(frozen=True)
+class Command:
+    """One ``tprl`` command: its words, its config class, the function that runs it (``module:function``,
+    imported only when the command runs) and a line of help."""
+
+    words: tuple[str, ...]
+    config: type[StageConfig]
+    run: str
+    help: str
+
+    def function(self) -> Callable[[StageConfig], Any]:
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _kind(annotation) -> type | None:
+    """``list``, ``dict`` or a pydantic model class behind ``annotation`` (``X | None`` unwrapped)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else annotation
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (list, dict) or (isinstance(origin, type) and issubclass(origin, BaseModel)):
+        return origin
+    return None
+
+
+def parse_flag(raw: str, kind: type | None) -> Any:
+    """A flag's value as YAML; a list field also takes ``a,b,c`` and a dict field ``k=v,k2=v2``."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if kind is list and not isinstance(value, list):
+        return [yaml.safe_load(item) for item in raw.split(",")]
+    if kind is dict and isinstance(value, str):
+        pairs = [item.split("=", 1) for item in raw.split(",")]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigError(f"{raw!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        return {key: yaml.safe_load(val) for key, val in pairs}
+    return value
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "",
+                    hidden: frozenset[str] = frozenset()) -> None:
+    """Add ``--config``, ``--set`` and one flag per field of ``cls``: ``--field-name`` at the top level,
+    ``--section.field-name`` for fields of nested sections (but those the stage wires itself)."""
+    if not prefix:
+        hidden = getattr(cls, "wired", frozenset())
+        parser.add_argument("--config", type=Path, help="YAML file with this stage's settings")
+        parser.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override any field, dotted for nested ones (repeatable); VALUE is parsed as YAML",
+        )
     for name, field in cls.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if prefix and name in hidden:
+            continue
+        kind = _kind(field.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            add_config_args(parser, kind, f"{prefix}{name}.", hidden)
             continue
         default = field.get_default(call_default_factory=True)
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=f"cfg__{name}", default=None, metavar="V",
+            f"--{prefix}{name.replace('_', '-')}", dest=f"cfg__{prefix}{name}", default=None, metavar="V",
+            type=lambda raw, kind=kind: parse_flag(raw, kind),
             help=f"{field.description or name} (default: {default})",
         )
 
@@ -114,7 +226,7 @@ def config_from_args(args: argparse.Namespace, cls: type[StageConfig]) -> StageC
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
         key, raw = item.split("=", 1)
         overrides[key] = yaml.safe_load(raw)
-    for key, raw in vars(args).items():
-        if key.startswith("cfg__") and raw is not None:
-            overrides[key[5:]] = yaml.safe_load(raw)
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            overrides[key[5:]] = value
     return cls.load(args.config, overrides)

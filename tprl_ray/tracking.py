@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
-
 PARENT_RUN = "TPRL_MLFLOW_PARENT_RUN"
 
 
@@ -26,6 +24,8 @@ def tracking_uri(out_dir: str | Path, uri: str | None = None) -> str:
 
 
 def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
+    import mlflow
+
     parent = os.environ.get(PARENT_RUN)
     if parent:
         experiment_id = mlflow.get_run(parent).info.experiment_id
@@ -40,13 +40,15 @@ def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
 
 @contextlib.contextmanager
 def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
-               params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+               params: dict | None = None) -> Iterator:
     """Open an MLflow run (a child run inside :func:`pipeline_run`); artifacts of a local store live
     in ``<out_dir>/mlruns``.
 
     ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; the user's value (or its
     absence) is restored afterwards, so a later run in this process picks its own store again.
     """
+    import mlflow
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -66,7 +68,7 @@ def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | N
 
 @contextlib.contextmanager
 def pipeline_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
-                 params: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+                 params: dict | None = None) -> Iterator:
     """The parent run of a pipeline: stages run inside it log child runs into ``experiment``."""
     with mlflow_run(out_dir, experiment, run_name, uri, params) as run:
         os.environ[PARENT_RUN] = run.info.run_id
@@ -79,6 +81,8 @@ def pipeline_run(out_dir: str | Path, experiment: str, run_name: str, uri: str |
 def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
     """Log ``files`` as the active run's ``pruner`` artifact and register them as a new version of
     the model ``name``, tagged ``tau:<budget>`` and described by the tau-per-budget table."""
+    import mlflow
+
     run = mlflow.active_run()
     for path in files:
         mlflow.log_artifact(str(path), artifact_path="pruner")

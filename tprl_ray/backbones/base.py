@@ -22,13 +22,18 @@ class BackboneError(ValueError):
     """A checkpoint or input the backbone cannot use; the message says what and where."""
 
 
+def checkpoint_config(path):
+    """The transformers config of the checkpoint at ``path``; a ``BackboneError`` naming it otherwise."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{path}: not a loadable model checkpoint ({exc})") from None
+
+
 def load_model(model_class, config_class, family: str, path, dtype: str):
     """``model_class.from_pretrained(path)`` after checking that ``path`` holds a ``config_class``
     checkpoint; every failure becomes one ``BackboneError`` line naming the path."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"{path}: not a loadable model checkpoint ({exc})") from None
+    config = checkpoint_config(path)
     if not isinstance(config, config_class):
         raise BackboneError(f"{path}: model type {config.model_type!r} is not a {family} checkpoint")
     try:
@@ -112,6 +117,11 @@ class Backbone:
         self.image_token_id = model.config.image_token_id
         self._prompt_ids = lru_cache(maxsize=65536)(self._tokenize_prompt)
         self.answer_ids = lru_cache(maxsize=65536)(self._answer_ids)
+
+    @property
+    def config(self):
+        """The model's transformers config."""
+        return self.model.config
 
     @property
     def language_model(self):

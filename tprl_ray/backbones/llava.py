@@ -98,3 +98,22 @@ class LlavaBackbone(Backbone):
     def position_ids(self, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:
         """Recompacted 1-D positions: ``0..L-1`` over each row's real tokens."""
         return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def llava_vision_flops(config: LlavaConfig, full_tokens: int | None, kept: int) -> tuple[int, int, int]:
+    """(FLOPs of CLIP + projector on the whole image, patches, LLM visual tokens): the formula of
+    :mod:`tprl_ray.evaluation.efficiency`. The fixed image size gives the patch count (``full_tokens``,
+    if given, must match it)."""
+    v, d = config.vision_config, config.text_config.hidden_size
+    p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
+    patches = (v.image_size // p) ** 2
+    if full_tokens not in (None, patches):
+        raise ValueError(f"LLaVA encodes {patches} patches per image, not full_visual_tokens={full_tokens}")
+    n = patches + 1  # + CLS
+    layers = v.num_hidden_layers + 1 + config.vision_feature_layer if config.vision_feature_layer < 0 \
+        else config.vision_feature_layer  # hidden_states[0] is the embedding output
+    projected = patches + (config.vision_feature_select_strategy == "full")
+    flops = (2 * patches * (v.num_channels * p * p * dv)
+             + layers * (2 * n * 4 * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv)
+             + 2 * projected * (dv * d + d * d))
+    return flops, patches, patches

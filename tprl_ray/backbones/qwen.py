@@ -136,3 +136,20 @@ class QwenBackbone(Backbone):
             seq = torch.cat([text_before, image, after], dim=1)
             positions[:, i, width - seq.shape[1]:] = seq
         return positions
+
+
+def qwen_vision_flops(config: Qwen2_5_VLConfig, full_tokens: int | None, kept: int) -> tuple[int, int, int]:
+    """(FLOPs of the ViT + merger for ``full_tokens`` LLM tokens, patches, ``full_tokens``): the formula of
+    :mod:`tprl_ray.evaluation.efficiency`. Without ``full_tokens`` the image is taken to give the ``kept`` tokens."""
+    full_tokens = kept if full_tokens is None else full_tokens
+    v = config.vision_config
+    p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
+    merge = v.spatial_merge_size ** 2
+    patches = merge * full_tokens
+    window = min(patches, (v.window_size // p) ** 2)
+    flops = 2 * patches * (v.in_channels * v.temporal_patch_size * p * p * dv)
+    for block in range(v.depth):
+        attended = patches if block in v.fullatt_block_indexes else window
+        flops += 2 * patches * 4 * dv * dv + 2 * 2 * patches * attended * dv + 2 * 3 * patches * dv * mv
+    flops += 2 * full_tokens * (merge * dv * merge * dv + merge * dv * v.out_hidden_size)
+    return flops, patches, full_tokens

@@ -14,28 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from tqdm.auto import tqdm
 
-from tprl_ray.backbones.load import Dtype
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.bench.config import LatencyBenchConfig
 from tprl_ray.bench.scorer import device_name, workloads
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
 from tprl_ray.pruners.random import random_keep
-
-
-class LatencyBenchConfig(StageConfig):
-    """`tprl bench latency`: what to time and where to write the JSON."""
-
-    out: Path = Field(Path("runs/bench/latency.json"), description="JSON result file")
-    models: list[str] = Field(["tiny", "llava-7b-shape"], description="tiny and/or llava-7b-shape")
-    fractions: list[float] = Field([1.0, 0.25], description="kept fractions of the visual tokens")
-    decoder_layers: int = Field(2, ge=1, description="decoder layers of the 7B-shaped model")
-    new_tokens: int = Field(8, ge=1, description="decode steps timed after the prefill")
-    repeats: int = Field(5, ge=1, description="timings per cell (the median is reported)")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    device: str = Field("auto", description="torch device of the models: 'auto' (CUDA when present), 'cpu', ...")
-    dtype: Dtype = Field("float32", description="weights and visual tokens of the models")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -82,3 +66,9 @@ def format_latency(result: dict) -> str:
               f"{r['decode_ms_per_token']:>13.2f}" for r in result["rows"]]
     lines += [f"{m}: " + ", ".join(f"{k} {v:.2f}x" for k, v in d.items()) for m, d in result["ratios"].items()]
     return "\n".join(lines)
+
+
+def command(cfg: LatencyBenchConfig) -> None:
+    """`tprl bench latency`."""
+    print(format_latency(run_latency_bench(cfg)))
+    print(f"wrote {cfg.out}")

@@ -13,32 +13,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import Field
-
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
-
-
-class PpoBenchConfig(StageConfig):
-    """`tprl bench ppo`."""
-
-    data: Path = Field(Path("runs/demo/precompute/train"), description="precompute dataset")
-    init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
-    out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
-    runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
-    scorer_threads: list[int] = Field([2], description="torch threads of the scorer replica to compare")
-    envs_per_runner: int = Field(64, ge=1)
-    warmup: int = Field(1, ge=0, description="untimed iterations first")
-    iterations: int = Field(4, ge=1, description="timed iterations")
-    ray_address: str | None = "local"
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.bench.config import PpoBenchConfig
 
 
 def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
     from ray import serve
 
     from tprl_ray.ray_setup import init_ray
-    from tprl_ray.rl.scorer import APP, scorer_handle, start_scorer
-    from tprl_ray.rl.train import PpoConfig, build_algo, prepare_codes
+    from tprl_ray.service.scorer import APP, scorer_handle, start_scorer
+    from tprl_ray.rl.config import PpoConfig
+    from tprl_ray.rl.train import build_algo, prepare_codes
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,3 +62,9 @@ def format_ppo_bench(result: dict) -> str:
     lines += [f"| {r['env_runners']} | {r['envs_per_runner']} | {r['scorer_threads']} | {r['env_steps_per_s']:.1f} | "
               f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |" for r in result["rows"]]
     return "\n".join(lines)
+
+
+def command(cfg: PpoBenchConfig) -> None:
+    """`tprl bench ppo`."""
+    print(format_ppo_bench(run_ppo_bench(cfg)))
+    print(f"wrote {cfg.out}")

@@ -12,26 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from pydantic import Field
-
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
-from tprl_ray.precompute.job import PrecomputeConfig, run_precompute
-
-
-class PrecomputeBenchConfig(StageConfig):
-    """`tprl bench precompute`: which split, how many questions, where to write."""
-
-    data: Path = Field(Path("runs/demo/data/train"), description="split directory (make demo builds it)")
-    limit: int = Field(2000, ge=1, description="questions to precompute with each engine")
-    work: Path = Field(Path("runs/bench/precompute-work"), description="scratch output (removed first)")
-    out: Path = Field(Path("runs/bench/precompute.json"), description="JSON result file")
-    shard_size: int = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1)
-    actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    projected_samples: int = Field(50_000, ge=1)
-    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.bench.config import PrecomputeBenchConfig
+from tprl_ray.precompute.config import PrecomputeConfig
+from tprl_ray.precompute.job import run_precompute
 
 
 def llava7b_row_bytes(steps: int) -> int:
@@ -44,8 +28,7 @@ def run_precompute_bench(cfg: PrecomputeBenchConfig) -> dict:
     for engine in ("local", "ray"):
         out = cfg.work / engine
         shutil.rmtree(out, ignore_errors=True)
-        stage = PrecomputeConfig(data=cfg.data, out=out, limit=cfg.limit, shard_size=cfg.shard_size,
-                                 batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor,
+        stage = PrecomputeConfig(data=cfg.data, out=out, limit=cfg.limit, shard_size=cfg.shard_size, pool=cfg.pool,
                                  ray_address=cfg.ray_address)
         summary = run_precompute(stage, progress=False, engine=engine)
         files = sum(p.stat().st_size for p in (out / "shards").glob("*.parquet"))
@@ -74,3 +57,9 @@ def format_precompute_bench(result: dict) -> str:
                  f"after start-up; LLaVA-1.5-7B: {result['llava7b_row_bytes']} bytes "
                  f"per sample, {result['projected_samples']} samples = {result['projected_gb']:.1f} GB")
     return "\n".join(lines)
+
+
+def command(cfg: PrecomputeBenchConfig) -> None:
+    """`tprl bench precompute`."""
+    print(format_precompute_bench(run_precompute_bench(cfg)))
+    print(f"wrote {cfg.out}")

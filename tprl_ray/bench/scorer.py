@@ -14,30 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from tprl_ray.backbones.base import Backbone
 from tprl_ray.backbones.llava import LlavaBackbone
-from tprl_ray.backbones.load import PAPER_CONFIGS, BackboneConfig, Dtype, load_backbone, resolve_device
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
-
-
-class ScorerBenchConfig(StageConfig):
-    """`tprl bench scorer`: what to time and where to write the JSON."""
-
-    out: Path = Field(Path("runs/bench/scorer.json"), description="JSON result file")
-    batch_sizes: list[int] = Field([1, 8, 32, 64], description="batch sizes to time (tiny model)")
-    large_batch_sizes: list[int] = Field(
-        [1, 8], description="batch sizes for the 7B-shaped model (a batch of 64 full prompts is minutes on a CPU)")
-    fractions: list[float] = Field([1.0, 0.25], description="kept fractions of the visual tokens")
-    models: list[str] = Field(["tiny", "llava-7b-shape"], description="tiny and/or llava-7b-shape")
-    decoder_layers: int = Field(1, ge=1, description="decoder layers of the 7B-shaped model")
-    min_seconds: float = Field(2.0, gt=0, description="time each cell for at least this long")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
-    device: str = Field("auto", description="torch device of the models: 'auto' (CUDA when present), 'cpu', ...")
-    dtype: Dtype = Field("float32", description="weights and visual tokens of the models")
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.backbones.load import load_backbone, resolve_device
+from tprl_ray.bench.config import ScorerBenchConfig
+from tprl_ray.config import PAPER_CONFIGS, BackboneConfig
 
 
 def tiny_workload(device: str, dtype: str) -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
@@ -150,3 +134,9 @@ def format_bench(result: dict) -> str:
               for r in result["rows"]]
     lines += [f"{m}: " + ", ".join(f"{k} {v:.2f}x" for k, v in d.items()) for m, d in result["ratios"].items()]
     return "\n".join(lines)
+
+
+def command(cfg: ScorerBenchConfig) -> None:
+    """`tprl bench scorer`."""
+    print(format_bench(run_scorer_bench(cfg)))
+    print(f"wrote {cfg.out}")

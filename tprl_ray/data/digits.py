@@ -23,13 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from tprl_ray.config import StageConfig
+from tprl_ray.data.config import GRID, DigitsConfig
 from tprl_ray.data.layout import Sample, write_split
 
-GRID = 4
 CELL = 24
 IMAGE_SIZE = GRID * CELL
 DIGIT_SIZE = 20
@@ -43,30 +41,6 @@ TEMPLATES = {
     "count": "how many {} are there ?",
     "where": "where is the {} ?",
 }
-
-
-class DigitsConfig(StageConfig):
-    """`tprl data digits`: where and how to build the digit-grid benchmark."""
-
-    out: Path = Field(Path("runs/data/digits"), description="output directory")
-    seed: int = Field(0, description="seed for the digit split, scenes and questions")
-    split_sizes: dict[str, int] = Field(
-        {"train": 3000, "val": 300, "test": 500},
-        description="scenes per split (four questions each); val draws on the train digit pool",
-    )
-    test_digit_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="digit images held out for test")
-    min_digits: int = Field(3, ge=2, le=GRID * GRID)
-    max_digits: int = Field(8, ge=2, le=GRID * GRID)
-
-    @field_validator("split_sizes")
-    @classmethod
-    def _known_splits(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = set(value) - {"train", "val", "test"}
-        if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; use train, val, test")
-        if any(n < 0 for n in value.values()):
-            raise ValueError("split sizes must be >= 0")
-        return value
 
 
 @dataclass(frozen=True)
@@ -219,3 +193,9 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
     }
     (cfg.out / "meta.json").write_text(json.dumps(meta, indent=2))
     return written
+
+
+def command(cfg: DigitsConfig) -> None:
+    """`tprl data digits`."""
+    written = build_digits(cfg)
+    print(f"wrote {cfg.out}: " + ", ".join(f"{k} {v} questions" for k, v in written.items()))

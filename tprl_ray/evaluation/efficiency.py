@@ -49,16 +49,14 @@ tokens (per layer, so FastV's pruned layers hold fewer), the text prompt and the
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import Field
-from transformers import AutoConfig, LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from tprl_ray.backbones.load import EMBEDDED_MODEL, PAPER_CONFIGS
-from tprl_ray.config import StageConfig
-
-SHIPPED = {"embedded": EMBEDDED_MODEL, **PAPER_CONFIGS}
+from tprl_ray.backbones.families import family_of
+from tprl_ray.evaluation.config import SHIPPED, EfficiencyConfig
 
 
 @dataclass
@@ -87,36 +85,6 @@ def decoder_layer_flops(d: int, d_q: int, d_kv: int, m: int, n: int, ctx: int) -
     return 2 * n * (2 * d * d_q + 2 * d * d_kv) + 2 * 2 * n * ctx * d_q + 2 * 3 * n * d * m
 
 
-def llava_vision_flops(config: LlavaConfig) -> tuple[int, int]:
-    """(FLOPs of CLIP + projector on the whole image, number of patches)."""
-    v, d = config.vision_config, config.text_config.hidden_size
-    p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
-    patches = (v.image_size // p) ** 2
-    n = patches + 1  # + CLS
-    layers = v.num_hidden_layers + 1 + config.vision_feature_layer if config.vision_feature_layer < 0 \
-        else config.vision_feature_layer  # hidden_states[0] is the embedding output
-    projected = patches + (config.vision_feature_select_strategy == "full")
-    flops = (2 * patches * (v.num_channels * p * p * dv)
-             + layers * (2 * n * 4 * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv)
-             + 2 * projected * (dv * d + d * d))
-    return flops, patches
-
-
-def qwen_vision_flops(config: Qwen2_5_VLConfig, tokens: int) -> tuple[int, int]:
-    """(FLOPs of the ViT + merger for ``tokens`` LLM tokens, number of patches)."""
-    v = config.vision_config
-    p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
-    merge = v.spatial_merge_size ** 2
-    patches = merge * tokens
-    window = min(patches, (v.window_size // p) ** 2)
-    flops = 2 * patches * (v.in_channels * v.temporal_patch_size * p * p * dv)
-    for block in range(v.depth):
-        attended = patches if block in v.fullatt_block_indexes else window
-        flops += 2 * patches * 4 * dv * dv + 2 * 2 * patches * attended * dv + 2 * 3 * patches * dv * mv
-    flops += 2 * tokens * (merge * dv * merge * dv + merge * dv * v.out_hidden_size)
-    return flops, patches
-
-
 def efficiency(config: PretrainedConfig, visual_tokens: int, text_tokens: int = 0, new_tokens: int = 0,
                pruner_flops: float = 0.0, layer_tokens: list[int] | None = None, bytes_per_value: int = 2,
                full_visual_tokens: int | None = None) -> Efficiency:
@@ -126,17 +94,7 @@ def efficiency(config: PretrainedConfig, visual_tokens: int, text_tokens: int = 
     layer by layer for pruners inside the LLM, ``full_visual_tokens`` are the tokens before pruning (Qwen's
     dynamic resolution; LLaVA's fixed image always gives the config's patch count, the default).
     """
-    if isinstance(config, LlavaConfig):
-        f_vision, patches = llava_vision_flops(config)
-        if full_visual_tokens not in (None, patches):
-            raise ValueError(f"LLaVA encodes {patches} patches per image, not full_visual_tokens={full_visual_tokens}")
-        full_visual_tokens = patches
-    elif isinstance(config, Qwen2_5_VLConfig):
-        full_visual_tokens = visual_tokens if full_visual_tokens is None else full_visual_tokens
-        f_vision, patches = qwen_vision_flops(config, full_visual_tokens)
-    else:
-        raise ValueError(f"model type {config.model_type!r} is not supported (LLaVA-1.5: 'llava', "
-                         f"Qwen2.5-VL: 'qwen2_5_vl')")
+    f_vision, patches, full_visual_tokens = family_of(config).vision_flops(config, full_visual_tokens, visual_tokens)
     text = config.text_config
     layers, d, m, vocab = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size
     head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads
@@ -174,28 +132,20 @@ def pruned_efficiency(config: PretrainedConfig, pruner, full_tokens: int, kept: 
                       bytes_per_value=bytes_per_value, full_visual_tokens=full_tokens)
 
 
-class EfficiencyConfig(StageConfig):
-    """`tprl efficiency`: FLOPs and KV cache of one image + prompt, printed as JSON."""
-
-    model: str = Field("llava-1.5-7b", description=f"a shipped name ({', '.join(SHIPPED)}) or a config directory")
-    tokens: int = Field(576, ge=1, description="visual tokens kept (for fastv: kept after layer K)")
-    text_tokens: int = Field(0, ge=0, description="prompt text tokens")
-    new_tokens: int = Field(0, ge=0, description="decode steps after the prefill")
-    pruner: str = Field("none", description="adds the pruner's own FLOPs and per-layer tokens (fastv)")
-    full_tokens: int | None = Field(None, ge=1, description="tokens before pruning (default: LLaVA's patch "
-                                                            "count; Qwen: --tokens)")
-    bytes_per_value: int = Field(2, ge=1, description="2 for fp16/bf16 caches")
-
-
 def run_efficiency(cfg: EfficiencyConfig) -> dict:
     from tprl_ray.pruners.registry import build_pruner
 
     config = model_config(cfg.model)
     full = cfg.full_tokens
     if full is None:
-        full = llava_vision_flops(config)[1] if isinstance(config, LlavaConfig) else cfg.tokens
+        full = family_of(config).vision_flops(config, None, cfg.tokens)[2]
     if cfg.tokens > full:
         raise ValueError(f"--tokens {cfg.tokens} exceeds the {full} visual tokens of the image")
     result = pruned_efficiency(config, build_pruner(cfg.pruner), full, cfg.tokens, cfg.text_tokens, cfg.new_tokens,
                                cfg.bytes_per_value)
     return {"model": cfg.model, "pruner": cfg.pruner, **result.to_dict()}
+
+
+def command(cfg: EfficiencyConfig) -> None:
+    """`tprl efficiency`."""
+    print(json.dumps(run_efficiency(cfg), indent=2))

@@ -1,6 +1,6 @@
 """Report rows, the methods x budgets table and the Pareto plot (relative accuracy vs kept tokens).
 
-`tprl report` reads the ``report.json`` of a demo or the result files of `tprl eval`, prints one
+`tprl report` reads reports (``report.json`` of `tprl pipeline` or `tprl eval`), prints one
 table, writes the table (Markdown) and the plot (PNG) beside ``--out`` and logs both to MLflow.
 """
 
@@ -9,23 +9,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field
-
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.evaluation.config import ReportConfig
 
 
-def report_row(pruner: str, budget: float, result: dict, base_accuracy: float, cost: dict | None = None) -> dict:
-    """One row: ``relative`` is accuracy divided by the unpruned model's; ``cost`` adds ``flops``
-    and ``kv_cache_mb``."""
+def ratio(value: float, reference: float) -> float:
+    """``value / reference``, 0 when the reference is 0."""
+    return value / reference if reference else 0.0
+
+
+def report_row(label: str, pruner: str, budget: float, result: dict, base: dict, cost: dict) -> dict:
+    """One setting's row: its summary (:func:`tprl_ray.evaluation.predict.summarize`), ``relative`` scores
+    against the unpruned summary ``base``, and ``cost`` (``flops``, ``kv_cache_mb``)."""
     return {
+        "label": label,
         "pruner": pruner,
         "budget": budget,
         "avg_tokens": result["avg_tokens"],
         "accuracy": result["accuracy"],
-        "relative": result["accuracy"] / base_accuracy if base_accuracy else 0.0,
+        "relative": ratio(result["accuracy"], base["accuracy"]),
         "per_type": result["per_type"],
-        **(cost or {}),
+        "relative_per_type": {c: ratio(v, base["per_type"].get(c, 0.0)) for c, v in result["per_type"].items()},
+        "n": result["n"],
+        **cost,
+        "metrics": result["metrics"],
     }
 
 
@@ -81,25 +88,6 @@ def pareto_plot(report: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def eval_result_rows(result: dict) -> list[dict]:
-    """The unpruned and pruned rows of one `tprl eval` result file."""
-    base = result["unpruned"]
-    return [
-        {"pruner": "none", "budget": 1.0, "avg_tokens": base["avg_tokens"], "accuracy": base["score"],
-         "relative": 1.0, "per_type": base["per_category"]},
-        {"pruner": result["pruner"], "budget": result["budget"], "avg_tokens": result["avg_tokens"],
-         "accuracy": result["score"], "relative": result["relative"], "per_type": result["per_category"]},
-    ]
-
-
-class ReportConfig(StageConfig):
-    """`tprl report`: demo reports and/or `tprl eval` results in, one table and one plot out."""
-
-    inputs: list[Path] = Field([Path("runs/demo/report.json")], description="report.json or tprl eval result files")
-    out: Path = Field(Path("runs/report/report.md"), description="Markdown table; the plot is written beside it")
-    mlflow_uri: str | None = None
-
-
 def merge_reports(paths: list[Path]) -> dict:
     """One report from several files; the unpruned row appears once per model."""
     rows, benchmarks, models = [], [], []
@@ -107,7 +95,9 @@ def merge_reports(paths: list[Path]) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: report file not found")
         data = json.loads(path.read_text())
-        new = data["rows"] if "rows" in data else eval_result_rows(data)
+        if "rows" not in data:
+            raise ValueError(f"{path}: not a report (no rows)")
+        new = data["rows"]
         benchmarks.append(data["benchmark"])
         models.append(str(data["model"]))
         rows += [r for r in new if not (r["pruner"] == "none" and any(o["pruner"] == "none" for o in rows))]
@@ -116,7 +106,7 @@ def merge_reports(paths: list[Path]) -> dict:
     return {"benchmark": benchmarks[0], "model": models[0], "rows": rows}
 
 
-def run_report(cfg: ReportConfig) -> dict:
+def command(cfg: ReportConfig) -> dict:
     import mlflow
 
     from tprl_ray.tracking import mlflow_run

@@ -7,7 +7,6 @@ the benchmark's vocabulary. Saved with ``save_pretrained`` so the loaders for re
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -19,6 +18,7 @@ from transformers import (
 )
 
 from tprl_ray.data.digits import CELL_NAMES, IMAGE_SIZE
+from tprl_ray.models.config import TinyLlavaSize
 from tprl_ray.models.word_tokenizer import word_level_tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
@@ -33,19 +33,6 @@ CHAT_TEMPLATE = (
     "{% for item in message['content'] %}{{ item['text'] }}{% endfor %} </s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-
-
-class TinyLlavaSize(BaseModel):
-    """Layer sizes of the tiny LLaVA (defaults: the shipped checkpoint)."""
-
-    vision_hidden: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    patch_size: int = Field(12, description="96 px / 12 px patches = 64 visual tokens, 4 per cell")
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 384
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

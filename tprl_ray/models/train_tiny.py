@@ -25,39 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from tprl_ray.backbones.base import Row
 from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.load import load_backbone
-from tprl_ray.config import StageConfig
 from tprl_ray.data.digits import CELL, CELL_NAMES, GRID, IMAGE_SIZE, SceneSampler, key_word, load_digit_pools
 from tprl_ray.data.layout import DataError, read_split
-from tprl_ray.evaluation.accuracy import evaluate
-from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
-
-
-class TinyModelConfig(StageConfig):
-    """`tprl model tiny`: data, output and the training recipe."""
-
-    data: Path = Field(Path("runs/data/digits"), description="benchmark directory (tprl data digits)")
-    out: Path = Field(Path("runs/models/tiny-llava-digits"), description="checkpoint directory")
-    seed: int = Field(0, description="seed for initialisation and scene sampling")
-    size: TinyLlavaSize = TinyLlavaSize()
-    init_from: Path | None = Field(None, description="start from this checkpoint (its sizes replace `size`)")
-    align_steps: int = Field(1800, ge=0, description="stage 1 steps (alignment)")
-    tune_steps: int = Field(2000, ge=0, description="stage 2 steps (instruction tuning)")
-    batch_scenes: int = Field(24, ge=1, description="scenes per step")
-    rounds: int = Field(2, ge=1, description="questions of each category per scene, as one conversation")
-    key_word_steps: int = Field(1000, ge=0, description="stage 2 steps that also target the answer at the key word")
-    lr: float = Field(2e-3, gt=0)
-    warmup: int = Field(100, ge=0)
-    align_weight: float = Field(0.5, ge=0, description="weight of the alignment loss in stage 2")
-    vision_lr_scale: float = Field(0.1, ge=0, description="stage 2 LR factor of vision tower + projector")
-    eval_every: int = Field(500, ge=1, description="steps between validation evaluations")
-    val_questions: int = Field(400, ge=0, description="validation questions per evaluation (0: none)")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+from tprl_ray.evaluation.predict import evaluate
+from tprl_ray.models.config import TinyModelConfig
+from tprl_ray.models.tiny_llava import build_model, build_processor
 
 
 def token_cells(patch_size: int) -> torch.Tensor:
@@ -257,3 +234,15 @@ def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def command(cfg: TinyModelConfig) -> None:
+    """`tprl model tiny`: train, logging every metric to MLflow."""
+    import mlflow
+
+    from tprl_ray.tracking import mlflow_run
+
+    with mlflow_run(cfg.out.parent, "tprl-tiny-model", "tiny-llava", params=cfg.flat()):
+        metrics = train_tiny(cfg, log=lambda m, step: mlflow.log_metrics(
+            {k.replace("/", "."): v for k, v in m.items() if v == v}, step=step))
+    print(f"saved {cfg.out}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")

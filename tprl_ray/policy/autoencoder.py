@@ -1,4 +1,4 @@
-"""The token-wise autoencoder that compresses each visual token into the policy's state (SPEC 1.1).
+"""The token-wise autoencoder that compresses each visual token into the policy's state (docs/design.md §1.1).
 
 ``d_v -> 256 -> d_l`` with LayerNorm and GELU after the hidden layer, and the mirrored decoder
 ``d_l -> 256 -> d_v``; trained with per-token MSE. Afterwards only the frozen encoder is used: its

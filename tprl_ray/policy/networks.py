@@ -1,4 +1,4 @@
-"""Policy and value networks over the MDP state ``(Z_t, q)`` (SPEC 1.4), as plain torch modules.
+"""Policy and value networks over the MDP state ``(Z_t, q)`` (docs/design.md §1.4), as plain torch modules.
 
 Shared feature extractor: ``X = [Z_t ; W q]`` (the kept tokens' codes plus one projected query
 token), one multi-head self-attention layer with a residual connection and LayerNorm, giving

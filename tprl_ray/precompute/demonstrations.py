@@ -14,14 +14,6 @@ from tprl_ray.pruners.base import PruneBatch
 from tprl_ray.pruners.vispruner import VisPruner
 
 
-def check_schedule(schedule: list[float]) -> list[float]:
-    if len(schedule) < 2 or schedule[0] != 0.0 or any(not 0.0 <= f < 1.0 for f in schedule) \
-            or list(schedule) != sorted(schedule):
-        raise ValueError(f"demonstration schedule {schedule} must start at 0.0 (no pruning) and continue with at "
-                         f"least one more non-decreasing pruned fraction below 1")
-    return list(schedule)
-
-
 def demonstration_masks(features: torch.Tensor, attention: torch.Tensor, schedule: list[float]) -> torch.Tensor:
     """``[len(schedule), N]`` 0/1 masks over original token indices, nested step by step."""
     n = features.shape[0]

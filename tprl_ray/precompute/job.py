@@ -25,40 +25,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from tprl_ray.backbones.load import Dtype
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import Reject, Sample, atomic_write_bytes, read_split
+from tprl_ray.artifacts.atomic import atomic_write_bytes, write_parquet
+from tprl_ray.artifacts.resume import refuse_other_settings
+from tprl_ray.data.layout import Reject, Sample, read_split
+from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
-from tprl_ray.precompute.demonstrations import check_schedule, demonstration_masks
+from tprl_ray.precompute.demonstrations import demonstration_masks
 from tprl_ray.precompute.schema import SCHEMA_VERSION, reject_table, shard_table
-
-
-class PrecomputeConfig(StageConfig):
-    """`tprl precompute` / `pipelines/precompute.py`: one split in, one Parquet dataset out."""
-
-    data: Path = Field(Path("runs/demo/data/train"), description="split directory in the LLaVA layout")
-    out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
-    model: str = Field("embedded", description="'embedded', a checkpoint directory or a hub id")
-    dtype: Dtype = Field("float32", description="weights' dtype on the actors")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
-    demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
-    shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
-    batch_size: int = Field(32, ge=1, description="questions per actor call")
-    actors: int = Field(1, ge=1, description="model replicas in the actor pool")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 if the cluster has GPUs, else 0")
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
-    decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")
-    limit: int = Field(0, ge=0, description="first N questions only (0: all)")
-    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
-
-    @field_validator("demo_schedule")
-    @classmethod
-    def _schedule(cls, value: list[float]) -> list[float]:
-        return check_schedule(value)
 
 
 def reference_answer(answer: str | list[str]) -> str:
@@ -70,10 +45,10 @@ class PrecomputeWorker:
     """One model replica: everything a batch of questions needs from the model, as numpy columns."""
 
     def __init__(self, cfg: dict):
-        from tprl_ray.backbones.load import BackboneConfig, load_backbone
+        from tprl_ray.backbones.load import load_backbone
 
         self.cfg = PrecomputeConfig.model_validate(cfg)
-        self.backbone = load_backbone(BackboneConfig(path=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device))
+        self.backbone = load_backbone(self.cfg.backbone)
         self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False, rejects=[])}
 
     def text_problem(self, sample: Sample) -> str:
@@ -138,23 +113,15 @@ def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
     return out / "shards" / f"shard-{shard:05d}.parquet", out / "rejects" / f"shard-{shard:05d}.parquet"
 
 
-def write_parquet(table, path: Path) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | None = None) -> None:
     """Refuse to mix runs: an existing manifest must describe the same inputs and settings."""
     ids = hashlib.sha256("\n".join(s.question_id for s in samples).encode()).hexdigest()
-    identity = {"schema_version": SCHEMA_VERSION, "model": cfg.model, "data": str(cfg.data),
+    identity = {"schema_version": SCHEMA_VERSION, "model": cfg.backbone.path, "data": str(cfg.data),
                 "demo_schedule": cfg.demo_schedule, "shard_size": cfg.shard_size, "sample_ids_sha256": ids}
     path = cfg.out / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        differing = [k for k, v in identity.items() if old.get(k) != v]
-        if differing:
-            raise ValueError(f"{cfg.out} holds a precompute with other {', '.join(differing)}; use another --out")
+        refuse_other_settings({k: old.get(k) for k in identity}, identity, cfg.out, "precompute")
     atomic_write_bytes(path, json.dumps({**identity, **(extra or {})}, indent=2).encode())
 
 
@@ -193,21 +160,21 @@ def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # shards complete one after another
     context.enable_progress_bars = not progress  # ours counts rows per second
-    gpus = gpus_per_actor(cfg.gpus_per_actor)
+    gpus = gpus_per_actor(cfg.pool.gpus)
     return (ray.data.from_items(items)
-            .map_batches(decode_images, fn_kwargs={"split_dir": str(cfg.data)}, batch_size=cfg.batch_size,
+            .map_batches(decode_images, fn_kwargs={"split_dir": str(cfg.data)}, batch_size=cfg.pool.batch_size,
                          num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))
             .map_batches(PrecomputeWorker, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
-                         batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                         num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+                         batch_size=cfg.pool.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
+                         num_cpus=cfg.pool.cpus, num_gpus=gpus)
             .iter_rows())
 
 
 def local_rows(cfg: PrecomputeConfig, items: list[dict]):
     """The same decode and worker steps, batch after batch, in this process."""
     worker = PrecomputeWorker(json.loads(cfg.model_dump_json()))
-    for start in range(0, len(items), cfg.batch_size):
-        chunk = items[start:start + cfg.batch_size]
+    for start in range(0, len(items), cfg.pool.batch_size):
+        chunk = items[start:start + cfg.pool.batch_size]
         batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image")}
         columns = worker(decode_images(batch, str(cfg.data)))
         yield from ({key: columns[key][i] for key in columns} for i in range(len(columns["sample_id"])))
@@ -236,7 +203,7 @@ def collect_shards(cfg: PrecomputeConfig, rows, expected: dict[int, int], progre
 def write_shard(cfg: PrecomputeConfig, shard: int, good: list[dict], bad: list[dict]) -> None:
     rows_path, rejects_path = shard_paths(cfg.out, shard)
     if good:
-        write_parquet(shard_table(good, cfg.demo_schedule, cfg.model), rows_path)
+        write_parquet(shard_table(good, cfg.demo_schedule, cfg.backbone.path), rows_path)
     write_parquet(reject_table(bad), rejects_path)
 
 
@@ -245,3 +212,9 @@ def dataset_counts(out: Path, n_shards: int) -> dict:
     rejects = sum(pq.read_metadata(shard_paths(out, k)[1]).num_rows for k in range(n_shards)
                   if shard_paths(out, k)[1].is_file())
     return {"rows": rows, "rejects": rejects}
+
+
+def command(cfg: PrecomputeConfig) -> None:
+    """`tprl precompute`."""
+    print(json.dumps(run_precompute(cfg)))
+    print(f"wrote {cfg.out}")

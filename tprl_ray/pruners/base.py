@@ -79,3 +79,12 @@ class Pruner:
         pruning = self.prune(batch, budget)
         texts = backbone.generate(batch.questions, pruning.tokens, pruning.keep, batch.grids, max_new_tokens)
         return texts, [float(len(k)) for k in pruning.keep]
+
+
+class NoPruning(Pruner):
+    """The unpruned model: every visual token is kept."""
+
+    name = "none"
+
+    def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
+        return [torch.arange(t.shape[0], device=t.device) for t in batch.tokens]

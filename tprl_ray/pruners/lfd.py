@@ -1,4 +1,4 @@
-"""The learned pruners (LfD and TPRL policies) used one-shot, as at inference (SPEC 1.6).
+"""The learned pruners (LfD and TPRL policies) used one-shot, as at inference (docs/design.md §1.6).
 
 One policy pass over the frozen autoencoder codes of all tokens and the question's query
 embedding gives each token a keep probability. ``lfd`` keeps the top ``budget`` tokens, or with
@@ -22,9 +22,9 @@ class LearnedPruner(Pruner):
     needs_query = True
 
     def __init__(self, directory: str | Path, threshold: float | None = None):
+        from tprl_ray.artifacts.export import load_exported
         from tprl_ray.policy.autoencoder import TokenAutoencoder
         from tprl_ray.policy.networks import PolicyValueNet
-        from tprl_ray.training.common import load_exported
 
         self.encoder, self.autoencoder_card = load_exported(TokenAutoencoder, Path(directory), "autoencoder")
         self.policy, self.card = load_exported(PolicyValueNet, Path(directory), "policy")

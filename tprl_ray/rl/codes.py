@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from tprl_ray.precompute.job import write_parquet
+from tprl_ray.artifacts.atomic import write_parquet
+from tprl_ray.artifacts.export import load_exported
 from tprl_ray.precompute.schema import tensor
 
 CHECKSUM_KEY = b"tprl.autoencoder_sha256"
@@ -32,7 +33,6 @@ def autoencoder_checksum(directory: Path) -> str:
 def write_codes(data: Path, autoencoder: Path, out: Path, progress: bool = True) -> Path:
     """Encode every sample of the precompute dataset ``data``; returns ``out`` (the codes directory)."""
     from tprl_ray.policy.autoencoder import TokenAutoencoder
-    from tprl_ray.training.common import load_exported
 
     encoder, _ = load_exported(TokenAutoencoder, Path(autoencoder), "autoencoder")
     checksum = autoencoder_checksum(autoencoder).encode()

@@ -1,4 +1,4 @@
-"""The pruning MDP of SPEC 1.2 as a natively vectorized gymnasium env (one scorer call per step).
+"""The pruning MDP of docs/design.md §1.2 as a natively vectorized gymnasium env (one scorer call per step).
 
 Each sub-env plays one sample for ``t_max`` steps. State: the frozen codes of all ``N`` tokens, the
 query embedding, the keep mask over original indices (tokens with ``mask = 0`` have left the state)
@@ -20,37 +20,18 @@ only; the scorer is called with sample ids and masks. Metrics: :mod:`tprl_ray.rl
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
-from pydantic import BaseModel, Field
 
 from tprl_ray.rl.codes import Codes
+from tprl_ray.rl.config import EnvConfig
 from tprl_ray.rl.telemetry import EnvTelemetry
 
 ScoreFn = Callable[[list[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-class EnvConfig(BaseModel):
-    """The MDP (SPEC 1.2 defaults)."""
-
-    t_max: int = Field(3, ge=1, description="steps per episode")
-    alpha: float = Field(1.0, description="weight of the score difference")
-    beta: float = Field(0.1, description="weight of the pruned fraction")
-    reward: Literal["sample", "batch", "group"] = Field(
-        "group", description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
-                              "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)")
-    group_size: int = Field(8, ge=2, description="reward=group: sub-envs playing the same sample")
-    score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
-                                                                         "or greedy-correct (0/1)")
-
-    def check_envs(self, num_envs: int, what: str = "sub-envs") -> None:
-        """reward=group plays whole groups: ``num_envs`` must be a multiple of ``group_size``."""
-        if self.reward == "group" and num_envs % self.group_size:
-            raise ValueError(f"reward=group: {what} ({num_envs}) must be a multiple of group_size ({self.group_size})")
 
 
 class PruningVectorEnv(gym.vector.VectorEnv):

@@ -2,7 +2,7 @@
 
 Observations (see :mod:`tprl_ray.rl.env`) are ``codes [B, N, d_l]``, ``query [B, d_q]``, ``mask [B, N]``
 (tokens still kept) and ``step [B, 1]`` (``t``). The module runs :class:`PolicyValueNet` over the kept
-tokens and turns each keep probability ``p_i`` into the sampling probability of SPEC 1.5,
+tokens and turns each keep probability ``p_i`` into the sampling probability of docs/design.md §1.5,
 ``lambda_disc ** t * p_i``; tokens already dropped get a keep probability of zero. The action
 distribution's inputs are those probabilities as logits, so RLlib's PPO loss, entropy and KL all see
 the discounted, masked policy.

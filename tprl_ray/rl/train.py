@@ -2,7 +2,7 @@
 
 Controller (this process, PPO's learner) -> ``env_runners`` CPU env runners, each stepping one
 :class:`PruningVectorEnv` of ``envs_per_runner`` sub-envs -> one request per env step to the Ray Serve
-scorer pool (ids and masks, batched across runners). Every PPO hyperparameter of SPEC 1.5 is set
+scorer pool (ids and masks, batched across runners). Every PPO hyperparameter of docs/design.md §1.5 is set
 explicitly. Each iteration logs curated metrics to MLflow; every ``checkpoint_every`` iterations the
 algorithm is saved atomically under ``out/checkpoints`` and a re-run with the same ``out`` resumes
 from the newest one (other settings are refused). At the end the policy is exported as
@@ -20,73 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
-from tprl_ray.config import StageConfig
+from tprl_ray.artifacts.export import copy_export, export
+from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.rl.codes import Codes
-from tprl_ray.rl.env import EnvConfig
-from tprl_ray.rl.scorer import APP, ScorerConfig
+from tprl_ray.rl.config import EnvConfig, PpoConfig
+from tprl_ray.service.scorer import APP
 
 ENV_NAME = "tprl-pruning"
 PROGRESS = "progress.json"
 STALLED_ITERATIONS = 3
 
 
-class PpoConfig(StageConfig):
-    """`tprl train ppo` (defaults: SPEC 1.5)."""
-
-    data: Path = Field(Path("runs/precompute/train"), description="precompute dataset to train on")
-    val_data: Path | None = Field(None, description="precompute dataset to calibrate tau on (default: data)")
-    init: Path | None = Field(Path("runs/train/lfd"), description="LfD export to start from (None: from scratch)")
-    autoencoder: Path | None = Field(None, description="autoencoder directory (default: the copy in init)")
-    out: Path = Field(Path("runs/train/ppo"), description="output directory")
-    iterations: int = Field(100, ge=1, description="PPO iterations (a re-run continues up to this count)")
-    env: EnvConfig = EnvConfig()
-    scorer: ScorerConfig = ScorerConfig()
-    lambda_disc: float = Field(0.5, gt=0, le=1, description="step discount of the keep probability")
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.01
-    lr: float = Field(3e-4, gt=0)
-    grad_clip: float = Field(1.0, gt=0)
-    epochs: int = Field(4, ge=1, description="PPO epochs per iteration")
-    minibatch_size: int = Field(128, ge=1)
-    train_batch_size: int = Field(768, ge=1, description="env steps per iteration")
-    env_runners: int = Field(1, ge=1)
-    envs_per_runner: int = Field(64, ge=1)
-    cpus_per_runner: float = Field(0.5, gt=0)
-    attention: bool = Field(True, description="without init: False is the MLP-only ablation")
-    heads: int = Field(4, ge=1)
-    hidden: int = Field(256, ge=1)
-    checkpoint_every: int = Field(5, ge=1)
-    budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
-    registered_model: str | None = Field("tprl-pruner", description="MLflow model the export is registered as "
-                                                                     "(None: not registered)")
-    seed: int = 0
-    ray_address: str | None = None
-    mlflow_uri: str | None = None
-
-    @model_validator(mode="after")
-    def _needs_an_autoencoder(self):
-        if self.init is None and self.autoencoder is None:
-            raise ValueError("from scratch (init: null) the autoencoder directory must be given")
-        return self
-
-    @model_validator(mode="after")
-    def _whole_groups(self):
-        self.env.check_envs(self.envs_per_runner, "envs_per_runner")
-        return self
-
-    def autoencoder_dir(self) -> Path:
-        return self.autoencoder or self.init
-
-
 def make_env(config: dict):
     """RLlib's env creator (``vector_entry_point``): the vector env of one env runner."""
     from tprl_ray.rl.env import PruningVectorEnv
-    from tprl_ray.rl.scorer import remote_score
+    from tprl_ray.service.scorer import remote_score
 
     # RLlib's vector entry point does not pass the worker index: each env runner draws its own seed
     return PruningVectorEnv(Codes.load(Path(config["codes"])), EnvConfig.model_validate(config["env"]),
@@ -197,11 +146,7 @@ def resumable_history(cfg: PpoConfig) -> list[dict]:
     if checkpoint is None:
         return []
     progress = json.loads((checkpoint / PROGRESS).read_text())
-    now = settings(cfg)
-    changed = sorted(k for k in set(now) | set(progress["settings"]) if now.get(k) != progress["settings"].get(k))
-    if changed:
-        raise ValueError(f"{cfg.out} holds a PPO run trained with other {', '.join(changed)}; "
-                         f"use another --out to start afresh")
+    refuse_other_settings(progress["settings"], settings(cfg), cfg.out, "PPO run trained")
     return progress["history"]
 
 
@@ -232,11 +177,8 @@ def calibration(net, codes: Codes) -> list[float]:
 
 def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) -> dict:
     from tprl_ray.pruners.lfd import tau_for_budget
-    from tprl_ray.training.common import export
 
-    for name in ("autoencoder.safetensors", "autoencoder.json"):
-        if (cfg.autoencoder_dir() / name).resolve() != (cfg.out / name).resolve():
-            shutil.copyfile(cfg.autoencoder_dir() / name, cfg.out / name)
+    copy_export(cfg.autoencoder_dir(), cfg.out, "autoencoder")
     quantiles = calibration(net, val_codes)
     taus = {f"{b:.4f}": tau_for_budget(quantiles, b) for b in cfg.budgets}
     export(net, net.state_dict(), cfg.out, "policy",
@@ -252,14 +194,14 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
     from ray import serve
 
     from tprl_ray.ray_setup import init_ray
-    from tprl_ray.rl.scorer import start_scorer
+    from tprl_ray.service.scorer import start_scorer
     from tprl_ray.rl.telemetry import record_iteration
     from tprl_ray.tracking import mlflow_run, register_pruner
 
     resumable_history(cfg)  # refuse early, before anything starts
     codes_dir, val_dir = prepare_codes(cfg)
     init_ray(cfg.ray_address)
-    print(f"[ppo] starting {cfg.scorer.replicas} scorer replica(s)")
+    print(f"[ppo] starting {cfg.scorer.pool.size} scorer replica(s)")
     algo = None
     try:
         start_scorer(cfg.scorer, cfg.data)
@@ -293,3 +235,9 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
             algo.stop()
         serve.delete(APP)
     return {**history[-1], "iterations": len(history), "tau": taus}
+
+
+def command(cfg: PpoConfig) -> None:
+    """`tprl train ppo`."""
+    print(json.dumps(train_ppo(cfg)))
+    print(f"wrote {cfg.out / 'policy.safetensors'} (pruner: tprl --policies tprl={cfg.out})")

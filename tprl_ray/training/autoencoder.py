@@ -7,19 +7,10 @@ relative MSE (:func:`tprl_ray.policy.autoencoder.relative_mse`, summed across wo
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
 
-from tprl_ray.training.common import (
-    TrainStageConfig, all_reduce_sum, datasets, end_epoch, export, feature_width, fit, load_state, log_history,
-    restore,
-)
-
-
-class AutoencoderConfig(TrainStageConfig):
-    """`tprl train autoencoder`."""
-
-    latent: int = Field(64, ge=1, description="code size d_l (the paper's default 64)")
-    hidden: int = Field(256, ge=1)
+from tprl_ray.training.common import all_reduce_sum, datasets, end_epoch, export_run, feature_width, fit, restore
+from tprl_ray.training.config import AutoencoderConfig
 
 
 def autoencoder_loop(config: dict) -> None:
@@ -74,9 +65,10 @@ def train_autoencoder(cfg: AutoencoderConfig) -> dict:
     loop_config = {"d_v": d_v, "latent": cfg.latent, "hidden": cfg.hidden, "lr": cfg.lr, "epochs": cfg.epochs,
                    "batch_size": cfg.batch_size, "seed": cfg.seed}
     result = fit(autoencoder_loop, loop_config, cfg, "autoencoder", datasets(cfg, ["features"]))
-    state = load_state(result.checkpoint)
-    final = state["history"][-1]
-    export(TokenAutoencoder(d_v, cfg.latent, cfg.hidden), state["model"], cfg.out, "autoencoder",
-           {"data": str(cfg.data), "epochs": state["epoch"], "metrics": final})
-    log_history(cfg, "tprl-autoencoder", state["history"], [cfg.out / "autoencoder.json"])
-    return {**final, "epochs": state["epoch"]}
+    return export_run(cfg, result, TokenAutoencoder(d_v, cfg.latent, cfg.hidden), "autoencoder", "tprl-autoencoder")
+
+
+def command(cfg: AutoencoderConfig) -> None:
+    """`tprl train autoencoder`."""
+    print(json.dumps(train_autoencoder(cfg)))
+    print(f"wrote {cfg.out / 'autoencoder.safetensors'}")

@@ -9,37 +9,17 @@ exports the weights as safetensors with a JSON card and logs the history to MLfl
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
-from safetensors.torch import load_file, save
 
-from tprl_ray.config import StageConfig
-from tprl_ray.data.layout import atomic_write_bytes
+from tprl_ray.artifacts.export import export
+from tprl_ray.artifacts.resume import refuse_other_settings
+from tprl_ray.training.config import TrainStageConfig
 
 STATE = "state.pt"
-
-
-class TrainStageConfig(StageConfig):
-    """Fields every Ray Train stage has."""
-
-    data: Path = Field(Path("runs/precompute/train"), description="precompute dataset (tprl precompute --out)")
-    val_data: Path | None = Field(None, description="precompute dataset for validation "
-                                                    "(default: a tenth of the images of data)")
-    out: Path = Field(Path("runs/train"), description="output directory (exports, checkpoints, MLflow)")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1, description="samples (images x questions) per worker step")
-    lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    workers: int = Field(2, ge=1, description="Ray Train workers")
-    cpus_per_worker: float = Field(0.5, gt=0)
-    use_gpu: bool = Field(False, description="one GPU per worker")
-    ray_address: str | None = Field(None, description="None: join or start Ray; 'local': a private local Ray")
-    mlflow_uri: str | None = None
 
 
 def feature_width(data: Path, column: str = "features") -> int:
@@ -107,11 +87,7 @@ def check_resumable(run_dir: Path, loop_config: dict) -> None:
     if not found:
         return
     before = torch.load(found[-1], map_location="cpu", weights_only=True).get("settings", {})
-    now = settings(loop_config)
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if changed:
-        raise ValueError(f"{run_dir.parent.parent} holds a run trained with other {', '.join(changed)}; "
-                         f"use another --out to start afresh")
+    refuse_other_settings(before, settings(loop_config), run_dir.parent.parent, "run trained")
 
 
 def save_state(state: dict, metrics: dict) -> None:
@@ -166,24 +142,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def export(module: torch.nn.Module, state: dict, out: Path, name: str, card: dict) -> None:
-    """Write ``name.safetensors`` and ``name.json`` (dims plus ``card``) atomically."""
-    module.load_state_dict(state)
-    atomic_write_bytes(out / f"{name}.safetensors", save({k: v.contiguous() for k, v in module.state_dict().items()}))
-    atomic_write_bytes(out / f"{name}.json", json.dumps({"dims": module.dims, **card}, indent=2).encode())
-
-
-def load_exported(cls, directory: Path, name: str) -> tuple[torch.nn.Module, dict]:
-    """A module saved by :func:`export`, in eval mode, and its card."""
-    card_path = Path(directory) / f"{name}.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{directory}: no {name}.json (train it first)")
-    card = json.loads(card_path.read_text())
-    module = cls(**card["dims"])
-    module.load_state_dict(load_file(str(Path(directory) / f"{name}.safetensors")))
-    return module.eval(), card
-
-
 def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], artifacts: list[Path]) -> None:
     import mlflow
 
@@ -194,3 +152,13 @@ def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], art
             mlflow.log_metrics(metrics, step=epoch)
         for path in artifacts:
             mlflow.log_artifact(str(path))
+
+
+def export_run(cfg: TrainStageConfig, result, module: torch.nn.Module, name: str, experiment: str) -> dict:
+    """Export the weights of ``result``'s newest checkpoint as ``name`` (card: data, epochs, last metrics),
+    log the history to MLflow; returns the last epoch's metrics and the epoch count."""
+    state = load_state(result.checkpoint)
+    final = state["history"][-1]
+    export(module, state["model"], cfg.out, name, {"data": str(cfg.data), "epochs": state["epoch"], "metrics": final})
+    log_history(cfg, experiment, state["history"], [cfg.out / f"{name}.json"])
+    return {**final, "epochs": state["epoch"]}

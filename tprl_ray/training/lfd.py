@@ -1,4 +1,4 @@
-"""`tprl train lfd`: the policy pre-trained on VisPruner demonstrations (SPEC 1.3), with Ray Train.
+"""`tprl train lfd`: the policy pre-trained on VisPruner demonstrations (docs/design.md §1.3), with Ray Train.
 
 Each demonstration step ``t >= 1`` is one example: the state holds the tokens step ``t-1`` kept
 (their frozen autoencoder codes; dropped tokens are masked out of the attention) plus the query,
@@ -9,24 +9,12 @@ The export (``OUT/policy.*`` next to a copy of the autoencoder) is what the ``lf
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
-from pydantic import Field
-
-from tprl_ray.training.common import (
-    TrainStageConfig, all_reduce_sum, check_width, datasets, end_epoch, export, feature_width, fit, load_state,
-    log_history, restore,
-)
-
-
-class LfdConfig(TrainStageConfig):
-    """`tprl train lfd`."""
-
-    autoencoder: Path = Field(Path("runs/train/autoencoder"), description="directory of the trained autoencoder")
-    attention: bool = Field(True, description="False: the MLP-only ablation")
-    heads: int = Field(4, ge=1)
-    hidden: int = Field(256, ge=1)
+from tprl_ray.artifacts.export import copy_export, load_exported
+from tprl_ray.training.common import all_reduce_sum, check_width, datasets, end_epoch, export_run, feature_width, fit, restore
+from tprl_ray.training.config import LfdConfig
 
 
 def step_examples(masks):
@@ -42,7 +30,6 @@ def lfd_loop(config: dict) -> None:
 
     from tprl_ray.policy.autoencoder import TokenAutoencoder
     from tprl_ray.policy.networks import PolicyValueNet
-    from tprl_ray.training.common import load_exported
 
     torch.manual_seed(config["seed"])
     encoder, _ = load_exported(TokenAutoencoder, Path(config["autoencoder"]), "autoencoder")
@@ -87,8 +74,6 @@ def lfd_loop(config: dict) -> None:
 
 def train_lfd(cfg: LfdConfig) -> dict:
     """Fit (or resume), export the policy beside a copy of its autoencoder and log the run."""
-    import json
-
     from tprl_ray.policy.networks import PolicyValueNet
 
     card_path = cfg.autoencoder / "autoencoder.json"
@@ -103,13 +88,12 @@ def train_lfd(cfg: LfdConfig) -> dict:
                    "heads": cfg.heads, "hidden": cfg.hidden, "attention": cfg.attention, "lr": cfg.lr,
                    "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed}
     result = fit(lfd_loop, loop_config, cfg, "lfd", datasets(cfg, ["features", "query", "demo_masks"]))
-    state = load_state(result.checkpoint)
-    final = state["history"][-1]
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for name in ("autoencoder.safetensors", "autoencoder.json"):
-        if (cfg.autoencoder / name).resolve() != (cfg.out / name).resolve():
-            shutil.copyfile(cfg.autoencoder / name, cfg.out / name)
-    export(PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention), state["model"], cfg.out,
-           "policy", {"data": str(cfg.data), "epochs": state["epoch"], "metrics": final})
-    log_history(cfg, "tprl-lfd", state["history"], [cfg.out / "policy.json"])
-    return {**final, "epochs": state["epoch"]}
+    copy_export(cfg.autoencoder, cfg.out, "autoencoder")
+    return export_run(cfg, result, PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention),
+                      "policy", "tprl-lfd")
+
+
+def command(cfg: LfdConfig) -> None:
+    """`tprl train lfd`."""
+    print(json.dumps(train_lfd(cfg)))
+    print(f"wrote {cfg.out / 'policy.safetensors'}")

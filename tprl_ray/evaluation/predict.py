@@ -1,8 +1,10 @@
-"""In-process evaluation of a backbone under one or more pruning settings on a split in the LLaVA layout.
+"""The evaluation core: one chunk of questions under several pruning settings, in this process.
 
 Each batch of questions is encoded once (with the vision attention only if a pruner needs it); every
 setting ``(label, pruner, budget)`` then generates its answers from the same visual tokens. The
-records go to the benchmark's scorer (:mod:`tprl_ray.evaluation.metrics`).
+records go to the benchmark's scorer (:mod:`tprl_ray.evaluation.metrics`). The engine
+(:mod:`tprl_ray.evaluation.engine`) runs :func:`predict` on a Ray Data actor pool; :func:`evaluate`
+loops over a split in process (the tiny model's validation, tests).
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tprl_ray.backbones.base import Backbone
+from tprl_ray.backbones.backend import Backend
 from tprl_ray.data.layout import Sample, load_image
 from tprl_ray.evaluation.metrics import score_benchmark
-from tprl_ray.pruners.base import PruneBatch, Pruner
-from tprl_ray.pruners.registry import NoPruning
+from tprl_ray.pruners.base import NoPruning, PruneBatch, Pruner
 
 Setting = tuple[str, Pruner, float | int]
 
 
-def prune_batch(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], with_attention: bool,
+def prune_batch(backbone: Backend, split_dir: str | Path, chunk: list[Sample], with_attention: bool,
                 with_query: bool = False) -> PruneBatch:
     """Encode the chunk's images (each once) and gather per-question visual inputs."""
     names = sorted({s.image for s in chunk})
@@ -34,7 +35,7 @@ def prune_batch(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], 
 
 
 @torch.no_grad()
-def predict(backbone: Backbone, split_dir: str | Path, chunk: list[Sample], settings: list[Setting],
+def predict(backbone: Backend, split_dir: str | Path, chunk: list[Sample], settings: list[Setting],
             max_new_tokens: int = 8) -> dict[str, list[dict]]:
     """Per setting label, one record per question: id, category, prediction, answer, the visual
     tokens the LLM saw (average per layer for in-LLM pruning) and the question's extra fields."""
@@ -56,23 +57,14 @@ def summarize(benchmark: str, records: list[dict]) -> dict:
             "n": len(records), "metrics": metrics}
 
 
-def evaluate_settings(backbone: Backbone, split_dir: str | Path, samples: list[Sample], settings: list[Setting],
-                      benchmark: str = "digits", batch_size: int = 64, max_new_tokens: int = 8,
-                      progress: bool = False) -> dict[str, dict]:
-    """Every setting on every sample, in process; ``{label: summarize(...)}``."""
-    records: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
-    for start in tqdm(range(0, len(samples), batch_size), desc=f"eval {len(settings)} setting(s)", unit="batch",
-                      disable=not progress, leave=False):
-        for label, rows in predict(backbone, split_dir, samples[start:start + batch_size], settings,
-                                   max_new_tokens).items():
-            records[label] += rows
-    return {label: summarize(benchmark, rows) for label, rows in records.items()}
-
-
-def evaluate(backbone: Backbone, split_dir: str | Path, samples: list[Sample], pruner: Pruner | None = None,
+def evaluate(backbone: Backend, split_dir: str | Path, samples: list[Sample], pruner: Pruner | None = None,
              budget: float | int = 1.0, batch_size: int = 64, progress: bool = False,
              benchmark: str = "digits") -> dict:
-    """One setting (the unpruned model when ``pruner`` is None); see :func:`summarize`."""
+    """One setting (the unpruned model when ``pruner`` is None) over ``samples`` in this process; see
+    :func:`summarize`."""
     setting = ("run", pruner or NoPruning(), budget)
-    return evaluate_settings(backbone, split_dir, samples, [setting], benchmark, batch_size,
-                             progress=progress)["run"]
+    records = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress,
+                      leave=False):
+        records += predict(backbone, split_dir, samples[start:start + batch_size], [setting])["run"]
+    return summarize(benchmark, records)

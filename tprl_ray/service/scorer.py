@@ -1,9 +1,9 @@
-"""The reward service: LVLM replicas behind Ray Serve, scoring keep masks by sample id.
+"""The model service's scorer: LVLM replicas behind Ray Serve, scoring keep masks by sample id (the PPO reward).
 
 Each env step sends one request: the sub-envs' sample ids and keep masks over original token
 indices (``uint8 [B, N]``). ``@serve.batch`` merges the requests of every env runner that arrive
 within ``batch_wait_s``; the replica then projects the cached pre-projector features of the kept
-tokens and scores the reference answers in chunks of ``chunk`` samples. Features are read from the
+tokens and scores the reference answers in chunks of ``pool.batch_size`` samples. Features are read from the
 precompute shards on first use and kept in an LRU cache of ``cache_shards`` shards, so callers move
 ids, never tensors.
 
@@ -25,31 +25,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, Field
-
 from ray import serve
+
+from tprl_ray.service.config import ScorerConfig
 
 APP = "tprl-scorer"
 DEPLOYMENT = "Scorer"
-
-
-class ScorerConfig(BaseModel):
-    """The scorer pool: model, data, replicas and batching."""
-
-    model: str = Field("embedded", description="LLaVA checkpoint directory, hub id or 'embedded'")
-    dtype: str = "float32"
-    device: str = Field("auto", description="auto: cuda when the replica has a GPU, else cpu")
-    replicas: int = Field(1, ge=1)
-    cpus_per_replica: float = Field(0.5, gt=0)
-    gpus_per_replica: float | None = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0")
-    resources: dict[str, float] = Field({}, description="custom Ray resources per replica, e.g. "
-                                       "{scorer_slot: 1} to pin replicas to GPU scorer nodes")
-    threads: int = Field(2, ge=1, description="torch CPU threads per replica")
-    max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
-    batch_wait_s: float = Field(0.01, ge=0)
-    chunk: int = Field(64, ge=1, description="samples per forward pass")
-    cache_shards: int = Field(64, ge=1, description="precompute shards kept in memory per replica")
-    retries: int = Field(5, ge=0, description="Ray task retries of a request whose replica died")
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64)
@@ -57,11 +38,11 @@ class Scorer:
     def __init__(self, cfg: dict, data: str):
         from ray.util import metrics
 
-        from tprl_ray.backbones.load import BackboneConfig, load_backbone
+        from tprl_ray.backbones.load import load_backbone
 
         self.cfg = ScorerConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.threads)
-        self.backbone = load_backbone(BackboneConfig(path=self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device))
+        self.backbone = load_backbone(self.cfg.backbone)
         self.shards = sorted((Path(data) / "shards").glob("*.parquet"))
         self.index = {}
         for s, shard in enumerate(self.shards):
@@ -99,9 +80,9 @@ class Scorer:
 
     def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logps, correct = [], []
-        for start in range(0, len(ids), self.cfg.chunk):
-            features, questions, answers = self._rows(ids[start:start + self.cfg.chunk])
-            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start:start + self.cfg.chunk]]
+        for start in range(0, len(ids), self.cfg.pool.batch_size):
+            features, questions, answers = self._rows(ids[start:start + self.cfg.pool.batch_size])
+            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start:start + self.cfg.pool.batch_size]]
             logp, ok = self.backbone.score(questions, answers, self.backbone.project(features), keep)
             logps.append(logp.numpy())
             correct.append(ok.numpy())
@@ -146,8 +127,8 @@ def start_scorer(cfg: ScorerConfig, data: Path) -> None:
 
     serve.start(proxy_location="Disabled")
     deployment = Scorer.options(
-        num_replicas=cfg.replicas, max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus_per_actor(cfg.gpus_per_replica),
+        num_replicas=cfg.pool.size, max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
+        ray_actor_options={"num_cpus": cfg.pool.cpus, "num_gpus": gpus_per_actor(cfg.pool.gpus),
                            "resources": cfg.resources})
     app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))
     serve.run(app, name=APP, route_prefix=None)

@@ -1,0 +1,1 @@
+"""What stages write and read back: atomic files, the exported-module format, the resume-identity check."""

@@ -1,0 +1,46 @@
+"""The backend seam: what the scorer, the evaluation engine and the input pruners ask of a model.
+
+A backend serves one vision-language model: it encodes images into visual tokens, scores reference
+answers given each sample's kept tokens (one batched prefill) and generates from kept tokens. The
+Hugging Face adapters (:class:`tprl_ray.backbones.base.Backbone`) implement it; another backend
+(vLLM) registers a loader in :data:`tprl_ray.backbones.load.BACKENDS`. FastV and other in-LLM
+pruners drive the decoder layers themselves and need the ``hf`` backend.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from tprl_ray.backbones.base import Grid, VisualTokens
+
+
+class Backend(Protocol):
+    """One loaded vision-language model, driven with kept-token indices."""
+
+    device: torch.device
+
+    @property
+    def config(self):
+        """The model's transformers config (its family and sizes: FLOPs, KV cache)."""
+
+    def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
+        """One vision pass over ``images``: LLM-ready tokens, policy features, attention, grids."""
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """LLM-ready visual tokens from stored pre-projector features."""
+
+    def query_embedding(self, question: str) -> torch.Tensor:
+        """The MDP's query vector for ``question``."""
+
+    def text_tokens(self, question: str) -> int:
+        """Prompt text tokens around the image."""
+
+    def score(self, questions: list[str], answers: list[str], tokens, keep: list[torch.Tensor] | None = None,
+              grids: list[Grid] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: mean answer log-likelihood and whether greedy decoding reproduces the answer."""
+
+    def generate(self, questions: list[str], tokens, keep: list[torch.Tensor] | None = None,
+                 grids: list[Grid] | None = None, max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers from each sample's kept visual tokens."""

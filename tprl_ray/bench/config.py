@@ -1,0 +1,77 @@
+"""Configurations of the benchmarks (`tprl bench ...`): each prints a table and writes JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
+
+
+class WorkloadBenchConfig(StageConfig):
+    """What the model benches share: the models to time, kept fractions, device and dtype."""
+
+    models: list[str] = Field(["tiny", "llava-7b-shape"], description="tiny and/or llava-7b-shape")
+    fractions: list[float] = Field([1.0, 0.25], description="kept fractions of the visual tokens")
+    decoder_layers: int = Field(1, ge=1, description="decoder layers of the 7B-shaped model")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    device: str = Field("auto", description="torch device of the models: 'auto' (CUDA when present), 'cpu', ...")
+    dtype: Dtype = Field("float32", description="weights and visual tokens of the models")
+
+
+class ScorerBenchConfig(WorkloadBenchConfig):
+    """`tprl bench scorer`: what to time and where to write the JSON."""
+
+    out: Path = Field(Path("runs/bench/scorer.json"), description="JSON result file")
+    batch_sizes: list[int] = Field([1, 8, 32, 64], description="batch sizes to time (tiny model)")
+    large_batch_sizes: list[int] = Field(
+        [1, 8], description="batch sizes for the 7B-shaped model (a batch of 64 full prompts is minutes on a CPU)")
+    min_seconds: float = Field(2.0, gt=0, description="time each cell for at least this long")
+
+
+class LatencyBenchConfig(WorkloadBenchConfig):
+    """`tprl bench latency`: what to time and where to write the JSON."""
+
+    out: Path = Field(Path("runs/bench/latency.json"), description="JSON result file")
+    decoder_layers: int = Field(2, ge=1, description="decoder layers of the 7B-shaped model")
+    new_tokens: int = Field(8, ge=1, description="decode steps timed after the prefill")
+    repeats: int = Field(5, ge=1, description="timings per cell (the median is reported)")
+
+
+class PrecomputeBenchConfig(RayConfig):
+    """`tprl bench precompute`: which split, how many questions, where to write."""
+
+    data: Path = Field(Path("runs/demo/data/train"), description="split directory (make demo builds it)")
+    limit: int = Field(2000, ge=1, description="questions to precompute with each engine")
+    work: Path = Field(Path("runs/bench/precompute-work"), description="scratch output (removed first)")
+    out: Path = Field(Path("runs/bench/precompute.json"), description="JSON result file")
+    shard_size: int = Field(256, ge=1)
+    pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool")
+    projected_samples: int = Field(50_000, ge=1)
+
+
+class PpoBenchConfig(RayConfig):
+    """`tprl bench ppo`."""
+
+    data: Path = Field(Path("runs/demo/precompute/train"), description="precompute dataset")
+    init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
+    out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
+    runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
+    scorer_threads: list[int] = Field([2], description="torch threads of the scorer replica to compare")
+    envs_per_runner: int = Field(64, ge=1)
+    warmup: int = Field(1, ge=0, description="untimed iterations first")
+    iterations: int = Field(4, ge=1, description="timed iterations")
+    ray_address: str | None = Field("local", description="'local': a private local Ray; None: join or start one")
+
+
+COMMANDS = (
+    Command(("bench", "ppo"), PpoBenchConfig, "tprl_ray.bench.ppo:command",
+            "PPO env steps/s and scorer busy fraction by env runners"),
+    Command(("bench", "scorer"), ScorerBenchConfig, "tprl_ray.bench.scorer:command",
+            "time batched pruned scoring (samples/s)"),
+    Command(("bench", "latency"), LatencyBenchConfig, "tprl_ray.bench.latency:command",
+            "measure prefill and per-token decode latency"),
+    Command(("bench", "precompute"), PrecomputeBenchConfig, "tprl_ray.bench.precompute:command",
+            "rows/s of the Ray precompute against a single-process loop; bytes per sample"),
+)

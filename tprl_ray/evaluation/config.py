@@ -1,0 +1,89 @@
+"""Configurations of evaluation (`tprl eval`), efficiency accounting (`tprl efficiency`) and reports (`tprl report`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+
+from tprl_ray.config import (
+    EMBEDDED_MODEL, PAPER_CONFIGS, BackboneConfig, Command, PoolConfig, RunConfig, StageConfig, known_name,
+)
+from tprl_ray.evaluation.metrics import BENCHMARKS
+from tprl_ray.pruners.registry import LEARNED, PRUNERS
+
+SHIPPED = {"embedded": EMBEDDED_MODEL, **PAPER_CONFIGS}
+
+BenchmarkName = Annotated[str, AfterValidator(lambda name: known_name("benchmark", name, BENCHMARKS))]
+
+
+class EvalConfig(RunConfig):
+    """`tprl eval`: a benchmark split unpruned and under every (pruner, budget) setting, on a Ray Data actor pool."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    data: Path = Field(Path("runs/demo/data/test"), description="split directory in the LLaVA layout")
+    benchmark: BenchmarkName = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")
+    pruners: list[str] = Field(["random"], min_length=1, description=f"any of {', '.join(PRUNERS)} (a,b,c)")
+    budgets: list[float] = Field([0.25], min_length=1, description="kept fractions (<= 1) or kept token counts (> 1)")
+    policies: dict[str, Path] = Field({}, description="directories of the learned pruners, e.g. tprl=runs/ppo "
+                                                      "(lfd default: the one shipped for the embedded model)")
+    out: Path = Field(Path("runs/eval/report.json"), description="report JSON (predictions beside it)")
+    limit: int = Field(0, ge=0, description="first N questions only (0: all)")
+    max_new_tokens: int = Field(8, ge=1)
+    pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
+
+    @field_validator("pruners", "policies")
+    @classmethod
+    def _known_pruners(cls, value, info: ValidationInfo):
+        for name in value:
+            known_name("pruner", name, PRUNERS if info.field_name == "pruners" else LEARNED)
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(b <= 0 for b in value):
+            raise ValueError(f"budgets {value} must be > 0")
+        return value
+
+
+def budget_value(budget: float) -> float | int:
+    """A budget as pruners take it: a kept fraction (<= 1) or a kept token count (> 1)."""
+    return budget if budget <= 1 else int(budget)
+
+
+def setting_label(pruner: str, budget: float) -> str:
+    """``vispruner_25`` for 25% of the tokens, ``vispruner_192t`` for 192 of them."""
+    return f"{pruner}_{round(budget * 100)}" if budget <= 1 else f"{pruner}_{int(budget)}t"
+
+
+class EfficiencyConfig(StageConfig):
+    """`tprl efficiency`: FLOPs and KV cache of one image + prompt, printed as JSON."""
+
+    model: str = Field("llava-1.5-7b", description=f"a shipped name ({', '.join(SHIPPED)}) or a config directory")
+    tokens: int = Field(576, ge=1, description="visual tokens kept (for fastv: kept after layer K)")
+    text_tokens: int = Field(0, ge=0, description="prompt text tokens")
+    new_tokens: int = Field(0, ge=0, description="decode steps after the prefill")
+    pruner: str = Field("none", description="adds the pruner's own FLOPs and per-layer tokens (fastv)")
+    full_tokens: int | None = Field(None, ge=1, description="tokens before pruning (default: LLaVA's patch "
+                                                            "count; Qwen: --tokens)")
+    bytes_per_value: int = Field(2, ge=1, description="2 for fp16/bf16 caches")
+
+
+class ReportConfig(StageConfig):
+    """`tprl report`: reports of `tprl eval` or `tprl pipeline` in, one table and one plot out."""
+
+    inputs: list[Path] = Field([Path("runs/demo/report.json")], description="report JSON files (a,b,c)")
+    out: Path = Field(Path("runs/report/report.md"), description="Markdown table; the plot is written beside it")
+    mlflow_uri: str | None = None
+
+
+COMMANDS = (
+    Command(("eval",), EvalConfig, "tprl_ray.evaluation.engine:command",
+            "evaluate a benchmark unpruned and under every (pruner, budget) on a Ray Data actor pool"),
+    Command(("efficiency",), EfficiencyConfig, "tprl_ray.evaluation.efficiency:command",
+            "FLOPs and KV-cache bytes of a model config, as JSON"),
+    Command(("report",), ReportConfig, "tprl_ray.evaluation.report:command",
+            "one table and a Pareto plot from reports"),
+)

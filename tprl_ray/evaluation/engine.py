@@ -1,0 +1,142 @@
+"""The evaluation engine: a benchmark split unpruned and under every (pruner, budget) setting.
+
+``tprl eval``, ``tprl pipeline`` and ``make demo`` all run :func:`run_eval`. Only question ids travel
+through Ray Data, in fixed chunks of ``pool.batch_size`` questions; each actor of the pool (one GPU
+per actor when the cluster has GPUs) loads the model once, encodes each chunk's images once and
+answers the chunk under every setting (:func:`tprl_ray.evaluation.predict.predict`). The driver joins
+the predictions with the answers, scores each setting with the benchmark's scorer and adds its
+FLOPs and KV cache: the report's rows. ``OUT`` (the report) and ``OUT.predictions.jsonl`` are written
+atomically and logged to MLflow with one metric per setting and field (``vispruner_25.accuracy``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.data.layout import read_split
+from tprl_ray.evaluation.config import EvalConfig, budget_value, setting_label
+from tprl_ray.evaluation.predict import Setting, predict, summarize
+from tprl_ray.evaluation.report import format_table, report_row
+from tprl_ray.pruners.registry import build_pruner
+
+LOGGED = ("accuracy", "relative", "avg_tokens", "flops")
+
+
+def settings(cfg: EvalConfig) -> list[Setting]:
+    """The unpruned setting ``none_100``, then every pruner at every budget."""
+    out: list[Setting] = [("none_100", build_pruner("none"), 1.0)]
+    for name in dict.fromkeys(n for n in cfg.pruners if n != "none"):
+        pruner = build_pruner(name, cfg.seed, cfg.policies.get(name))
+        out += [(setting_label(name, b), pruner, budget_value(b)) for b in cfg.budgets]
+    return out
+
+
+class Predictor:
+    """A Ray Data actor: one model replica answering chunks of question ids under every setting."""
+
+    def __init__(self, cfg: dict):
+        from tprl_ray.backbones.load import load_backbone
+
+        self.cfg = EvalConfig.model_validate(cfg)
+        self.backbone = load_backbone(self.cfg.backbone)
+        self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False)}
+        self.settings = settings(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = []
+        for ids in batch["question_ids"]:
+            chunk = [self.samples[str(q)] for q in ids]
+            for label, records in predict(self.backbone, self.cfg.data, chunk, self.settings,
+                                          self.cfg.max_new_tokens).items():
+                rows += [{"setting": label, "question_id": r["question_id"], "prediction": r["prediction"],
+                          "visual_tokens": float(r["visual_tokens"]),
+                          "text_tokens": self.backbone.text_tokens(self.samples[r["question_id"]].text)}
+                         for r in records]
+        return {key: [row[key] for row in rows] for key in ("setting", "question_id", "prediction", "visual_tokens",
+                                                           "text_tokens")}
+
+
+def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
+    """Every setting's prediction for every question, from the actor pool."""
+    import ray
+
+    from tprl_ray.ray_setup import gpus_per_actor, init_ray
+
+    init_ray(cfg.ray_address)
+    ds = ray.data.from_items([{"question_ids": ids} for ids in chunks])
+    return ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())}, batch_size=1,
+                          compute=ray.data.ActorPoolStrategy(size=cfg.pool.size), num_cpus=cfg.pool.cpus,
+                          num_gpus=gpus_per_actor(cfg.pool.gpus)).take_all()
+
+
+def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
+    """The report (rows with scores, relative scores, tokens, FLOPs and KV cache) and each setting's records."""
+    from transformers import AutoConfig
+
+    from tprl_ray.evaluation.efficiency import pruned_efficiency
+    from tprl_ray.pruners.base import budget_tokens
+
+    samples = read_split(cfg.data)  # validates everything (images included) before any actor starts
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    chunks = [[s.question_id for s in samples[i:i + cfg.pool.batch_size]]
+              for i in range(0, len(samples), cfg.pool.batch_size)]
+    by_setting: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in predictions(cfg, chunks):
+        by_setting[row["setting"]][row["question_id"]] = row
+    chosen = settings(cfg)
+    records = {}
+    for label, _, _ in chosen:
+        rows = by_setting[label]
+        missing = [s.question_id for s in samples if s.question_id not in rows]
+        if missing:
+            raise RuntimeError(f"{label}: no prediction for {len(missing)} question(s), e.g. {missing[:3]}")
+        records[label] = [{**s.extra, "question_id": s.question_id, "category": s.category, "answer": s.answer,
+                           "prediction": rows[s.question_id]["prediction"],
+                           "visual_tokens": float(rows[s.question_id]["visual_tokens"])} for s in samples]
+    summaries = {label: summarize(cfg.benchmark, recs) for label, recs in records.items()}
+    base = summaries["none_100"]
+    full_tokens = round(base["avg_tokens"])
+    text = by_setting["none_100"]
+    text_tokens = round(sum(text[s.question_id]["text_tokens"] for s in samples) / len(samples))
+    config = AutoConfig.from_pretrained(cfg.backbone.resolved_path())
+    rows = []
+    for label, pruner, budget in chosen:
+        cost = pruned_efficiency(config, pruner, full_tokens, budget_tokens(budget, full_tokens), text_tokens)
+        rows.append(report_row(label, pruner.name, budget, summaries[label], base,
+                               {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6}))
+    report = {"benchmark": cfg.benchmark, "model": str(cfg.backbone.resolved_path()), "data": str(cfg.data),
+              "n": len(samples), "text_tokens": text_tokens, "rows": rows}
+    return report, records
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """:func:`evaluate`, then the report and the predictions written and logged to MLflow (a child run
+    ``evaluation`` inside a pipeline run)."""
+    import mlflow
+
+    from tprl_ray.tracking import mlflow_run
+
+    print(f"[eval] {cfg.benchmark}: {len(cfg.pruners)} pruner(s) x {len(cfg.budgets)} budget(s) on "
+          f"{cfg.pool.size} actor(s)")
+    report, records = evaluate(cfg)
+    predictions_path = cfg.out.with_suffix(".predictions.jsonl")
+    atomic_write_bytes(predictions_path, "".join(
+        json.dumps({"setting": label, **r}) + "\n" for label, recs in records.items() for r in recs).encode())
+    atomic_write_bytes(cfg.out, json.dumps(report, indent=2).encode())
+    with mlflow_run(cfg.out.parent, "tprl-eval", "evaluation", cfg.mlflow_uri, params=cfg.flat()):
+        for row in report["rows"]:
+            mlflow.log_metrics({f"{row['label']}.{key}": row[key] for key in LOGGED})
+        mlflow.log_artifact(str(cfg.out))
+        mlflow.log_artifact(str(predictions_path))
+    return report
+
+
+def command(cfg: EvalConfig) -> None:
+    """`tprl eval`: the table on stdout."""
+    print(format_table(run_eval(cfg)))
+    print(f"wrote {cfg.out} and {cfg.out.with_suffix('.predictions.jsonl')}")

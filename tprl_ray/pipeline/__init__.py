@@ -1,0 +1,1 @@
+"""The whole pipeline: `tprl pipeline`, `pipelines/full.py`, `make demo`."""

@@ -1,0 +1,104 @@
+"""`tprl pipeline` / `pipelines/full.py` / `make demo`: the whole pipeline, by default on the embedded model.
+
+Builds the digits benchmark and obtains the tiny LLaVA (the shipped checkpoint, or trains one). With
+``policy: train`` (the default) it then runs every stage into ``OUT``: precompute of the train and
+val splits (Ray Data), the autoencoder and the LfD policy (Ray Train), PPO against the scorer
+service (RLlib, Ray Serve). Finally the evaluation engine runs the held-out test split unpruned and
+with every pruner at every budget (``lfd`` and ``tprl`` are the policies just trained): a table with
+each setting's FLOPs and KV cache, ``OUT/report.json`` and the Pareto plot ``OUT/pareto.png``. One
+MLflow parent run holds every stage as a child run (sqlite ``OUT/mlflow.db`` by default); PPO
+registers the pruner as a model version. A re-run with the same ``OUT`` resumes or skips finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tprl_ray.backbones.base import BackboneError
+from tprl_ray.config import EMBEDDED_MODEL
+from tprl_ray.data.config import DigitsConfig
+from tprl_ray.data.digits import build_digits
+from tprl_ray.data.layout import DataError
+from tprl_ray.evaluation.engine import run_eval
+from tprl_ray.evaluation.report import format_table, pareto_plot
+from tprl_ray.pipeline.config import PipelineConfig, stage_configs
+from tprl_ray.tracking import pipeline_run, tracking_uri
+
+
+def prepare_data(cfg: PipelineConfig) -> Path:
+    if cfg.data is not None:
+        missing = [split for split in ("train", "val", "test") if not (cfg.data / split).is_dir()]
+        if missing:
+            raise DataError(f"{cfg.data}: no {', '.join(missing)} split(s)")
+        print(f"[pipeline] data: {cfg.data}")
+        return cfg.data
+    data_cfg = DigitsConfig(out=cfg.out / "data", seed=cfg.seed)
+    meta = data_cfg.out / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text())["config"] == json.loads(data_cfg.model_dump_json()):
+        print(f"[pipeline] data: reusing {data_cfg.out}")
+    else:
+        print(f"[pipeline] data: building {data_cfg.out}")
+        build_digits(data_cfg)
+    return data_cfg.out
+
+
+def prepare_model(cfg: PipelineConfig, data: Path) -> Path:
+    if cfg.backbone.path == "train":
+        from tprl_ray.models.config import TinyModelConfig
+        from tprl_ray.models.train_tiny import train_tiny
+
+        model_cfg = TinyModelConfig(data=data, out=cfg.out / "model", seed=cfg.seed)
+        print(f"[pipeline] model: training {model_cfg.out}")
+        train_tiny(model_cfg)
+        return model_cfg.out
+    path = EMBEDDED_MODEL if cfg.backbone.path == "embedded" else Path(cfg.backbone.path)
+    card = path / "tprl_model_card.json"
+    if card.is_file() and (data / "meta.json").is_file():
+        trained_on = json.loads(card.read_text())["benchmark"]["test_pool_fingerprint"]
+        if trained_on != json.loads((data / "meta.json").read_text())["test_pool_fingerprint"]:
+            raise BackboneError(f"{path} was trained on a benchmark with another digit split "
+                                f"(seed); its test digits would leak. Use --backbone.path train.")
+    print(f"[pipeline] model: {path}")
+    return path
+
+
+def train_policies(stages: dict) -> None:
+    """Precompute, autoencoder, LfD and PPO into the pipeline's output directory."""
+    from tprl_ray.precompute.job import run_precompute
+    from tprl_ray.rl.train import train_ppo
+    from tprl_ray.training.autoencoder import train_autoencoder
+    from tprl_ray.training.lfd import train_lfd
+
+    for split in ("train", "val"):
+        print(f"[pipeline] precompute: {split}")
+        run_precompute(stages[f"precompute_{split}"])
+    print("[pipeline] autoencoder (Ray Train)")
+    train_autoencoder(stages["autoencoder"])
+    print("[pipeline] LfD policy (Ray Train)")
+    train_lfd(stages["lfd"])
+    print("[pipeline] PPO (RLlib, Ray Serve scorer)")
+    train_ppo(stages["ppo"])
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Every stage as a child run of one MLflow pipeline run; writes ``report.json`` and ``pareto.png``."""
+    import mlflow
+
+    with pipeline_run(cfg.out, cfg.experiment, "pipeline", cfg.mlflow_uri, params=cfg.flat()):
+        data = prepare_data(cfg)
+        stages = stage_configs(cfg, data, prepare_model(cfg, data))
+        if cfg.policy == "train":
+            train_policies(stages)
+        report = run_eval(stages["evaluation"])
+        pareto_plot(report, cfg.out / "pareto.png")
+        mlflow.log_artifact(str(cfg.out / "pareto.png"))
+    print(format_table(report))
+    print(f"[pipeline] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
+          f"MLflow store {tracking_uri(cfg.out, cfg.mlflow_uri)}, experiment {cfg.experiment!r}")
+    return report
+
+
+def command(cfg: PipelineConfig) -> None:
+    """`tprl pipeline`."""
+    run_pipeline(cfg)

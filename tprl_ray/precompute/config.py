@@ -1,0 +1,41 @@
+"""Configuration of the precompute stage (`tprl precompute`, `pipelines/precompute.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from tprl_ray.config import BackboneConfig, Command, PoolConfig, RayConfig
+
+
+def check_schedule(schedule: list[float]) -> list[float]:
+    """A demonstration schedule: pruned fractions starting at 0.0, non-decreasing, below 1."""
+    if len(schedule) < 2 or schedule[0] != 0.0 or any(not 0.0 <= f < 1.0 for f in schedule) \
+            or list(schedule) != sorted(schedule):
+        raise ValueError(f"demonstration schedule {schedule} must start at 0.0 (no pruning) and continue with at "
+                         f"least one more non-decreasing pruned fraction below 1")
+    return list(schedule)
+
+
+class PrecomputeConfig(RayConfig):
+    """`tprl precompute` / `pipelines/precompute.py`: one split in, one Parquet dataset out."""
+
+    data: Path = Field(Path("runs/demo/data/train"), description="split directory in the LLaVA layout")
+    out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
+    backbone: BackboneConfig = BackboneConfig()
+    pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
+    demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
+    shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
+    decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")
+    limit: int = Field(0, ge=0, description="first N questions only (0: all)")
+
+    @field_validator("demo_schedule")
+    @classmethod
+    def _schedule(cls, value: list[float]) -> list[float]:
+        return check_schedule(value)
+
+
+COMMANDS = (Command(("precompute",), PrecomputeConfig, "tprl_ray.precompute.job:command",
+                    "features, query embeddings, scores and demonstrations to Parquet (Ray Data)"),)

@@ -1,0 +1,82 @@
+"""Configurations of the PPO stage (`tprl train ppo`, `pipelines/ppo.py`) and its MDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tprl_ray.config import Command, RunConfig, Section
+from tprl_ray.service.config import ScorerConfig
+
+
+class EnvConfig(Section):
+    """The MDP (defaults: docs/design.md §1.2)."""
+
+    t_max: int = Field(3, ge=1, description="steps per episode")
+    alpha: float = Field(1.0, description="weight of the score difference")
+    beta: float = Field(0.1, description="weight of the pruned fraction")
+    reward: Literal["sample", "batch", "group"] = Field(
+        "group", description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
+                              "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)")
+    group_size: int = Field(8, ge=2, description="reward=group: sub-envs playing the same sample")
+    score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
+                                                                         "or greedy-correct (0/1)")
+
+    def check_envs(self, num_envs: int, what: str = "sub-envs") -> None:
+        """reward=group plays whole groups: ``num_envs`` must be a multiple of ``group_size``."""
+        if self.reward == "group" and num_envs % self.group_size:
+            raise ValueError(f"reward=group: {what} ({num_envs}) must be a multiple of group_size ({self.group_size})")
+
+
+class PpoConfig(RunConfig):
+    """`tprl train ppo` (defaults: docs/design.md §1.5; 60 iterations, the demo's)."""
+
+    data: Path = Field(Path("runs/precompute/train"), description="precompute dataset to train on")
+    val_data: Path | None = Field(None, description="precompute dataset to calibrate tau on (default: data)")
+    init: Path | None = Field(Path("runs/train/lfd"), description="LfD export to start from (None: from scratch)")
+    autoencoder: Path | None = Field(None, description="autoencoder directory (default: the copy in init)")
+    out: Path = Field(Path("runs/train/ppo"), description="output directory")
+    iterations: int = Field(60, ge=1, description="PPO iterations (a re-run continues up to this count)")
+    env: EnvConfig = EnvConfig()
+    scorer: ScorerConfig = ScorerConfig()
+    lambda_disc: float = Field(0.5, gt=0, le=1, description="step discount of the keep probability")
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.01
+    lr: float = Field(3e-4, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    epochs: int = Field(4, ge=1, description="PPO epochs per iteration")
+    minibatch_size: int = Field(128, ge=1)
+    train_batch_size: int = Field(768, ge=1, description="env steps per iteration")
+    env_runners: int = Field(1, ge=1)
+    envs_per_runner: int = Field(64, ge=1)
+    cpus_per_runner: float = Field(0.5, gt=0)
+    attention: bool = Field(True, description="without init: False is the MLP-only ablation")
+    heads: int = Field(4, ge=1)
+    hidden: int = Field(256, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
+    registered_model: str | None = Field("tprl-pruner", description="MLflow model the export is registered as "
+                                                                     "(None: not registered)")
+
+    @model_validator(mode="after")
+    def _needs_an_autoencoder(self):
+        if self.init is None and self.autoencoder is None:
+            raise ValueError("from scratch (init: null) the autoencoder directory must be given")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        self.env.check_envs(self.envs_per_runner, "envs_per_runner")
+        return self
+
+    def autoencoder_dir(self) -> Path:
+        return self.autoencoder or self.init
+
+
+COMMANDS = (Command(("train", "ppo"), PpoConfig, "tprl_ray.rl.train:command",
+                    "fine-tune the policy with PPO against the scorer (RLlib, Serve)"),)

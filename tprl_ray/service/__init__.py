@@ -1,0 +1,1 @@
+"""The model service: LVLM replicas behind Ray Serve (today the PPO scorer)."""
