@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -52,8 +52,9 @@ def precomputed(digits_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pc")
     for split in ("train", "val"):
-        run_precompute(PrecomputeConfig(data=digits_dir / split, out=out / split, shard_size=64), progress=False,
-                       engine="local")
+        run_precompute(
+            PrecomputeConfig(data=digits_dir / split, out=out / split, shard_size=64), progress=False, engine="local"
+        )
     return out
 
 
@@ -69,19 +70,41 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a private test head; the CLI would ot
 
 
 @contextlib.contextmanager
-def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None,
-             port: int | None = None) -> Iterator[str]:
+def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with its own ports and temp dir, in its own process group; yields its
     GCS address. Stopped by SIGTERM to `ray start`, then SIGKILL to that group (never `ray stop`, which stops
     every Ray on the host)."""
     port = port or free_port()
-    own = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "metrics-export-port", "runtime-env-agent-port",
-                                                  "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *own, *args]
-    head = subprocess.Popen(cmd, env={**os.environ, **RAY_ENV, **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        *own,
+        *args,
+    ]
+    head = subprocess.Popen(
+        cmd,
+        env={**os.environ, **RAY_ENV, **(env or {})},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -94,8 +117,15 @@ def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None,
             os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
 
 
-PIPELINE_JOB = {"budgets": [0.25], "pruners": ["vispruner", "lfd", "tprl"], "train_questions": 96,
-                "eval_questions": 64, "autoencoder": {"epochs": 1}, "lfd": {"epochs": 1}, "ppo": {"iterations": 1}}
+PIPELINE_JOB = {
+    "budgets": [0.25],
+    "pruners": ["vispruner", "lfd", "tprl"],
+    "train_questions": 96,
+    "eval_questions": 64,
+    "autoencoder": {"epochs": 1},
+    "lfd": {"epochs": 1},
+    "ppo": {"iterations": 1},
+}
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +141,26 @@ def pipeline_job(tmp_path_factory):
     config.write_text(yaml.safe_dump({**PIPELINE_JOB, "out": str(out / "run")}))
     dashboard = free_port()
     repo = Path(__file__).resolve().parent.parent
-    with ray_head(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), "--num-cpus=2", "--include-dashboard=true",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"):
-        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                  "--working-dir", str(repo), "--", sys.executable, "pipelines/full.py", "--config", str(config)]
+    with ray_head(
+        Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")),
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+    ):
+        submit = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(repo),
+            "--",
+            sys.executable,
+            "pipelines/full.py",
+            "--config",
+            str(config),
+        ]
         for _ in range(60):  # the job server and its agent answer some seconds after the head
             proc = subprocess.run(submit, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=1200)
             if not any(m in proc.stdout + proc.stderr for m in ("Failed to connect", "No available agent")):

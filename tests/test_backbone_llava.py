@@ -8,8 +8,9 @@ from tprl_ray.backbones.llava import BackboneError, LlavaBackbone
 from tprl_ray.data.layout import load_image, read_split
 from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
 
-SIZE = TinyLlavaSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
-                     text_heads=2, text_intermediate=64)
+SIZE = TinyLlavaSize(
+    vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_all_tokens_kept_equals_stock_forward(backbone, batch):
         with torch.no_grad():
             logits = backbone.model(**enc).logits[0]
         answer_tok = backbone.answer_ids(s.text, s.answer)[:-1]
-        rows = torch.log_softmax(logits[-len(answer_tok) - 1:-1], -1)
+        rows = torch.log_softmax(logits[-len(answer_tok) - 1 : -1], -1)
         expected = rows.gather(1, torch.tensor(answer_tok)[:, None]).mean()
         assert logp[i].item() == pytest.approx(expected.item(), abs=1e-4)
 
@@ -45,14 +46,14 @@ def test_mixed_keep_counts_match_one_by_one(backbone, batch):
     features = backbone.encode(images).llm_tokens
     n = features.shape[1]
     gen = torch.Generator().manual_seed(0)
-    keep = [torch.randperm(n, generator=gen)[: k] for k in (1, 5, 16, 33, 64, 20)]
+    keep = [torch.randperm(n, generator=gen)[:k] for k in (1, 5, 16, 33, 64, 20)]
     qs, ans = [s.text for s in samples], [s.answer for s in samples]
     logp, correct = backbone.score(qs, ans, features, keep)
     texts = backbone.generate(qs, features, keep)
     for i in range(len(samples)):
-        lp, c = backbone.score(qs[i:i + 1], ans[i:i + 1], features[i:i + 1], keep[i:i + 1])
+        lp, c = backbone.score(qs[i : i + 1], ans[i : i + 1], features[i : i + 1], keep[i : i + 1])
         assert logp[i].item() == pytest.approx(lp.item(), abs=1e-4) and correct[i] == c[0]
-        assert texts[i] == backbone.generate(qs[i:i + 1], features[i:i + 1], keep[i:i + 1])[0]
+        assert texts[i] == backbone.generate(qs[i : i + 1], features[i : i + 1], keep[i : i + 1])[0]
 
 
 def test_keep_order_does_not_matter_raster_order_is_used(backbone, batch):
@@ -71,7 +72,7 @@ def test_generate_matches_stock_generate(backbone, batch):
     for i, s in enumerate(samples):
         enc = backbone.processor(images=[images[i]], text=[backbone.prompt(s.text)], return_tensors="pt")
         out = backbone.model.generate(**enc, max_new_tokens=4, do_sample=False)
-        stock = backbone.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        stock = backbone.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         assert ours[i] == stock.strip()
 
 
@@ -111,7 +112,7 @@ def test_encode_gives_tokens_features_and_cls_attention(backbone, batch):
         heads, dim = attn.num_heads, attn.head_dim
         q = attn.q_proj(x).view(len(images), -1, heads, dim).transpose(1, 2)
         k = attn.k_proj(x).view(len(images), -1, heads, dim).transpose(1, 2)
-        weights = torch.softmax(q @ k.transpose(-1, -2) * dim ** -0.5, dim=-1).mean(dim=1)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * dim**-0.5, dim=-1).mean(dim=1)
         features = layers[feature_layer](hidden, attention_mask=None)[:, 1:]
     torch.testing.assert_close(out.attention, weights[:, 0, 1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.features, features, atol=1e-5, rtol=0)
@@ -142,8 +143,9 @@ def test_loading_mismatched_or_foreign_checkpoints_fails_clearly(backbone, tmp_p
     with pytest.raises(BackboneError, match="model type 'llama' is not a LLaVA checkpoint"):
         LlavaBackbone.from_pretrained(tmp_path / "llama")
     (tmp_path / "bare").mkdir()
-    (tmp_path / "bare" / "config.json").write_text(json.dumps(json.loads(
-        (tmp_path / "ok" / "config.json").read_text())))
+    (tmp_path / "bare" / "config.json").write_text(
+        json.dumps(json.loads((tmp_path / "ok" / "config.json").read_text()))
+    )
     with pytest.raises(BackboneError, match="no loadable weights"):
         LlavaBackbone.from_pretrained(tmp_path / "bare")
 
@@ -157,9 +159,11 @@ def test_checkpoints_load_with_vicuna_v1_prompts_and_pad_to_square(backbone, tmp
     loaded = load_backbone(BackboneConfig(path=str(tmp_path)))  # no tprl model card: a hub-style LLaVA-1.5
     assert loaded.prompt("what ?") == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the human's questions. USER: <image>\nwhat ? ASSISTANT:")
-    assert load_backbone(BackboneConfig(path=str(tmp_path), prompt_format="chat_template")).prompt("what ?") == \
-        backbone.prompt("what ?")
+        "detailed, and polite answers to the human's questions. USER: <image>\nwhat ? ASSISTANT:"
+    )
+    assert load_backbone(BackboneConfig(path=str(tmp_path), prompt_format="chat_template")).prompt(
+        "what ?"
+    ) == backbone.prompt("what ?")
     # a 96x48 image is padded with the mean colour (0.5 -> 127) to 96x96 before the resize
     wide = Image.new("RGB", (96, 48), (255, 0, 0))
     square = Image.new("RGB", (96, 96), (127, 127, 127))

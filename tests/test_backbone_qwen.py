@@ -46,12 +46,17 @@ def stock_inputs(backbone, images, texts, grids):
     for text, (rows, cols) in zip(texts, grids):
         raw = backbone.tokenizer(text)["input_ids"]
         cut = raw.index(pad)
-        ids.append(raw[:cut] + [pad] * (rows * cols) + raw[cut + 1:])
+        ids.append(raw[:cut] + [pad] * (rows * cols) + raw[cut + 1 :])
     width = max(map(len, ids))
     input_ids = torch.tensor([[backbone.tokenizer.pad_token_id] * (width - len(r)) + r for r in ids])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
-    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw,
-                mm_token_type_ids=(input_ids == pad).int())
+    return dict(
+        input_ids=input_ids,
+        attention_mask=mask,
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        mm_token_type_ids=(input_ids == pad).int(),
+    )
 
 
 def test_dynamic_token_counts_and_grids(backbone, batch):
@@ -66,14 +71,17 @@ def test_dynamic_token_counts_and_grids(backbone, batch):
 def test_all_tokens_kept_equals_stock_forward(backbone, batch):
     samples, images = batch
     visual = backbone.encode(images)
-    logp, _ = backbone.score([s.text for s in samples], [s.answer for s in samples], visual.llm_tokens,
-                             grids=visual.grids)
+    logp, _ = backbone.score(
+        [s.text for s in samples], [s.answer for s in samples], visual.llm_tokens, grids=visual.grids
+    )
     for i, s in enumerate(samples):
         text = backbone.prompt(s.text) + s.answer
         with torch.no_grad():
-            logits = backbone.model(**stock_inputs(backbone, images[i:i + 1], [text], visual.grids[i:i + 1])).logits[0]
+            logits = backbone.model(
+                **stock_inputs(backbone, images[i : i + 1], [text], visual.grids[i : i + 1])
+            ).logits[0]
         answer = backbone.answer_ids(s.text, s.answer)[:-1]
-        rows = torch.log_softmax(logits[-len(answer) - 1:-1], -1)
+        rows = torch.log_softmax(logits[-len(answer) - 1 : -1], -1)
         expected = rows.gather(1, torch.tensor(answer)[:, None]).mean()
         assert logp[i].item() == pytest.approx(expected.item(), abs=1e-4)
 
@@ -87,13 +95,19 @@ def test_kept_tokens_keep_their_positions_in_the_full_sequence(backbone, batch):
     pruned = backbone.build_inputs(questions, visual.llm_tokens, keep, grids=visual.grids)
     full = stock_inputs(backbone, images, [backbone.prompt(q) for q in questions], visual.grids)
     reference, _ = backbone.model.model.get_rope_index(
-        full["input_ids"], full["mm_token_type_ids"], full["image_grid_thw"], attention_mask=full["attention_mask"])
+        full["input_ids"], full["mm_token_type_ids"], full["image_grid_thw"], attention_mask=full["attention_mask"]
+    )
     for i, q in enumerate(questions):
         before, after = backbone._prompt_ids(q)
         n = len(visual.llm_tokens[i])
         real = full["attention_mask"][i].bool()
-        kept_index = torch.cat([torch.arange(len(before)), len(before) + torch.sort(keep[i]).values,
-                                len(before) + n + torch.arange(len(after))])
+        kept_index = torch.cat(
+            [
+                torch.arange(len(before)),
+                len(before) + torch.sort(keep[i]).values,
+                len(before) + n + torch.arange(len(after)),
+            ]
+        )
         expected = reference[:, i, real][:, kept_index]
         assert torch.equal(pruned.position_ids[:, i, pruned.attention_mask[i].bool()], expected)
 
@@ -107,10 +121,10 @@ def test_mixed_sizes_and_keep_counts_match_one_by_one(backbone, batch):
     logp, correct = backbone.score(qs, ans, visual.llm_tokens, keep, grids)
     texts = backbone.generate(qs, visual.llm_tokens, keep, grids, max_new_tokens=4)
     for i in range(len(samples)):
-        one = (visual.llm_tokens[i:i + 1], keep[i:i + 1], grids[i:i + 1])
-        lp, c = backbone.score(qs[i:i + 1], ans[i:i + 1], *one)
+        one = (visual.llm_tokens[i : i + 1], keep[i : i + 1], grids[i : i + 1])
+        lp, c = backbone.score(qs[i : i + 1], ans[i : i + 1], *one)
         assert logp[i].item() == pytest.approx(lp.item(), abs=1e-4) and correct[i] == c[0]
-        assert texts[i] == backbone.generate(qs[i:i + 1], *one, max_new_tokens=4)[0]
+        assert texts[i] == backbone.generate(qs[i : i + 1], *one, max_new_tokens=4)[0]
 
 
 def test_generate_matches_stock_generate(backbone, batch):
@@ -118,10 +132,15 @@ def test_generate_matches_stock_generate(backbone, batch):
     visual = backbone.encode(images)
     ours = backbone.generate([s.text for s in samples], visual.llm_tokens, grids=visual.grids, max_new_tokens=4)
     for i, s in enumerate(samples):
-        inputs = stock_inputs(backbone, images[i:i + 1], [backbone.prompt(s.text)], visual.grids[i:i + 1])
-        out = backbone.model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=backbone.end_id,
-                                      pad_token_id=backbone.tokenizer.pad_token_id)
-        stock = out[0, inputs["input_ids"].shape[1]:].tolist()
+        inputs = stock_inputs(backbone, images[i : i + 1], [backbone.prompt(s.text)], visual.grids[i : i + 1])
+        out = backbone.model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=backbone.end_id,
+            pad_token_id=backbone.tokenizer.pad_token_id,
+        )
+        stock = out[0, inputs["input_ids"].shape[1] :].tolist()
         stock = stock[: stock.index(backbone.end_id)] if backbone.end_id in stock else stock
         assert ours[i] == backbone.tokenizer.decode(stock, skip_special_tokens=True).strip()
 
@@ -133,7 +152,7 @@ def test_encode_returns_raster_order_and_the_attention_each_group_receives(batch
     _, images = batch
     windowed = make_backbone(full_attention=True)
     reference = copy.deepcopy(windowed)
-    reference.model.model.visual.window_size = 10 ** 4
+    reference.model.model.visual.window_size = 10**4
     recorded = []
 
     def recording(module, query, key, value, attention_mask, **kwargs):

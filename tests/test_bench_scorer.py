@@ -7,15 +7,19 @@ from tprl_ray.bench.scorer import format_bench, run_scorer_bench
 
 
 def test_scorer_bench_writes_rows_and_ratios(tmp_path):
-    cfg = ScorerBenchConfig(out=tmp_path / "scorer.json", models=["tiny"], batch_sizes=[1, 4],
-                            fractions=[1.0, 0.25], min_seconds=0.05)
+    cfg = ScorerBenchConfig(
+        out=tmp_path / "scorer.json", models=["tiny"], batch_sizes=[1, 4], fractions=[1.0, 0.25], min_seconds=0.05
+    )
     result = run_scorer_bench(cfg)
     assert json.loads(cfg.out.read_text()) == result
     cells = {(r["batch"], r["fraction"]) for r in result["rows"]}
     assert cells == {(1, 1.0), (1, 0.25), (4, 1.0), (4, 0.25)}
     assert all(r["samples_per_s"] > 0 for r in result["rows"])
-    assert set(result["ratios"]["tiny"]) == {"batch4_over_batch1", "frac0.25_over_1.0_batch1",
-                                             "frac0.25_over_1.0_batch4"}
+    assert set(result["ratios"]["tiny"]) == {
+        "batch4_over_batch1",
+        "frac0.25_over_1.0_batch1",
+        "frac0.25_over_1.0_batch4",
+    }
     assert "tiny" in format_bench(result)
 
 

@@ -58,7 +58,11 @@ def ray_resources(group: dict) -> dict:
 def test_kuberay_manifests_mirror_the_aws_node_types():
     aws, cluster, job = load("aws.yaml"), load("kuberay/raycluster.yaml"), load("kuberay/rayjob.yaml")
     assert (cluster["apiVersion"], cluster["kind"], job["apiVersion"], job["kind"]) == (
-        "ray.io/v1", "RayCluster", "ray.io/v1", "RayJob")
+        "ray.io/v1",
+        "RayCluster",
+        "ray.io/v1",
+        "RayJob",
+    )
     spec = cluster["spec"]
     assert job["spec"]["rayClusterSpec"] == spec
     assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
@@ -82,18 +86,42 @@ def fake_cluster_config(port: int) -> dict:
     """cluster/aws.yaml's worker node types (same names and resources, at most one node each) on Ray's fake
     multi-node provider, whose nodes are raylets on this machine; idle nodes go after 6 s."""
     aws = load("aws.yaml")
-    types = {name: {"resources": t["resources"], "node_config": {}, "min_workers": 0, "max_workers": 1}
-             for name, t in workers(aws).items()}
+    types = {
+        name: {"resources": t["resources"], "node_config": {}, "min_workers": 0, "max_workers": 1}
+        for name, t in workers(aws).items()
+    }
     types["ray.head.default"] = {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0}
-    provider = {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "disable_launch_config_check": True,
-                "disable_node_updaters": True,
-                "use_node_id_as_ip": True}  # fake nodes share one ip: else their load is never matched, never idle
-    empty = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-             "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
-             "rsync_filter")
-    return {"cluster_name": "fake", "max_workers": len(types), "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
-            "provider": provider, "auth": {}, "available_node_types": types, "head_node_type": "ray.head.default",
-            "file_mounts": {}, "file_mounts_sync_continuously": False, **{key: [] for key in empty}}
+    provider = {
+        "type": "fake_multinode",
+        "gcs_address": f"127.0.0.1:{port}",
+        "disable_launch_config_check": True,
+        "disable_node_updaters": True,
+        "use_node_id_as_ip": True,
+    }  # fake nodes share one ip: else their load is never matched, never idle
+    empty = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "cluster_synced_files",
+        "rsync_exclude",
+        "rsync_filter",
+    )
+    return {
+        "cluster_name": "fake",
+        "max_workers": len(types),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": provider,
+        "auth": {},
+        "available_node_types": types,
+        "head_node_type": "ray.head.default",
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+        **{key: [] for key in empty},
+    }
 
 
 @pytest.fixture
@@ -105,8 +133,15 @@ def fake_cluster():
     config.write_text(json.dumps(fake_cluster_config(port)))
     env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     try:
-        with ray_head(temp, "--num-cpus=1", "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                      f"--autoscaling-config={config}", env=env, port=port) as address:
+        with ray_head(
+            temp,
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--dashboard-port={free_port()}",
+            f"--autoscaling-config={config}",
+            env=env,
+            port=port,
+        ) as address:
             wait_for(lambda: (temp / "ray_current_cluster").is_file(), 120, "Ray head")  # written once it is up
             ray.init(address=address, log_to_driver=False)
             yield
@@ -134,8 +169,9 @@ def test_scorer_replica_scales_up_a_gpu_scorer_node_that_is_removed_when_idle(fa
     from tprl_ray.service.scorer import APP, start_scorer
 
     assert len(alive_nodes()) == 1 and "GPU" not in ray.cluster_resources()  # the head alone, no GPU
-    start_scorer(ScorerConfig(pool={"gpus": 1, "cpus": 1}, resources={"scorer_slot": 1}),
-                 data=precomputed / "train")  # returns once the replica is up
+    start_scorer(
+        ScorerConfig(pool={"gpus": 1, "cpus": 1}, resources={"scorer_slot": 1}), data=precomputed / "train"
+    )  # returns once the replica is up
     nodes = alive_nodes()
     gpu = [n["Resources"] for n in nodes if n["Resources"].get("scorer_slot")]
     assert len(nodes) == 2 and len(gpu) == 1  # only a gpu-scorer node was launched, no cpu-worker

@@ -21,12 +21,15 @@ def test_nested_override_and_round_trip(tmp_path):
     assert cfg.flat()["size.text_layers"] == 2
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("seeed: 1\n", "seeed"),
-    ("seed: [1, 2]\n", "seed"),
-    ("split_sizes: {training: 3}\n", "unknown split"),
-    ("- a\n- b\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("seeed: 1\n", "seeed"),
+        ("seed: [1, 2]\n", "seed"),
+        ("split_sizes: {training: 3}\n", "unknown split"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
 def test_bad_config_names_the_culprit(tmp_path, text, fragment):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -37,7 +40,8 @@ def test_bad_config_names_the_culprit(tmp_path, text, fragment):
 
 def test_cli_flags_and_set_build_the_same_object(tmp_path):
     args = build_parser().parse_args(
-        ["model", "tiny", "--data", str(tmp_path), "--tune-steps", "3", "--set", "size.vision_layers=2"])
+        ["model", "tiny", "--data", str(tmp_path), "--tune-steps", "3", "--set", "size.vision_layers=2"]
+    )
     cfg = config_from_args(args, args._command.config)
     assert cfg == TinyModelConfig.load(None, {"data": str(tmp_path), "tune_steps": 3, "size.vision_layers": 2})
 
@@ -89,8 +93,19 @@ def test_nested_fields_get_dotted_flags_in_help(capsys):
         build_parser().parse_args(["eval", "--help"])
     text = capsys.readouterr().out
     assert "--backbone.dtype" in text and "--pool.batch-size" in text and "--pruners" in text
-    args = build_parser().parse_args(["eval", "--backbone.dtype", "float16", "--pruners", "random,vispruner",
-                                      "--budgets", "0.25,0.5", "--policies", "lfd=/p"])
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--backbone.dtype",
+            "float16",
+            "--pruners",
+            "random,vispruner",
+            "--budgets",
+            "0.25,0.5",
+            "--policies",
+            "lfd=/p",
+        ]
+    )
     cfg = config_from_args(args, args._command.config)
     assert (cfg.backbone.dtype, cfg.pruners, cfg.budgets) == ("float16", ["random", "vispruner"], [0.25, 0.5])
     assert str(cfg.policies["lfd"]) == "/p"

@@ -8,7 +8,6 @@ import urllib.request
 from pathlib import Path
 
 import ray
-
 from conftest import free_port
 from test_ppo import ppo_inputs, small_run  # noqa: F401  (the PPO tests' tiny data and LfD init)
 
@@ -32,8 +31,9 @@ def targets(dashboard: dict) -> list[dict]:
 def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """``(metric, [(label, op, value)])`` of each series selector of a PromQL expression."""
     expr = GROUPING.sub(" ", re.sub(r"\[[^\]]*\]", "", expr))
-    return [(m[1], MATCHER.findall(m[2] or "")) for m in SELECTOR.finditer(expr)
-            if not m[3] and m[1] not in PROMQL_WORDS]
+    return [
+        (m[1], MATCHER.findall(m[2] or "")) for m in SELECTOR.finditer(expr) if not m[3] and m[1] not in PROMQL_WORDS
+    ]
 
 
 def queried(dashboards: list[dict]) -> dict[str, list]:
@@ -47,8 +47,11 @@ def queried(dashboards: list[dict]) -> dict[str, list]:
 def scrape(port: int) -> list[tuple[str, dict, float]]:
     """The samples (name, labels, value) of Ray's Prometheus export."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return [(m[1], dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or "")), float(m[3]))
-            for m in map(SAMPLE.match, text.splitlines()) if m]
+    return [
+        (m[1], dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or "")), float(m[3]))
+        for m in map(SAMPLE.match, text.splitlines())
+        if m
+    ]
 
 
 def selects(labels: dict, matchers: list[tuple[str, str, str]]) -> bool:
@@ -100,8 +103,10 @@ def test_dashboards_are_well_formed():
 
 
 def test_selector_parsing_and_matching():
-    expr = ('histogram_quantile(0.95, sum(rate(ray_a_bucket{x=~"$V",y="b"}[$__rate_interval])) by (le)) '
-            '/ on() sum(ray_b{x!="1"}) * 1e3')
+    expr = (
+        'histogram_quantile(0.95, sum(rate(ray_a_bucket{x=~"$V",y="b"}[$__rate_interval])) by (le)) '
+        '/ on() sum(ray_b{x!="1"}) * 1e3'
+    )
     assert selectors(expr) == [("ray_a_bucket", [("x", "=~", "$V"), ("y", "=", "b")]), ("ray_b", [("x", "!=", "1")])]
     series = [("ray_a_bucket", {"x": "1", "y": "b", "le": "1"}, 1.0), ("ray_b", {"x": "2"}, 1.0)]
 
@@ -110,24 +115,37 @@ def test_selector_parsing_and_matching():
 
     assert check(expr) == []
     assert check("sum(ray_b) by (x, z)", 'ray_a_bucket{y="c"} + ray_c', 'ray_b{x=~"1|3"}') == [
-        "label z in sum(ray_b) by (x, z)", 'ray_a_bucket in ray_a_bucket{y="c"} + ray_c',
-        'ray_c in ray_a_bucket{y="c"} + ray_c', 'ray_b in ray_b{x=~"1|3"}']
+        "label z in sum(ray_b) by (x, z)",
+        'ray_a_bucket in ray_a_bucket{y="c"} + ray_c',
+        'ray_c in ray_a_bucket{y="c"} + ray_c',
+        'ray_b in ray_b{x=~"1|3"}',
+    ]
 
 
 def test_every_queried_series_is_exported(ppo_inputs, tmp_path):  # noqa: F811
     from tprl_ray.rl.train import train_ppo
 
     port, wanted, scraped = free_port(), queried([load(p) for p in DASHBOARDS]), []
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
 
     def problems(series: list[tuple[str, dict, float]]) -> list[str]:
         """Missing series, or counts that disagree (env steps: ours, RLlib's, scored samples)."""
         total = {name: sum(v for n, _, v in series if n == name) for name, _, _ in series}
         counts = [total.get(f"ray_tprl_{n}", 0) for n in ("env_steps_total", "ppo_env_steps", "scorer_samples_total")]
         episodes = [total.get(f"ray_tprl_{n}", 0) for n in ("env_episodes_total", "env_kept_fraction_count")]
-        consistent = (counts[0] > 0 and episodes[0] > 0 and len(set(counts)) == len(set(episodes)) == 1
-                      and total.get("ray_tprl_ppo_iteration") == 1)
+        consistent = (
+            counts[0] > 0
+            and episodes[0] > 0
+            and len(set(counts)) == len(set(episodes)) == 1
+            and total.get("ray_tprl_ppo_iteration") == 1
+        )
         return unmatched(wanted, series) + ([] if consistent else [f"steps {counts}, episodes {episodes}"])
 
     def scrape_while_alive(iteration, metrics):  # export is periodic: poll until everything is there

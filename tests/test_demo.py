@@ -45,7 +45,10 @@ def test_shipped_model_quality_and_pruning_sensitivity(demo):
     assert min(none["per_type"].values()) >= 0.75
     assert none["accuracy"] - rand["accuracy"] >= 0.15
     # informed pruning beats random at the same budget
-    assert rows["vispruner"]["accuracy"] > rand["accuracy"] + 0.05 and rows["divprune"]["accuracy"] > rand["accuracy"] + 0.05
+    assert (
+        rows["vispruner"]["accuracy"] > rand["accuracy"] + 0.05
+        and rows["divprune"]["accuracy"] > rand["accuracy"] + 0.05
+    )
     # the shipped LfD policy imitates VisPruner: within 2 points of it at 25% of the tokens
     assert rows["lfd"]["accuracy"] >= rows["vispruner"]["accuracy"] - 0.02
 
@@ -93,11 +96,18 @@ def test_adapter_score_agrees_with_the_evaluation(demo):
     for pruner in (None, RandomPruner(0)):
         correct = []
         for start in range(0, len(samples), 100):
-            chunk = samples[start:start + 100]
+            chunk = samples[start : start + 100]
             feats = backbone.encode([load_image(split, s.image) for s in chunk]).llm_tokens
-            batch = PruneBatch(list(feats), list(feats), None, [(8, 8)] * len(chunk), [s.question_id for s in chunk],
-                               [s.text for s in chunk])
+            batch = PruneBatch(
+                list(feats),
+                list(feats),
+                None,
+                [(8, 8)] * len(chunk),
+                [s.question_id for s in chunk],
+                [s.text for s in chunk],
+            )
             keep = pruner.prune(batch, 0.25).keep if pruner else None
             correct.append(backbone.score([s.text for s in chunk], [s.answer for s in chunk], feats, keep)[1])
         assert torch.cat(correct).float().mean().item() == pytest.approx(
-            evaluate(backbone, split, samples, pruner, 0.25)["accuracy"])
+            evaluate(backbone, split, samples, pruner, 0.25)["accuracy"]
+        )

@@ -3,14 +3,25 @@ import json
 import numpy as np
 from PIL import Image
 
-from tprl_ray.data.digits import (CELL, CELL_NAMES, GRID, IMAGE_SIZE, DigitsConfig, SceneSampler,
-                                  build_digits, load_digit_pools)
+from tprl_ray.data.digits import (
+    CELL,
+    CELL_NAMES,
+    GRID,
+    IMAGE_SIZE,
+    DigitsConfig,
+    SceneSampler,
+    build_digits,
+    load_digit_pools,
+)
 from tprl_ray.data.layout import read_split
 
 
 def test_digit_pools_are_disjoint_and_cover_every_digit():
     pools = load_digit_pools(seed=0, test_fraction=0.3)
-    train, test = pools["train"][0].reshape(len(pools["train"][0]), -1), pools["test"][0].reshape(len(pools["test"][0]), -1)
+    train, test = (
+        pools["train"][0].reshape(len(pools["train"][0]), -1),
+        pools["test"][0].reshape(len(pools["test"][0]), -1),
+    )
     assert len(train) + len(test) == 1797
     assert set(np.unique(pools["test"][1])) == set(range(10))
     train_rows = {row.tobytes() for row in train}
@@ -37,7 +48,7 @@ def test_answers_follow_from_the_scene():
         # an empty cell is dark, a digit cell is not
         for cell, label in enumerate(labels):
             r, c = divmod(cell, GRID)
-            patch = scene.image[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+            patch = scene.image[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL]
             assert (patch.max() > 120) == (label >= 0)
 
 

@@ -17,11 +17,20 @@ def test_llava_7b_visual_kv_matches_paper_table_4(tokens, megabytes):
 
 def tiny_llava():
     return LlavaConfig(
-        text_config=LlamaConfig(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=1, head_dim=2, vocab_size=10),
-        vision_config=CLIPVisionConfig(hidden_size=2, intermediate_size=4, num_hidden_layers=2, num_attention_heads=1,
-                                       image_size=4, patch_size=2),
-        vision_feature_layer=-2)
+        text_config=LlamaConfig(
+            hidden_size=4,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=2,
+            vocab_size=10,
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=2, intermediate_size=4, num_hidden_layers=2, num_attention_heads=1, image_size=4, patch_size=2
+        ),
+        vision_feature_layer=-2,
+    )
 
 
 def test_hand_computed_flops_and_kv():
@@ -68,9 +77,12 @@ def test_qwen_vision_runs_on_4n_patches_before_pruning():
     n, patches, window = 256, 1024, 64  # 448x448 image: 32x32 patches of 14, merged 2x2; 112/14 = 8x8 windows
     dv, mv, out = 1280, 3420, 2048
     block = 2 * patches * 4 * dv * dv + 2 * 3 * patches * dv * mv
-    vision = (2 * patches * (3 * 2 * 14 * 14 * dv)
-              + 32 * block + 2 * 2 * patches * dv * (4 * patches + 28 * window)  # 4 full-attention blocks
-              + 2 * n * (4 * dv * 4 * dv + 4 * dv * out))
+    vision = (
+        2 * patches * (3 * 2 * 14 * 14 * dv)
+        + 32 * block
+        + 2 * 2 * patches * dv * (4 * patches + 28 * window)  # 4 full-attention blocks
+        + 2 * n * (4 * dv * 4 * dv + 4 * dv * out)
+    )
     pruned = efficiency(config, 64, text_tokens=10, full_visual_tokens=n)
     assert pruned.flops_parts["vision"] == vision == efficiency(config, n).flops_parts["vision"]
     assert pruned.tokens["vision_patches"] == patches

@@ -23,9 +23,25 @@ def local_ray():
 
 
 def eval_args(digits_dir, out, pruners: str, budgets: str) -> list[str]:
-    return ["eval", "--data", str(digits_dir / "test"), "--pruners", pruners, "--budgets", budgets,
-            "--limit", "40", "--pool.batch-size", "16", "--out", str(out), "--ray-address", "local",
-            "--pool.cpus", "0.5"]
+    return [
+        "eval",
+        "--data",
+        str(digits_dir / "test"),
+        "--pruners",
+        pruners,
+        "--budgets",
+        budgets,
+        "--limit",
+        "40",
+        "--pool.batch-size",
+        "16",
+        "--out",
+        str(out),
+        "--ray-address",
+        "local",
+        "--pool.cpus",
+        "0.5",
+    ]
 
 
 def test_eval_on_an_actor_pool_matches_in_process_evaluation(local_ray, digits_dir, tmp_path):
@@ -75,7 +91,14 @@ def test_every_setting_of_a_chunk_is_answered_from_one_encode(digits_dir):
     out = predictor({"question_ids": [ids]})
     assert len(calls) == 1  # one vision pass for the chunk's images serves all seven settings
     assert len(out["setting"]) == 7 * 12 and set(out["setting"]) == {
-        "none_100", "random_25", "random_50", "vispruner_25", "vispruner_50", "lfd_25", "lfd_50"}
+        "none_100",
+        "random_25",
+        "random_50",
+        "vispruner_25",
+        "vispruner_50",
+        "lfd_25",
+        "lfd_50",
+    }
     assert {v for s, v in zip(out["setting"], out["visual_tokens"]) if s.endswith("_25")} == {16.0}
 
 

@@ -10,8 +10,9 @@ from tprl_ray.backbones.qwen import QwenBackbone
 from tprl_ray.data.layout import load_image, read_split
 from tprl_ray.models import tiny_llava, tiny_qwen
 
-SIZE = tiny_llava.TinyLlavaSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=3,
-                                text_heads=2, text_intermediate=64)
+SIZE = tiny_llava.TinyLlavaSize(
+    vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=3, text_heads=2, text_intermediate=64
+)
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen"])
@@ -23,8 +24,9 @@ def setup(request, digits_dir):
         backbone = LlavaBackbone(tiny_llava.build_model(SIZE, processor.tokenizer), processor)
     else:
         tokenizer = tiny_qwen.build_tokenizer()
-        backbone = QwenBackbone(tiny_qwen.build_model(tokenizer, layers=3), tokenizer,
-                                tiny_qwen.build_image_processor())
+        backbone = QwenBackbone(
+            tiny_qwen.build_model(tokenizer, layers=3), tokenizer, tiny_qwen.build_image_processor()
+        )
     samples = read_split(digits_dir / "test")[:5]
     visual = backbone.encode([load_image(digits_dir / "test", s.image) for s in samples])
     return backbone, [s.text for s in samples], visual.llm_tokens, visual.grids, len(visual.llm_tokens[0])
@@ -37,8 +39,9 @@ def test_keeping_everything_is_the_plain_model(setup):
         plain = backbone.logits(backbone.build_inputs(questions, features, None, grids=grids)).logits[:, -1]
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=0)
     assert kept.tolist() == [list(range(n))] * len(questions)
-    assert fastv_generate(backbone, questions, features, k=2, n_keep=n, grids=grids, max_new_tokens=4)[0] == \
-        backbone.generate(questions, features, grids=grids, max_new_tokens=4)
+    assert fastv_generate(backbone, questions, features, k=2, n_keep=n, grids=grids, max_new_tokens=4)[
+        0
+    ] == backbone.generate(questions, features, grids=grids, max_new_tokens=4)
 
 
 def test_ranking_is_the_last_prompt_tokens_attention_at_layer_k_minus_1(setup):
@@ -76,7 +79,8 @@ def test_cached_decoding_matches_a_no_cache_recompute(setup):
         token = logits.argmax(-1)
         generated.append(token)
         logits = fastv_step(backbone, state, token)
-        reference, _, kept_ref = fastv_prefill(backbone, questions, features, k=2, n_keep=12, grids=grids,
-                                               extra_ids=torch.stack(generated, dim=1))
+        reference, _, kept_ref = fastv_prefill(
+            backbone, questions, features, k=2, n_keep=12, grids=grids, extra_ids=torch.stack(generated, dim=1)
+        )
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
         assert torch.equal(kept, kept_ref)

@@ -45,8 +45,7 @@ def test_unknown_category(split):
 
 def test_missing_and_corrupt_image(split):
     (split / "images" / "test_000001.png").unlink()
-    assert _error(split) == (f"{split / 'questions.jsonl'}:5: image "
-                             f"{split / 'images' / 'test_000001.png'} not found")
+    assert _error(split) == (f"{split / 'questions.jsonl'}:5: image {split / 'images' / 'test_000001.png'} not found")
     (split / "images" / "test_000001.png").write_bytes(b"\x89PNG not really")
     message = _error(split)
     assert message.startswith(f"{split / 'questions.jsonl'}:5: image {split / 'images' / 'test_000001.png'} is corrupt")
@@ -59,20 +58,28 @@ def test_question_without_answer(split):
 
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "model", "tiny", "--data", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tprl_ray.cli", "model", "tiny", "--data", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"tprl: error: {tmp_path / 'missing' / 'meta.json'}: not found; " \
-                                                   "build the benchmark with `tprl data digits` first"
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"tprl: error: {tmp_path / 'missing' / 'meta.json'}: not found; "
+        "build the benchmark with `tprl data digits` first"
+    )
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "--help"], capture_output=True, text=True,
-                         timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tprl_ray.cli", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
     for command in ("data", "model", "pipeline", "precompute", "train", "eval"):
         assert command in out
-    sub = subprocess.run([sys.executable, "-m", "tprl_ray.cli", "data", "--help"], capture_output=True, text=True,
-                         timeout=120).stdout
+    sub = subprocess.run(
+        [sys.executable, "-m", "tprl_ray.cli", "data", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "digits" in sub
 
 

@@ -2,8 +2,15 @@
 
 import pytest
 
-from tprl_ray.evaluation.metrics import (BENCHMARKS, mme_label, normalize_vqa_answer, parse_choice, pope_says_yes,
-                                         score_benchmark, vqa_soft_accuracy)
+from tprl_ray.evaluation.metrics import (
+    BENCHMARKS,
+    mme_label,
+    normalize_vqa_answer,
+    parse_choice,
+    pope_says_yes,
+    score_benchmark,
+    vqa_soft_accuracy,
+)
 
 
 def rec(qid, category, prediction, answer, **extra):
@@ -11,11 +18,13 @@ def rec(qid, category, prediction, answer, **extra):
 
 
 def test_digits_exact_match_after_case_and_whitespace():
-    records = [rec("1", "count", " Three  Cats ", "three cats"),  # same after lower/strip/collapse: hit
-               rec("2", "count", "4", "5"),                        # miss
-               rec("3", "color", "RED", "red"),                    # hit
-               rec("4", "color", "red.", "red"),                   # punctuation is kept: miss
-               rec("5", "color", "blue", "blue")]                  # hit
+    records = [
+        rec("1", "count", " Three  Cats ", "three cats"),  # same after lower/strip/collapse: hit
+        rec("2", "count", "4", "5"),  # miss
+        rec("3", "color", "RED", "red"),  # hit
+        rec("4", "color", "red.", "red"),  # punctuation is kept: miss
+        rec("5", "color", "blue", "blue"),
+    ]  # hit
     result = score_benchmark("digits", records)
     # count 1/2, color 2/3, overall 3/5
     assert result["score"] == pytest.approx(0.6)
@@ -23,20 +32,23 @@ def test_digits_exact_match_after_case_and_whitespace():
     assert result["n"] == 5
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two dogs.", "2 dogs"),                # trailing period stripped, number word -> digit
-    ("None", "0"),                          # "none" is a number word too
-    ("The dog", "dog"),                     # articles dropped
-    ("An apple, maybe?", "apple maybe"),    # "," and "?" removed outright
-    ("dont", "don't"),                      # contraction restored
-    ("couldnt've", "couldn't've"),
-    ("it's", "it 's"),                      # "'s" split off like the EvalAI tokenizer does
-    ("black-white", "black white"),         # mark not touching a space -> space
-    ("black - white", "black white"),       # mark touching a space -> deleted
-    ("1.5", "1.5"),                         # decimal point kept
-    ("3.", "3"),
-    ("yes\n", "yes"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two dogs.", "2 dogs"),  # trailing period stripped, number word -> digit
+        ("None", "0"),  # "none" is a number word too
+        ("The dog", "dog"),  # articles dropped
+        ("An apple, maybe?", "apple maybe"),  # "," and "?" removed outright
+        ("dont", "don't"),  # contraction restored
+        ("couldnt've", "couldn't've"),
+        ("it's", "it 's"),  # "'s" split off like the EvalAI tokenizer does
+        ("black-white", "black white"),  # mark not touching a space -> space
+        ("black - white", "black white"),  # mark touching a space -> deleted
+        ("1.5", "1.5"),  # decimal point kept
+        ("3.", "3"),
+        ("yes\n", "yes"),
+    ],
+)
 def test_vqa_answer_normalisation(raw, expected):
     assert normalize_vqa_answer(raw) == expected
 
@@ -73,59 +85,72 @@ def test_vqav2_needs_the_list_of_answers():
 
 
 def test_gqa_lowercases_and_strips_trailing_periods_only():
-    records = [rec("1", "verify", "Yes.", "yes"),       # hit
-               rec("2", "relate", "left", "right"),     # miss
-               rec("3", "relate", "The table", "table"),  # no article removal in GQA: miss
-               rec("4", "attr", "Wooden...", "wooden")]   # every trailing period goes: hit
+    records = [
+        rec("1", "verify", "Yes.", "yes"),  # hit
+        rec("2", "relate", "left", "right"),  # miss
+        rec("3", "relate", "The table", "table"),  # no article removal in GQA: miss
+        rec("4", "attr", "Wooden...", "wooden"),
+    ]  # every trailing period goes: hit
     result = score_benchmark("gqa", records)
     # verify 1/1, relate 0/2, attr 1/1; overall 2/4
     assert result["score"] == pytest.approx(0.5)
     assert result["per_category"] == pytest.approx({"verify": 1.0, "relate": 0.0, "attr": 1.0})
 
 
-@pytest.mark.parametrize("prediction, says_yes", [
-    ("Yes, there is a dog.", True),
-    ("No, there is no dog.", False),
-    ("There is not a dog in the image.", False),
-    ("No.", False),
-    ("Yes. No cats, though.", True),   # only the first sentence counts
-    ("Nothing", True),                 # "no" must be a whole word
-    ("NO", True),                      # LLaVA's rule only knows "No", "no", "not"
-])
+@pytest.mark.parametrize(
+    "prediction, says_yes",
+    [
+        ("Yes, there is a dog.", True),
+        ("No, there is no dog.", False),
+        ("There is not a dog in the image.", False),
+        ("No.", False),
+        ("Yes. No cats, though.", True),  # only the first sentence counts
+        ("Nothing", True),  # "no" must be a whole word
+        ("NO", True),  # LLaVA's rule only knows "No", "no", "not"
+    ],
+)
 def test_pope_parsing(prediction, says_yes):
     assert pope_says_yes(prediction) is says_yes
 
 
 def test_pope_metrics_per_split():
     records = [
-        rec("a1", "adversarial", "Yes", "yes"),                 # TP
-        rec("a2", "adversarial", "No", "yes"),                  # FN
-        rec("a3", "adversarial", "Yes, there is.", "no"),       # FP
-        rec("a4", "adversarial", "There is no cat.", "no"),     # TN
-        rec("r1", "random", "Yes", "yes"),                      # TP
-        rec("r2", "random", "Yes.", "yes"),                     # TP
+        rec("a1", "adversarial", "Yes", "yes"),  # TP
+        rec("a2", "adversarial", "No", "yes"),  # FN
+        rec("a3", "adversarial", "Yes, there is.", "no"),  # FP
+        rec("a4", "adversarial", "There is no cat.", "no"),  # TN
+        rec("r1", "random", "Yes", "yes"),  # TP
+        rec("r2", "random", "Yes.", "yes"),  # TP
         rec("r3", "random", "Yes, there is a cat. No doubt.", "no"),  # first sentence says yes: FP
-        rec("r4", "random", "No", "no"),                        # TN
+        rec("r4", "random", "No", "no"),  # TN
     ]
     result = score_benchmark("pope", records)
     # adversarial: TP=FP=FN=TN=1 -> acc 2/4, precision 1/2, recall 1/2, F1 1/2, yes ratio 2/4
     assert result["splits"]["adversarial"] == pytest.approx(
-        {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5})
+        {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
+    )
     # random: TP=2, FP=1, TN=1, FN=0 -> acc 3/4, precision 2/3, recall 1, F1 2*(2/3)/(5/3) = 0.8, yes 3/4
     assert result["splits"]["random"] == pytest.approx(
-        {"accuracy": 0.75, "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "yes_ratio": 0.75})
+        {"accuracy": 0.75, "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "yes_ratio": 0.75}
+    )
     # per_category is F1 per split; score is their mean (0.5 + 0.8) / 2
     assert result["per_category"] == pytest.approx({"adversarial": 0.5, "random": 0.8})
     assert result["score"] == pytest.approx(0.65)
     assert result["n"] == 8
 
 
-@pytest.mark.parametrize("prediction, label", [
-    ("Yes", "yes"), ("No.", "no"), ("Yes, it is", "yes"), ("nope", "no"),
-    ("not sure", "no"),        # "no" within the first 4 characters
-    ("It is yes", "other"),    # neither in the first 4 characters
-    ("maybe", "other"),
-])
+@pytest.mark.parametrize(
+    "prediction, label",
+    [
+        ("Yes", "yes"),
+        ("No.", "no"),
+        ("Yes, it is", "yes"),
+        ("nope", "no"),
+        ("not sure", "no"),  # "no" within the first 4 characters
+        ("It is yes", "other"),  # neither in the first 4 characters
+        ("maybe", "other"),
+    ],
+)
 def test_mme_parsing(prediction, label):
     assert mme_label(prediction) == label
 
@@ -159,17 +184,20 @@ def test_mme_rejects_unknown_subtask():
         score_benchmark("mme", [rec("m1", "colour", "yes", "Yes", image="x.jpg")])
 
 
-@pytest.mark.parametrize("prediction, options, letter", [
-    ("B", None, "B"),
-    ("B.", None, "B"),
-    ("(C)", None, "C"),
-    ("D) a dog", None, "D"),
-    ("A cat", {"A": "dog", "B": "A cat"}, "B"),   # "A" followed by a word is an article, then text match
-    ("paris", {"A": "London", "B": "Paris"}, "B"),
-    ("The answer is C.", None, "C"),
-    ("The answer is A. The answer is B.", None, None),  # ambiguous
-    ("Nothing", {"A": "something"}, None),
-])
+@pytest.mark.parametrize(
+    "prediction, options, letter",
+    [
+        ("B", None, "B"),
+        ("B.", None, "B"),
+        ("(C)", None, "C"),
+        ("D) a dog", None, "D"),
+        ("A cat", {"A": "dog", "B": "A cat"}, "B"),  # "A" followed by a word is an article, then text match
+        ("paris", {"A": "London", "B": "Paris"}, "B"),
+        ("The answer is C.", None, "C"),
+        ("The answer is A. The answer is B.", None, None),  # ambiguous
+        ("Nothing", {"A": "something"}, None),
+    ],
+)
 def test_parse_choice(prediction, options, letter):
     assert parse_choice(prediction, options) == letter
 
@@ -195,10 +223,12 @@ def test_mmbench_question_counts_only_if_every_rotation_is_right():
 
 
 def test_seed_accuracy_per_question_type():
-    records = [rec("1", "Scene Understanding", "A", "A"),                 # hit
-               rec("2", "Scene Understanding", "B.", "C"),                # miss
-               rec("3", "Instance Counting", "(D)", "D"),                 # hit
-               rec("4", "Instance Counting", "The answer is B.", "B")]    # hit
+    records = [
+        rec("1", "Scene Understanding", "A", "A"),  # hit
+        rec("2", "Scene Understanding", "B.", "C"),  # miss
+        rec("3", "Instance Counting", "(D)", "D"),  # hit
+        rec("4", "Instance Counting", "The answer is B.", "B"),
+    ]  # hit
     result = score_benchmark("seed", records)
     # scene 1/2, counting 2/2, overall 3/4
     assert result["score"] == pytest.approx(0.75)
@@ -206,12 +236,14 @@ def test_seed_accuracy_per_question_type():
 
 
 def test_scienceqa_accepts_the_answer_is_pattern():
-    records = [rec("1", "NAT", "A", "A"),                            # hit
-               rec("2", "NAT", "Because of gravity. The answer is B.", "B"),  # hit via "The answer is B."
-               rec("3", "NAT", "B. It floats", "B"),                 # hit via "B. " prefix
-               rec("4", "SOC", "E", "C"),                            # miss
-               rec("5", "SOC", "FAILED", "A"),                       # unparsable: miss
-               rec("6", "SOC", "C", "C")]                            # hit
+    records = [
+        rec("1", "NAT", "A", "A"),  # hit
+        rec("2", "NAT", "Because of gravity. The answer is B.", "B"),  # hit via "The answer is B."
+        rec("3", "NAT", "B. It floats", "B"),  # hit via "B. " prefix
+        rec("4", "SOC", "E", "C"),  # miss
+        rec("5", "SOC", "FAILED", "A"),  # unparsable: miss
+        rec("6", "SOC", "C", "C"),
+    ]  # hit
     result = score_benchmark("scienceqa", records)
     # NAT 3/3, SOC 1/3, overall 4/6
     assert result["score"] == pytest.approx(4 / 6)
@@ -223,13 +255,16 @@ def test_unknown_benchmark():
         score_benchmark("vqa", [])
 
 
-@pytest.mark.parametrize("benchmark, record, field", [
-    ("digits", {"question_id": "q7", "category": "c", "answer": "1"}, "prediction"),
-    ("gqa", {"question_id": "q8", "category": "c", "prediction": "1"}, "answer"),
-    ("mme", rec("q9", "count", "yes", "Yes"), "image"),
-    ("mmbench", rec("q10", "logic", "A", "A", index=1), "options"),
-    ("mmbench", rec("q11", "logic", "A", "A", options={"A": "x"}), "index"),
-])
+@pytest.mark.parametrize(
+    "benchmark, record, field",
+    [
+        ("digits", {"question_id": "q7", "category": "c", "answer": "1"}, "prediction"),
+        ("gqa", {"question_id": "q8", "category": "c", "prediction": "1"}, "answer"),
+        ("mme", rec("q9", "count", "yes", "Yes"), "image"),
+        ("mmbench", rec("q10", "logic", "A", "A", index=1), "options"),
+        ("mmbench", rec("q11", "logic", "A", "A", options={"A": "x"}), "index"),
+    ],
+)
 def test_missing_field_names_question_and_field(benchmark, record, field):
     with pytest.raises(ValueError, match=f"{record['question_id']}.*'{field}'"):
         score_benchmark(benchmark, [record])

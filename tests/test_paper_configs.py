@@ -18,8 +18,13 @@ def test_paper_model_shapes(name):
     cls, hidden, layers, heads, kv_heads, vision_hidden, billions = EXPECTED[name]
     config = AutoConfig.from_pretrained(PAPER_CONFIGS[name])
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
-            config.vision_config.hidden_size) == (hidden, layers, heads, kv_heads, vision_hidden)
+    assert (
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        config.vision_config.hidden_size,
+    ) == (hidden, layers, heads, kv_heads, vision_hidden)
     with torch.device("meta"):
         model = cls(config)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)

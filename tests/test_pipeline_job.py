@@ -15,9 +15,14 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
     assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
     # tau calibrated on val to an average of 16 of 64 tokens
     assert 8 <= rows["tprl"]["avg_tokens"] <= 24
-    for path in ("precompute/train/manifest.json", "precompute/val/manifest.json",
-                 "autoencoder/autoencoder.safetensors",
-                 "lfd/policy.safetensors", "ppo/policy.safetensors", "pareto.png"):
+    for path in (
+        "precompute/train/manifest.json",
+        "precompute/val/manifest.json",
+        "autoencoder/autoencoder.safetensors",
+        "lfd/policy.safetensors",
+        "ppo/policy.safetensors",
+        "pareto.png",
+    ):
         assert (out / path).is_file(), path
     assert json.loads((out / "ppo" / "policy.json").read_text())["init"] == str(out / "lfd")
 

@@ -6,11 +6,11 @@ import pytest
 import ray
 import torch
 
+from tprl_ray.artifacts.export import export, load_exported
 from tprl_ray.policy.autoencoder import TokenAutoencoder, relative_mse
 from tprl_ray.policy.networks import PolicyValueNet
 from tprl_ray.pruners.base import PruneBatch
 from tprl_ray.pruners.lfd import LearnedPruner
-from tprl_ray.artifacts.export import export, load_exported
 
 
 def test_autoencoder_shapes_and_relative_mse():
@@ -62,12 +62,17 @@ def precomputed(precomputed):
 
 def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_path):
     from tprl_ray.training.autoencoder import train_autoencoder
-    from tprl_ray.training.config import AutoencoderConfig
-    from tprl_ray.training.config import LfdConfig
+    from tprl_ray.training.config import AutoencoderConfig, LfdConfig
     from tprl_ray.training.lfd import train_lfd
 
-    common = dict(data=precomputed / "train", val_data=precomputed / "val", workers=2, cpus_per_worker=0.5,
-                  batch_size=16, ray_address="local")
+    common = dict(
+        data=precomputed / "train",
+        val_data=precomputed / "val",
+        workers=2,
+        cpus_per_worker=0.5,
+        batch_size=16,
+        ray_address="local",
+    )
     ae_cfg = AutoencoderConfig(out=tmp_path / "ae", latent=16, epochs=1, **common)
     first = train_autoencoder(ae_cfg)
     resumed = train_autoencoder(ae_cfg.model_copy(update={"epochs": 2}))

@@ -10,20 +10,24 @@ import pytest
 import ray
 import torch
 
+from tprl_ray.artifacts.export import export
 from tprl_ray.policy.autoencoder import TokenAutoencoder
 from tprl_ray.policy.networks import PolicyValueNet
 from tprl_ray.rl.codes import Codes
-from tprl_ray.rl.config import EnvConfig
+from tprl_ray.rl.config import EnvConfig, PpoConfig
 from tprl_ray.rl.env import PruningVectorEnv
 from tprl_ray.rl.module import DROPPED_LOGIT, TokenBernoulli, sampling_logits
-from tprl_ray.artifacts.export import export
-from tprl_ray.rl.config import PpoConfig
 
 
 def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
     rng = np.random.default_rng(0)
-    return Codes(np.array([f"s{i}" for i in range(m)]), rng.normal(size=(m, n, d)).astype(np.float16),
-                 rng.normal(size=(m, dq)).astype(np.float32), np.full(m, -0.5, np.float32), np.ones(m, bool))
+    return Codes(
+        np.array([f"s{i}" for i in range(m)]),
+        rng.normal(size=(m, n, d)).astype(np.float16),
+        rng.normal(size=(m, dq)).astype(np.float32),
+        np.full(m, -0.5, np.float32),
+        np.ones(m, bool),
+    )
 
 
 def first_half_score(ids, masks):
@@ -33,13 +37,18 @@ def first_half_score(ids, masks):
 
 
 def test_env_rewards_masks_and_next_step_autoreset():
-    env = PruningVectorEnv(toy_codes(), EnvConfig(t_max=2, reward="sample"), num_envs=2, score_fn=first_half_score,
-                           seed=0)
+    env = PruningVectorEnv(
+        toy_codes(), EnvConfig(t_max=2, reward="sample"), num_envs=2, score_fn=first_half_score, seed=0
+    )
     obs, _ = env.reset()
     assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2
     assert obs["step"].ravel().tolist() == [0, 0]
-    keep = np.array([[1, 1, 1, 1, 0, 0, 0, 0],    # drops the unimportant half: no score lost
-                     [0, 0, 1, 1, 1, 1, 1, 1]])   # drops half of the important tokens
+    keep = np.array(
+        [
+            [1, 1, 1, 1, 0, 0, 0, 0],  # drops the unimportant half: no score lost
+            [0, 0, 1, 1, 1, 1, 1, 1],
+        ]
+    )  # drops half of the important tokens
     obs, reward, terminated, truncated, _ = env.step(keep)
     # r = alpha * dScore + beta * (1 - K_t / K_{t-1})
     np.testing.assert_allclose(reward, [0.0 + 0.1 * 0.5, -1.0 + 0.1 * 0.25], rtol=1e-6)
@@ -82,7 +91,7 @@ def test_sampling_probabilities_discount_and_mask():
     mask = torch.tensor([[True, True, False]])
     for t in (0, 1, 2):
         q = torch.sigmoid(sampling_logits(logits, mask, torch.tensor([float(t)]), 0.5))
-        torch.testing.assert_close(q[0, :2], 0.5 ** t * torch.sigmoid(logits[0, :2]))
+        torch.testing.assert_close(q[0, :2], 0.5**t * torch.sigmoid(logits[0, :2]))
         assert q[0, 2] < 1e-12
     dist = TokenBernoulli.from_logits(sampling_logits(logits, mask, torch.tensor([1.0]), 0.5))
     action = torch.tensor([[1, 0, 0]], dtype=torch.int8)
@@ -102,8 +111,11 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     net = PolicyValueNet(4, 3, heads=2, hidden=8)
     export(net, net.state_dict(), tmp_path, "policy", {})
     env = PruningVectorEnv(toy_codes(), EnvConfig(reward="sample"), num_envs=3, score_fn=first_half_score, seed=0)
-    module = PruningModule(observation_space=env.single_observation_space, action_space=env.single_action_space,
-                           model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)})
+    module = PruningModule(
+        observation_space=env.single_observation_space,
+        action_space=env.single_action_space,
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)},
+    )
     obs, _ = env.reset()
     obs["mask"][0, 5:] = 0
     obs["step"][:] = 1
@@ -119,8 +131,8 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
 
 
 def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
-    from tprl_ray.pruners.lfd import TprlPruner, tau_for_budget
     from tprl_ray.pruners.base import PruneBatch
+    from tprl_ray.pruners.lfd import TprlPruner, tau_for_budget
     from tprl_ray.rl.train import calibration
 
     torch.manual_seed(0)
@@ -129,8 +141,9 @@ def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
     features, queries = torch.randn(40, 20, 12), torch.randn(40, 3)
     with torch.no_grad():
         codes = ae.encode(features)
-    quantiles = calibration(net, Codes(np.arange(40).astype(str), codes.numpy(), queries.numpy(), np.zeros(40),
-                                       np.ones(40, bool)))
+    quantiles = calibration(
+        net, Codes(np.arange(40).astype(str), codes.numpy(), queries.numpy(), np.zeros(40), np.ones(40, bool))
+    )
     export(net, net.state_dict(), tmp_path, "policy", {"keep_quantiles": quantiles})
     pruner = TprlPruner(tmp_path)
     batch = PruneBatch(list(features), list(features), None, [(4, 5)] * 40, ["q"] * 40, ["?"] * 40, list(queries))
@@ -162,9 +175,20 @@ def ppo_inputs(precomputed, tmp_path_factory):
 
 def small_run(inputs, out, iterations):
 
-    return PpoConfig(data=inputs / "train", init=inputs / "lfd", out=out, iterations=iterations, envs_per_runner=8,
-                     train_batch_size=48, minibatch_size=24, epochs=1, checkpoint_every=1, ray_address="local",
-                     scorer={"pool": {"cpus": 0.25}}, cpus_per_runner=0.25)
+    return PpoConfig(
+        data=inputs / "train",
+        init=inputs / "lfd",
+        out=out,
+        iterations=iterations,
+        envs_per_runner=8,
+        train_batch_size=48,
+        minibatch_size=24,
+        epochs=1,
+        checkpoint_every=1,
+        ray_address="local",
+        scorer={"pool": {"cpus": 0.25}},
+        cpus_per_runner=0.25,
+    )
 
 
 def scorer_replicas() -> list[str]:
@@ -178,10 +202,12 @@ def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
 
     def kill_soon(iteration, metrics):
         if iteration == 1:
+
             def kill():  # during iteration 2's sampling
                 name = scorer_replicas()[0]
                 ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
                 killed.append(name)
+
             threading.Timer(0.5, kill).start()
 
     result = train_ppo(small_run(ppo_inputs, tmp_path / "ppo", 3), on_iteration=kill_soon)

@@ -88,10 +88,24 @@ def test_corrupt_image_and_missing_answer_are_rejected_with_reasons(local_ray, d
 def test_an_interrupted_run_resumes_with_every_sample_once(local_ray, tmp_path):
     build_digits(DigitsConfig(out=tmp_path / "data", seed=0, split_sizes={"train": 200, "val": 1, "test": 1}))
     data, out = tmp_path / "data" / "train", tmp_path / "pc"
-    args = ["--data", str(data), "--out", str(out), "--shard-size", "16", "--pool.batch-size", "8",
-            "--pool.cpus", "0.5"]
-    proc = subprocess.Popen([sys.executable, "-m", "tprl_ray.cli", "precompute", *args, "--ray-address", "local"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--shard-size",
+        "16",
+        "--pool.batch-size",
+        "8",
+        "--pool.cpus",
+        "0.5",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tprl_ray.cli", "precompute", *args, "--ray-address", "local"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while not list((out / "rejects").glob("shard-*.parquet")) and time.time() < deadline:
@@ -120,16 +134,26 @@ def test_a_different_run_into_the_same_directory_is_refused(digits_dir, tmp_path
         PrecomputeConfig(demo_schedule=[0.25, 0.5])
     run_precompute(config(digits_dir / "val", tmp_path / "pc", limit=4), progress=False, engine="local")
     with pytest.raises(ValueError, match="other demo_schedule"):
-        run_precompute(config(digits_dir / "val", tmp_path / "pc", limit=4, demo_schedule=[0.0, 0.5]),
-                       progress=False, engine="local")
+        run_precompute(
+            config(digits_dir / "val", tmp_path / "pc", limit=4, demo_schedule=[0.0, 0.5]),
+            progress=False,
+            engine="local",
+        )
 
 
 def test_precompute_bench_compares_both_engines(local_ray, digits_dir, tmp_path):
     from tprl_ray.bench.config import PrecomputeBenchConfig
     from tprl_ray.bench.precompute import format_precompute_bench, run_precompute_bench
 
-    cfg = PrecomputeBenchConfig(data=digits_dir / "val", limit=16, work=tmp_path / "work", out=tmp_path / "b.json",
-                                shard_size=8, pool={"batch_size": 8, "cpus": 0.5}, ray_address="local")
+    cfg = PrecomputeBenchConfig(
+        data=digits_dir / "val",
+        limit=16,
+        work=tmp_path / "work",
+        out=tmp_path / "b.json",
+        shard_size=8,
+        pool={"batch_size": 8, "cpus": 0.5},
+        ray_address="local",
+    )
     result = run_precompute_bench(cfg)
     assert json.loads(cfg.out.read_text()) == result
     assert {e: r["rows"] for e, r in result["engines"].items()} == {"local": 16, "ray": 16}

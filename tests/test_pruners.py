@@ -19,8 +19,14 @@ def unit(degrees: float, plane: str = "xz") -> list[float]:
 
 def one(tokens=None, features=None, attention=None) -> PruneBatch:
     tokens = features if tokens is None else tokens
-    return PruneBatch([tokens], [features], None if attention is None else [attention], [(1, len(tokens))],
-                      ["q0"], ["what digit is at a1 ?"])
+    return PruneBatch(
+        [tokens],
+        [features],
+        None if attention is None else [attention],
+        [(1, len(tokens))],
+        ["q0"],
+        ["what digit is at a1 ?"],
+    )
 
 
 def test_budgets_are_fractions_or_counts():
@@ -46,8 +52,24 @@ def test_vispruner_hand_worked_example():
     18 (100) -> cos 20 = .9397; 22 (150) -> cos 30 = .8660. Dropped: 14 and 10.
     Kept: 0..6 and [15, 18, 22, 8, 12, 16, 20].
     """
-    angles = {8: 0, 10: 5, 12: 40, 14: 44, 16: 80, 18: 100, 20: 120, 22: 150,
-              7: 2, 9: 42, 11: 82, 13: 118, 17: 60, 19: 20, 21: 140, 23: 170}
+    angles = {
+        8: 0,
+        10: 5,
+        12: 40,
+        14: 44,
+        16: 80,
+        18: 100,
+        20: 120,
+        22: 150,
+        7: 2,
+        9: 42,
+        11: 82,
+        13: 118,
+        17: 60,
+        19: 20,
+        21: 140,
+        23: 170,
+    }
     features = torch.tensor([unit(angles.get(i, 0)) if i != 15 else [0.0, 1.0, 0.0] for i in range(24)])
     attention = torch.tensor([(24 - i) / 100 for i in range(24)])
     keep = VisPruner().prune(one(features=features, attention=attention), 14).keep[0]
@@ -90,7 +112,9 @@ def test_random_is_seeded_per_question_and_sized_by_budget():
     tokens = torch.randn(64, 4)
     batch = PruneBatch([tokens, tokens], [tokens, tokens], None, [(8, 8)] * 2, ["a", "b"], ["q", "q"])
     first = build_pruner("random", seed=3).prune(batch, 0.25).keep
-    again = build_pruner("random", seed=3).prune(PruneBatch([tokens], [tokens], None, [(8, 8)], ["b"], ["q"]), 0.25).keep
+    again = (
+        build_pruner("random", seed=3).prune(PruneBatch([tokens], [tokens], None, [(8, 8)], ["b"], ["q"]), 0.25).keep
+    )
     assert [len(k) for k in first] == [16, 16] and torch.equal(first[1], again[0])
     assert not torch.equal(first[0], first[1]) and torch.equal(first[0], torch.sort(first[0]).values)
     assert not torch.equal(build_pruner("random", seed=4).prune(batch, 0.25).keep[0], first[0])
@@ -108,8 +132,15 @@ def test_fastv_prunes_at_layer_k_and_reports_tokens_per_layer(digits_dir):
     from tprl_ray.evaluation.predict import prune_batch
     from tprl_ray.models import tiny_llava
 
-    size = tiny_llava.TinyLlavaSize(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32,
-                                    text_layers=4, text_heads=2, text_intermediate=64)
+    size = tiny_llava.TinyLlavaSize(
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=4,
+        text_heads=2,
+        text_intermediate=64,
+    )
     torch.manual_seed(0)
     processor = tiny_llava.build_processor(size)
     backbone = LlavaBackbone(tiny_llava.build_model(size, processor.tokenizer), processor)

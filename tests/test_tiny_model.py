@@ -21,11 +21,26 @@ def test_token_cells_follow_the_grid():
 @pytest.fixture(scope="module")
 def trained(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny"
-    cfg = TinyModelConfig.load(None, {
-        "data": str(digits_dir), "out": str(out), "align_steps": 400, "tune_steps": 60, "batch_scenes": 8,
-        "warmup": 10, "eval_every": 60, "val_questions": 40,
-        "size": {"vision_hidden": 48, "vision_layers": 2, "text_hidden": 64, "text_layers": 2,
-                 "text_intermediate": 128}})
+    cfg = TinyModelConfig.load(
+        None,
+        {
+            "data": str(digits_dir),
+            "out": str(out),
+            "align_steps": 400,
+            "tune_steps": 60,
+            "batch_scenes": 8,
+            "warmup": 10,
+            "eval_every": 60,
+            "val_questions": 40,
+            "size": {
+                "vision_hidden": 48,
+                "vision_layers": 2,
+                "text_hidden": 64,
+                "text_layers": 2,
+                "text_intermediate": 128,
+            },
+        },
+    )
     history = []
     metrics = train_tiny(cfg, log=lambda m, step: history.append(dict(m)))
     return cfg, metrics, history
@@ -34,7 +49,7 @@ def trained(digits_dir, tmp_path_factory):
 def test_both_stages_learn(trained):
     cfg, metrics, history = trained
     align = [h["train/align_loss"] for h in history]
-    answer = [h["train/answer_loss"] for h in history[cfg.align_steps:]]
+    answer = [h["train/answer_loss"] for h in history[cfg.align_steps :]]
     assert len(history) == cfg.align_steps + cfg.tune_steps
     assert sum(align[-10:]) / 10 < 0.6 * sum(align[:10]) / 10
     assert sum(answer[-10:]) / 10 < 0.8 * sum(answer[:3]) / 3
@@ -75,10 +90,13 @@ def test_conversation_targets_are_the_replies_and_key_words():
         row = conversation_rows(backbone, torch.zeros(1, 64, 32), [talk], at_key_word)[0]
         before, after, targets = row.before, row.after, row.targets
         assert before == processor.tokenizer("USER :")["input_ids"]
-        names = [(processor.tokenizer.convert_ids_to_tokens(after[p]), processor.tokenizer.convert_ids_to_tokens(t))
-                 for p, t in targets]
+        names = [
+            (processor.tokenizer.convert_ids_to_tokens(after[p]), processor.tokenizer.convert_ids_to_tokens(t))
+            for p, t in targets
+        ]
         expected = []
         for q, a in talk:
-            expected += [(":", a), (a, "</s>")] + ([(q.split()[-2] if "many" not in q else q.split()[2], a)]
-                                                    if at_key_word else [])
+            expected += [(":", a), (a, "</s>")] + (
+                [(q.split()[-2] if "many" not in q else q.split()[2], a)] if at_key_word else []
+            )
         assert names == expected

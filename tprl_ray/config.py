@@ -19,9 +19,10 @@ import importlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -130,7 +131,8 @@ class BackboneConfig(Section):
     dtype: Dtype = "float32"
     device: str = Field("auto", description="torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     prompt_format: Literal["auto", "vicuna_v1", "chat_template"] = Field(
-        "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1")
+        "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1"
+    )
     pad_to_square: bool = Field(True, description="LLaVA: pad images to a square with the mean colour first")
 
     def resolved_path(self) -> Path | str:
@@ -149,6 +151,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the command line
+
 
 @dataclass(frozen=True)
 class Command:
@@ -192,15 +195,19 @@ def parse_flag(raw: str, kind: type | None) -> Any:
     return value
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "",
-                    hidden: frozenset[str] = frozenset()) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "", hidden: frozenset[str] = frozenset()
+) -> None:
     """Add ``--config``, ``--set`` and one flag per field of ``cls``: ``--field-name`` at the top level,
     ``--section.field-name`` for fields of nested sections (but those the stage wires itself)."""
     if not prefix:
         hidden = getattr(cls, "wired", frozenset())
         parser.add_argument("--config", type=Path, help="YAML file with this stage's settings")
         parser.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override any field, dotted for nested ones (repeatable); VALUE is parsed as YAML",
         )
     for name, field in cls.model_fields.items():
@@ -212,7 +219,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[BaseModel], prefi
             continue
         default = field.get_default(call_default_factory=True)
         parser.add_argument(
-            f"--{prefix}{name.replace('_', '-')}", dest=f"cfg__{prefix}{name}", default=None, metavar="V",
+            f"--{prefix}{name.replace('_', '-')}",
+            dest=f"cfg__{prefix}{name}",
+            default=None,
+            metavar="V",
             type=lambda raw, kind=kind: parse_flag(raw, kind),
             help=f"{field.description or name} (default: {default})",
         )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 PARENT_RUN = "TPRL_MLFLOW_PARENT_RUN"
 
@@ -34,13 +34,15 @@ def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
     if existing is not None:
         return mlflow.start_run(run_name=run_name, experiment_id=existing.experiment_id)
     location = (out_dir.resolve() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-    return mlflow.start_run(run_name=run_name,
-                            experiment_id=mlflow.create_experiment(experiment, artifact_location=location))
+    return mlflow.start_run(
+        run_name=run_name, experiment_id=mlflow.create_experiment(experiment, artifact_location=location)
+    )
 
 
 @contextlib.contextmanager
-def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
-               params: dict | None = None) -> Iterator:
+def mlflow_run(
+    out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None, params: dict | None = None
+) -> Iterator:
     """Open an MLflow run (a child run inside :func:`pipeline_run`); artifacts of a local store live
     in ``<out_dir>/mlruns``.
 
@@ -67,8 +69,9 @@ def mlflow_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | N
 
 
 @contextlib.contextmanager
-def pipeline_run(out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None,
-                 params: dict | None = None) -> Iterator:
+def pipeline_run(
+    out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None, params: dict | None = None
+) -> Iterator:
     """The parent run of a pipeline: stages run inside it log child runs into ``experiment``."""
     with mlflow_run(out_dir, experiment, run_name, uri, params) as run:
         os.environ[PARENT_RUN] = run.info.run_id
@@ -91,5 +94,9 @@ def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
         client.create_registered_model(name, description="TPRL visual-token pruner: one policy pass, keep p > tau")
     table = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
     return client.create_model_version(
-        name, f"runs:/{run.info.run_id}/pruner", run_id=run.info.run_id,
-        tags={f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}, description=table)
+        name,
+        f"runs:/{run.info.run_id}/pruner",
+        run_id=run.info.run_id,
+        tags={f"tau:{b}": f"{t:.6g}" for b, t in taus.items()},
+        description=table,
+    )

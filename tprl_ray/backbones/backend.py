@@ -9,7 +9,8 @@ pruners drive the decoder layers themselves and need the ``hf`` backend.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -37,10 +38,22 @@ class Backend(Protocol):
     def text_tokens(self, question: str) -> int:
         """Prompt text tokens around the image."""
 
-    def score(self, questions: list[str], answers: list[str], tokens, keep: list[torch.Tensor] | None = None,
-              grids: list[Grid] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self,
+        questions: list[str],
+        answers: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample: mean answer log-likelihood and whether greedy decoding reproduces the answer."""
 
-    def generate(self, questions: list[str], tokens, keep: list[torch.Tensor] | None = None,
-                 grids: list[Grid] | None = None, max_new_tokens: int = 8) -> list[str]:
+    def generate(
+        self,
+        questions: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+        max_new_tokens: int = 8,
+    ) -> list[str]:
         """Greedy answers from each sample's kept visual tokens."""

@@ -10,9 +10,9 @@ token's original 3-D M-RoPE position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 from transformers import AutoConfig
@@ -43,7 +43,8 @@ def load_model(model_class, config_class, family: str, path, dtype: str):
     except (RuntimeError, ValueError) as exc:
         raise BackboneError(
             f"{path}: weights do not match config.json (vision hidden_size {config.vision_config.hidden_size}, "
-            f"text hidden_size {config.text_config.hidden_size}): {str(exc).splitlines()[0]}") from None
+            f"text hidden_size {config.text_config.hidden_size}): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 Grid = tuple[int, int]
@@ -137,8 +138,9 @@ class Backbone:
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """LLM-ready visual tokens from the stored pre-projector features (the RL scorer's input)."""
-        raise BackboneError(f"{type(self).__name__} cannot score from stored features: its visual tokens "
-                            f"need the image again")
+        raise BackboneError(
+            f"{type(self).__name__} cannot score from stored features: its visual tokens need the image again"
+        )
 
     def position_ids(self, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -149,7 +151,7 @@ class Backbone:
         if ids.count(self.image_token_id) != 1:
             raise BackboneError(f"prompt for {question!r} must hold exactly one image token")
         cut = ids.index(self.image_token_id)
-        return tuple(ids[:cut]), tuple(ids[cut + 1:])
+        return tuple(ids[:cut]), tuple(ids[cut + 1 :])
 
     def text_tokens(self, question: str) -> int:
         """Prompt tokens around the image for ``question`` (the text part of the LLM input)."""
@@ -163,7 +165,7 @@ class Backbone:
         head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if full[: len(head)] != head or len(full) == len(head):
             raise BackboneError(f"answer {answer!r} does not tokenise as a continuation of the prompt")
-        return tuple(full[len(head):]) + (self.end_id,)
+        return tuple(full[len(head) :]) + (self.end_id,)
 
     def query_embedding(self, question: str) -> torch.Tensor:
         """The MDP's query vector ``q``: the mean LLM input embedding over the question's own tokens
@@ -175,8 +177,14 @@ class Backbone:
             return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device)).mean(dim=0)
 
     # ---- LLM inputs ----------------------------------------------------------------------
-    def build_inputs(self, questions: list[str], tokens, keep: list[torch.Tensor] | None,
-                     answers: list[str] | None = None, grids: list[Grid] | None = None) -> LlmBatch:
+    def build_inputs(
+        self,
+        questions: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None,
+        answers: list[str] | None = None,
+        grids: list[Grid] | None = None,
+    ) -> LlmBatch:
         """Splice each sample's kept visual tokens (``tokens[i]``: ``[N_i, d_llm]``) into its prompt
         (and teacher-forced answer); left-pad. ``grids`` is needed by adapters with 2-D positions."""
         rows = []
@@ -187,9 +195,16 @@ class Backbone:
             answer = self.answer_ids(question, answers[i]) if answers is not None else []
             # the last prompt token predicts answer[0], each answer token the next, the last one the end
             first = len(after) - 1
-            rows.append(Row(list(before), tokens[i][kept], list(after) + list(answer[:-1]),
-                            [(first + j, tok) for j, tok in enumerate(answer)], kept,
-                            None if grids is None else tuple(grids[i])))
+            rows.append(
+                Row(
+                    list(before),
+                    tokens[i][kept],
+                    list(after) + list(answer[:-1]),
+                    [(first + j, tok) for j, tok in enumerate(answer)],
+                    kept,
+                    None if grids is None else tuple(grids[i]),
+                )
+            )
         return self.pack(rows)
 
     def pack(self, rows: list[Row]) -> LlmBatch:
@@ -202,26 +217,38 @@ class Backbone:
         for row, length in zip(rows, lengths):
             pad, k = width - length, row.visual.shape[0]
             ids.append([pad_id] * (pad + len(row.before) + k) + row.after)
-            ids[-1][pad:pad + len(row.before)] = row.before
+            ids[-1][pad : pad + len(row.before)] = row.before
             is_visual.append([False] * (pad + len(row.before)) + [True] * k + [False] * len(row.after))
             targets.append([(pad + len(row.before) + k + p, t) for p, t in row.targets])
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         visual_mask = torch.tensor(is_visual, device=self.device)
         embeds = self.model.get_input_embeddings()(ids_t)
         embeds[visual_mask] = torch.cat([row.visual for row in rows]).to(embeds.device, embeds.dtype)
-        mask = (torch.arange(width, device=self.device)[None, :]
-                >= torch.tensor([width - n for n in lengths], device=self.device)[:, None]).long()
+        mask = (
+            torch.arange(width, device=self.device)[None, :]
+            >= torch.tensor([width - n for n in lengths], device=self.device)[:, None]
+        ).long()
         embeds = embeds * mask[..., None]
         return LlmBatch(embeds, mask, self.position_ids(rows, mask), targets, visual_mask)
 
     def logits(self, batch: LlmBatch, **kwargs):
-        return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, **kwargs)
+        return self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            **kwargs,
+        )
 
     # ---- scoring and decoding ------------------------------------------------------------
     @torch.no_grad()
-    def score(self, questions: list[str], answers: list[str], tokens, keep: list[torch.Tensor] | None = None,
-              grids: list[Grid] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self,
+        questions: list[str],
+        answers: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample: mean log-likelihood of the answer tokens, and whether greedy decoding
         reproduces the answer (every answer token and the end of turn are the argmax)."""
         batch = self.build_inputs(questions, tokens, keep, answers, grids)
@@ -232,19 +259,28 @@ class Backbone:
         row = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt], device=self.device)
         pos = torch.tensor([p - (width - tail) for tgt in batch.targets for p, _ in tgt], device=self.device)
         tok = torch.tensor([t for tgt in batch.targets for _, t in tgt], device=self.device)
-        is_answer = torch.tensor([j < len(tgt) - 1 for tgt in batch.targets for j in range(len(tgt))],
-                                 device=self.device)  # every target but the final end of turn
+        is_answer = torch.tensor(
+            [j < len(tgt) - 1 for tgt in batch.targets for j in range(len(tgt))], device=self.device
+        )  # every target but the final end of turn
         picked = logp[row, pos]
         n = len(batch.targets)
         token_logp = picked.gather(1, tok[:, None])[:, 0] * is_answer
-        mean_logp = torch.zeros(n, device=self.device).index_add_(0, row, token_logp) / \
-            torch.zeros(n, device=self.device).index_add_(0, row, is_answer.float())
+        mean_logp = torch.zeros(n, device=self.device).index_add_(0, row, token_logp) / torch.zeros(
+            n, device=self.device
+        ).index_add_(0, row, is_answer.float())
         wrong = torch.zeros(n, device=self.device).index_add_(0, row, (picked.argmax(-1) != tok).float())
         return mean_logp.cpu(), (wrong == 0).cpu()
 
     @torch.no_grad()
-    def generate(self, questions: list[str], tokens, keep: list[torch.Tensor] | None = None,
-                 grids: list[Grid] | None = None, max_new_tokens: int = 8, stop_at_end: bool = True) -> list[str]:
+    def generate(
+        self,
+        questions: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+        max_new_tokens: int = 8,
+        stop_at_end: bool = True,
+    ) -> list[str]:
         """Greedy decoding with a KV cache, stopping each sample at the end of its turn (or, with
         ``stop_at_end=False``, always running ``max_new_tokens`` steps, as latency benchmarks need)."""
         batch = self.build_inputs(questions, tokens, keep, grids=grids)
@@ -255,9 +291,13 @@ class Backbone:
         def step(token: torch.Tensor) -> torch.Tensor:
             state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
             state["pos"] = state["pos"] + 1
-            nxt = self.model(inputs_embeds=self.model.get_input_embeddings()(token[:, None]),
-                             attention_mask=state["mask"], position_ids=state["pos"],
-                             cache=state["cache"], use_cache=True)
+            nxt = self.model(
+                inputs_embeds=self.model.get_input_embeddings()(token[:, None]),
+                attention_mask=state["mask"],
+                position_ids=state["pos"],
+                cache=state["cache"],
+                use_cache=True,
+            )
             state["cache"] = nxt.cache
             return nxt.logits[:, -1]
 
@@ -278,5 +318,6 @@ class Backbone:
                 break
             logits = step(nxt)
         seqs = torch.stack(tokens, dim=1).tolist()
-        return [self.tokenizer.decode(s[: s.index(end)] if end in s else s, skip_special_tokens=True).strip()
-                for s in seqs]
+        return [
+            self.tokenizer.decode(s[: s.index(end)] if end in s else s, skip_special_tokens=True).strip() for s in seqs
+        ]

@@ -1,12 +1,13 @@
 """One registry entry per model family: its transformers config class, how its adapter loads, its
-vision FLOPs and its defaults (LLaVA: the prompt format). Loading and FLOPs accounting pick the family here, by config class."""
+vision FLOPs and its defaults (LLaVA: the prompt format). Loading and FLOPs accounting pick the
+family here, by config class."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from transformers import LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig
 
@@ -21,8 +22,9 @@ def _load_llava(path: str | Path, cfg: BackboneConfig) -> Backbone:
     prompt_format = cfg.prompt_format
     if prompt_format == "auto":
         card = Path(path) / "tprl_model_card.json"
-        prompt_format = json.loads(card.read_text()).get("prompt_format", "chat_template") \
-            if card.is_file() else "vicuna_v1"
+        prompt_format = (
+            json.loads(card.read_text()).get("prompt_format", "chat_template") if card.is_file() else "vicuna_v1"
+        )
     return LlavaBackbone.from_pretrained(path, cfg.dtype, cfg.device, prompt_format, cfg.pad_to_square)
 
 

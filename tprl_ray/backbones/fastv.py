@@ -30,8 +30,9 @@ def _additive_mask(valid: torch.Tensor, queries: int, dtype: torch.dtype) -> tor
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
-def _last_token_attention(layer, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-                          cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _last_token_attention(
+    layer, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Head-averaged attention of the last position to every key at ``layer``, ``[B, T]``."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_in[:, -1:])
@@ -57,9 +58,15 @@ class FastVState:
 
 
 @torch.no_grad()
-def fastv_prefill(backbone: Backbone, questions: list[str], features, k: int, n_keep: int,
-                  grids: list[tuple[int, int]] | None = None,
-                  extra_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, FastVState, torch.Tensor]:
+def fastv_prefill(
+    backbone: Backbone,
+    questions: list[str],
+    features,
+    k: int,
+    n_keep: int,
+    grids: list[tuple[int, int]] | None = None,
+    extra_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, FastVState, torch.Tensor]:
     """Prefill with FastV at layer ``k``; returns (last-position logits, state, kept visual indices).
 
     ``extra_ids`` (``[B, M]``) appends already generated tokens after the prompt; the ranking still
@@ -90,8 +97,9 @@ def fastv_prefill(backbone: Backbone, questions: list[str], features, k: int, n_
         hidden = layers[i](hidden, attention_mask=mask, position_embeddings=cos_sin, cache=cache, use_cache=True)
     prompt_cos_sin = (cos_sin[0][:, :prompt_len], cos_sin[1][:, :prompt_len])
     keys = cache.layers[k - 1].keys[:, :, :prompt_len]
-    scores = _last_token_attention(layers[k - 1], hidden_in[:, :prompt_len], keys, valid[:, :prompt_len],
-                                   prompt_cos_sin)
+    scores = _last_token_attention(
+        layers[k - 1], hidden_in[:, :prompt_len], keys, valid[:, :prompt_len], prompt_cos_sin
+    )
     n_visual = int(visual[0].sum())
     scores = scores.masked_fill(~visual[:, :prompt_len], -1.0)
     top = scores.topk(min(n_keep, n_visual), dim=-1).indices
@@ -124,16 +132,23 @@ def fastv_step(backbone: Backbone, state: FastVState, token: torch.Tensor) -> to
     cos_sin = lm.rotary_emb(hidden, position_ids=state.next_position)
     masks = [_additive_mask(state.valid_full, 1, hidden.dtype), _additive_mask(state.valid_kept, 1, hidden.dtype)]
     for i, layer in enumerate(lm.layers):
-        hidden = layer(hidden, attention_mask=masks[i >= state.k], position_embeddings=cos_sin,
-                       cache=state.cache, use_cache=True)
+        hidden = layer(
+            hidden, attention_mask=masks[i >= state.k], position_embeddings=cos_sin, cache=state.cache, use_cache=True
+        )
     state.next_position = state.next_position + 1
     return backbone.model.lm_head(lm.norm(hidden))[:, 0]
 
 
 @torch.no_grad()
-def fastv_generate(backbone: Backbone, questions: list[str], features, k: int, n_keep: int,
-                   grids: list[tuple[int, int]] | None = None,
-                   max_new_tokens: int = 8) -> tuple[list[str], torch.Tensor]:
+def fastv_generate(
+    backbone: Backbone,
+    questions: list[str],
+    features,
+    k: int,
+    n_keep: int,
+    grids: list[tuple[int, int]] | None = None,
+    max_new_tokens: int = 8,
+) -> tuple[list[str], torch.Tensor]:
     """Greedy decoding with FastV pruning at layer ``k``; returns texts and kept visual indices."""
     logits, state, kept = fastv_prefill(backbone, questions, features, k, n_keep, grids)
     texts = backbone.greedy_decode(logits, lambda token: fastv_step(backbone, state, token), max_new_tokens)

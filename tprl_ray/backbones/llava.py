@@ -9,16 +9,19 @@ are recompacted (``0..L-1`` over the real tokens), as LLaVA's pruning papers do.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
 from tprl_ray.backbones.base import Backbone, BackboneError, Row, VisualTokens, load_model
 
-VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 PromptFormat = Literal["vicuna_v1", "chat_template"]
 
@@ -26,16 +29,27 @@ PromptFormat = Literal["vicuna_v1", "chat_template"]
 class LlavaBackbone(Backbone):
     """A ``LlavaForConditionalGeneration`` and its processor, driven with kept-token indices."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor: LlavaProcessor,
-                 device: str | torch.device = "cpu", prompt_format: PromptFormat = "chat_template"):
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        processor: LlavaProcessor,
+        device: str | torch.device = "cpu",
+        prompt_format: PromptFormat = "chat_template",
+    ):
         super().__init__(model, processor.tokenizer, device)
         self.processor = processor
         self.prompt_format = prompt_format
         self.end_id = self.tokenizer.eos_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu",
-                        prompt_format: PromptFormat = "vicuna_v1", pad_to_square: bool = True) -> "LlavaBackbone":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        prompt_format: PromptFormat = "vicuna_v1",
+        pad_to_square: bool = True,
+    ) -> LlavaBackbone:
         """Load a LLaVA checkpoint (local directory or hub id) with its tokenizer and a PIL image
         processor built from its preprocessing settings (padding to square if asked)."""
         model = load_model(LlavaForConditionalGeneration, LlavaConfig, "LLaVA", path, dtype)
@@ -74,8 +88,9 @@ class LlavaBackbone(Backbone):
         if with_attention:
             self.model.set_attn_implementation({"vision_config": "eager"})
         try:
-            out = self.model.get_image_features(pixel_values=pixel_values, output_hidden_states=True,
-                                                output_attentions=with_attention)
+            out = self.model.get_image_features(
+                pixel_values=pixel_values, output_hidden_states=True, output_attentions=with_attention
+            )
         finally:
             if with_attention:
                 self.model.set_attn_implementation({"vision_config": tower_impl})
@@ -86,8 +101,12 @@ class LlavaBackbone(Backbone):
             # hidden_states[i + 1] is the output of layer i, so hidden_states[layer] comes from attentions[layer]
             attention = out.attentions[layer if layer < 0 else layer - 1][:, :, 0, 1:].mean(dim=1)
         side = math.isqrt(features.shape[1])
-        return VisualTokens(torch.stack(list(out.pooler_output)), features, attention,
-                            [(side, features.shape[1] // side)] * features.shape[0])
+        return VisualTokens(
+            torch.stack(list(out.pooler_output)),
+            features,
+            attention,
+            [(side, features.shape[1] // side)] * features.shape[0],
+        )
 
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -110,10 +129,15 @@ def llava_vision_flops(config: LlavaConfig, full_tokens: int | None, kept: int) 
     if full_tokens not in (None, patches):
         raise ValueError(f"LLaVA encodes {patches} patches per image, not full_visual_tokens={full_tokens}")
     n = patches + 1  # + CLS
-    layers = v.num_hidden_layers + 1 + config.vision_feature_layer if config.vision_feature_layer < 0 \
-        else config.vision_feature_layer  # hidden_states[0] is the embedding output
+    layers = (
+        v.num_hidden_layers + 1 + config.vision_feature_layer
+        if config.vision_feature_layer < 0
+        else config.vision_feature_layer
+    )  # hidden_states[0] is the embedding output
     projected = patches + (config.vision_feature_select_strategy == "full")
-    flops = (2 * patches * (v.num_channels * p * p * dv)
-             + layers * (2 * n * 4 * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv)
-             + 2 * projected * (dv * d + d * d))
+    flops = (
+        2 * patches * (v.num_channels * p * p * dv)
+        + layers * (2 * n * 4 * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv)
+        + 2 * projected * (dv * d + d * d)
+    )
     return flops, patches, patches

@@ -12,8 +12,8 @@ onwards, exactly what ``get_rope_index`` gives the full sequence.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -43,8 +43,9 @@ class QwenBackbone(Backbone):
 
     answer_separator = ""
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, tokenizer, image_processor,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: Qwen2_5_VLForConditionalGeneration, tokenizer, image_processor, device: str | torch.device = "cpu"
+    ):
         super().__init__(model, tokenizer, device)
         self.image_processor = image_processor
         self.end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -52,10 +53,11 @@ class QwenBackbone(Backbone):
         if image_processor.patch_size != vision.patch_size or image_processor.merge_size != vision.spatial_merge_size:
             raise BackboneError(
                 f"image processor patch {image_processor.patch_size}/merge {image_processor.merge_size} does not "
-                f"match the vision config's {vision.patch_size}/{vision.spatial_merge_size}")
+                f"match the vision config's {vision.patch_size}/{vision.spatial_merge_size}"
+            )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> "QwenBackbone":
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu") -> QwenBackbone:
         """Load a Qwen2.5-VL checkpoint (local directory or hub id)."""
         model = load_model(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig, "Qwen2.5-VL", path, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -85,16 +87,19 @@ class QwenBackbone(Backbone):
         visual = self.model.model.visual
         last = visual.blocks[-1]
         seen: dict = {}
-        hooks = [last.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True),
-                 last.register_forward_hook(lambda m, a, out: seen.update(out=out))]
+        hooks = [
+            last.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True),
+            last.register_forward_hook(lambda m, a, out: seen.update(out=out)),
+        ]
         try:
             out = self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
         finally:
             for hook in hooks:
                 hook.remove()
         unit = visual.spatial_merge_unit
-        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
-                                                  visual.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
         raster = torch.argsort(window_index.to(self.device))
         sizes = [t.shape[0] for t in out.pooler_output]
         features = seen["out"].view(-1, unit, seen["out"].shape[-1]).mean(dim=1)[raster]
@@ -134,7 +139,7 @@ class QwenBackbone(Backbone):
             image = torch.stack([torch.full_like(keep, s), s + keep // cols, s + keep % cols])
             after = s + max(grid_rows, cols) + torch.arange(len(row.after), device=self.device).expand(3, -1)
             seq = torch.cat([text_before, image, after], dim=1)
-            positions[:, i, width - seq.shape[1]:] = seq
+            positions[:, i, width - seq.shape[1] :] = seq
         return positions
 
 
@@ -144,7 +149,7 @@ def qwen_vision_flops(config: Qwen2_5_VLConfig, full_tokens: int | None, kept: i
     full_tokens = kept if full_tokens is None else full_tokens
     v = config.vision_config
     p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
-    merge = v.spatial_merge_size ** 2
+    merge = v.spatial_merge_size**2
     patches = merge * full_tokens
     window = min(patches, (v.window_size // p) ** 2)
     flops = 2 * patches * (v.in_channels * v.temporal_patch_size * p * p * dv)

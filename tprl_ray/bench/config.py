@@ -26,7 +26,8 @@ class ScorerBenchConfig(WorkloadBenchConfig):
     out: Path = Field(Path("runs/bench/scorer.json"), description="JSON result file")
     batch_sizes: list[int] = Field([1, 8, 32, 64], description="batch sizes to time (tiny model)")
     large_batch_sizes: list[int] = Field(
-        [1, 8], description="batch sizes for the 7B-shaped model (a batch of 64 full prompts is minutes on a CPU)")
+        [1, 8], description="batch sizes for the 7B-shaped model (a batch of 64 full prompts is minutes on a CPU)"
+    )
     min_seconds: float = Field(2.0, gt=0, description="time each cell for at least this long")
 
 
@@ -66,12 +67,28 @@ class PpoBenchConfig(RayConfig):
 
 
 COMMANDS = (
-    Command(("bench", "ppo"), PpoBenchConfig, "tprl_ray.bench.ppo:command",
-            "PPO env steps/s and scorer busy fraction by env runners"),
-    Command(("bench", "scorer"), ScorerBenchConfig, "tprl_ray.bench.scorer:command",
-            "time batched pruned scoring (samples/s)"),
-    Command(("bench", "latency"), LatencyBenchConfig, "tprl_ray.bench.latency:command",
-            "measure prefill and per-token decode latency"),
-    Command(("bench", "precompute"), PrecomputeBenchConfig, "tprl_ray.bench.precompute:command",
-            "rows/s of the Ray precompute against a single-process loop; bytes per sample"),
+    Command(
+        ("bench", "ppo"),
+        PpoBenchConfig,
+        "tprl_ray.bench.ppo:command",
+        "PPO env steps/s and scorer busy fraction by env runners",
+    ),
+    Command(
+        ("bench", "scorer"),
+        ScorerBenchConfig,
+        "tprl_ray.bench.scorer:command",
+        "time batched pruned scoring (samples/s)",
+    ),
+    Command(
+        ("bench", "latency"),
+        LatencyBenchConfig,
+        "tprl_ray.bench.latency:command",
+        "measure prefill and per-token decode latency",
+    ),
+    Command(
+        ("bench", "precompute"),
+        PrecomputeBenchConfig,
+        "tprl_ray.bench.precompute:command",
+        "rows/s of the Ray precompute against a single-process loop; bytes per sample",
+    ),
 )

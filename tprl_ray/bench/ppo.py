@@ -21,16 +21,23 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
     from ray import serve
 
     from tprl_ray.ray_setup import init_ray
-    from tprl_ray.service.scorer import APP, scorer_handle, start_scorer
     from tprl_ray.rl.config import PpoConfig
     from tprl_ray.rl.train import build_algo, prepare_codes
+    from tprl_ray.service.scorer import APP, scorer_handle, start_scorer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         init_ray(cfg.ray_address)
         for runners, threads in [(r, t) for r in cfg.runner_counts for t in cfg.scorer_threads]:
-            ppo = PpoConfig(data=cfg.data, init=cfg.init, out=Path(tmp), env_runners=runners,
-                            envs_per_runner=cfg.envs_per_runner, cpus_per_runner=0.5, scorer={"threads": threads})
+            ppo = PpoConfig(
+                data=cfg.data,
+                init=cfg.init,
+                out=Path(tmp),
+                env_runners=runners,
+                envs_per_runner=cfg.envs_per_runner,
+                cpus_per_runner=0.5,
+                scorer={"threads": threads},
+            )
             codes_dir, _ = prepare_codes(ppo)
             start_scorer(ppo.scorer, ppo.data)
             algo = build_algo(ppo, codes_dir)
@@ -45,11 +52,18 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
             finally:
                 algo.stop()
                 serve.delete(APP)
-            rows.append({"env_runners": runners, "envs_per_runner": cfg.envs_per_runner, "scorer_threads": threads,
-                         "env_steps": int(steps),
-                         "seconds": wall, "env_steps_per_s": steps / wall,
-                         "scorer_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
-                         "scorer_samples_per_s": (after["samples"] - before["samples"]) / wall})
+            rows.append(
+                {
+                    "env_runners": runners,
+                    "envs_per_runner": cfg.envs_per_runner,
+                    "scorer_threads": threads,
+                    "env_steps": int(steps),
+                    "seconds": wall,
+                    "env_steps_per_s": steps / wall,
+                    "scorer_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
+                    "scorer_samples_per_s": (after["samples"] - before["samples"]) / wall,
+                }
+            )
             print(format_ppo_bench({"rows": rows[-1:]}))
     result = {"bench": "ppo", "data": str(cfg.data), "rows": rows}
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
@@ -57,10 +71,15 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
 
 
 def format_ppo_bench(result: dict) -> str:
-    lines = ["| env runners | envs each | scorer threads | env steps/s | scorer busy | scorer samples/s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['env_runners']} | {r['envs_per_runner']} | {r['scorer_threads']} | {r['env_steps_per_s']:.1f} | "
-              f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |" for r in result["rows"]]
+    lines = [
+        "| env runners | envs each | scorer threads | env steps/s | scorer busy | scorer samples/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['env_runners']} | {r['envs_per_runner']} | {r['scorer_threads']} | {r['env_steps_per_s']:.1f} | "
+        f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |"
+        for r in result["rows"]
+    ]
     return "\n".join(lines)
 
 

@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.backbones.base import Backbone
 from tprl_ray.backbones.llava import LlavaBackbone
-from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.backbones.load import load_backbone, resolve_device
-from tprl_ray.bench.config import ScorerBenchConfig
+from tprl_ray.bench.config import ScorerBenchConfig, WorkloadBenchConfig
 from tprl_ray.config import PAPER_CONFIGS, BackboneConfig
 
 
 def tiny_workload(device: str, dtype: str) -> tuple[Backbone, torch.Tensor, list[str], list[str]]:
     """The shipped model with 64 real test boards and their questions."""
-    from tprl_ray.data.digits import DigitsConfig, SceneSampler, load_digit_pools, split_rng
     from PIL import Image
+
+    from tprl_ray.data.digits import DigitsConfig, SceneSampler, load_digit_pools, split_rng
 
     backbone = load_backbone(BackboneConfig(path="embedded", device=device, dtype=dtype))
     cfg = DigitsConfig()
@@ -80,13 +80,15 @@ def time_cell(backbone, features, questions, answers, batch: int, fraction: floa
     return calls * batch / (time.perf_counter() - start)
 
 
-def workloads(cfg: "ScorerBenchConfig | LatencyBenchConfig") -> dict:
+def workloads(cfg: WorkloadBenchConfig) -> dict:
     """Workload builders by model name, checked against the known ones; sets torch's thread count."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    makers = {"tiny": lambda: tiny_workload(device, cfg.dtype),
-              "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers, device, cfg.dtype)}
+    makers = {
+        "tiny": lambda: tiny_workload(device, cfg.dtype),
+        "llava-7b-shape": lambda: llava7b_workload(cfg.decoder_layers, device, cfg.dtype),
+    }
     unknown = set(cfg.models) - set(makers)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(makers)}")
@@ -102,8 +104,14 @@ def run_scorer_bench(cfg: ScorerBenchConfig) -> dict:
         for batch, fraction in tqdm(cells, desc=f"bench {name}", unit="cell"):
             rate = time_cell(*workload, batch=batch, fraction=fraction, min_seconds=cfg.min_seconds)
             rows.append({"model": name, "batch": batch, "fraction": fraction, "samples_per_s": rate})
-    result = {"bench": "scorer", "device": device_name(cfg.device), "dtype": cfg.dtype,
-              "threads": torch.get_num_threads(), "rows": rows, "ratios": ratios(rows)}
+    result = {
+        "bench": "scorer",
+        "device": device_name(cfg.device),
+        "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
 
@@ -130,8 +138,10 @@ def ratios(rows: list[dict]) -> dict:
 
 def format_bench(result: dict) -> str:
     lines = [f"{'model':>15} | {'batch':>5} | {'kept':>5} | {'samples/s':>10}", "-" * 46]
-    lines += [f"{r['model']:>15} | {r['batch']:>5} | {r['fraction']:>5.2f} | {r['samples_per_s']:>10.1f}"
-              for r in result["rows"]]
+    lines += [
+        f"{r['model']:>15} | {r['batch']:>5} | {r['fraction']:>5.2f} | {r['samples_per_s']:>10.1f}"
+        for r in result["rows"]
+    ]
     lines += [f"{m}: " + ", ".join(f"{k} {v:.2f}x" for k, v in d.items()) for m, d in result["ratios"].items()]
     return "\n".join(lines)
 

@@ -35,5 +35,8 @@ class DigitsConfig(StageConfig):
         return value
 
 
-COMMANDS = (Command(("data", "digits"), DigitsConfig, "tprl_ray.data.digits:command",
-                    "build the embedded digit-grid VQA benchmark"),)
+COMMANDS = (
+    Command(
+        ("data", "digits"), DigitsConfig, "tprl_ray.data.digits:command", "build the embedded digit-grid VQA benchmark"
+    ),
+)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -82,8 +81,9 @@ def pool_fingerprint(pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
 class SceneSampler:
     """Draws random scenes and balanced questions from one digit pool."""
 
-    def __init__(self, pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
-                 min_digits: int = 3, max_digits: int = 8):
+    def __init__(
+        self, pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, min_digits: int = 3, max_digits: int = 8
+    ):
         self.images, self.labels = pool
         self.by_label = [np.flatnonzero(self.labels == d) for d in range(10)]
         self.rng = rng
@@ -112,12 +112,13 @@ class SceneSampler:
                 continue
             src = self.images[rng.choice(self.by_label[d])]
             glyph = Image.fromarray((src * 255).astype(np.uint8)).resize(
-                (DIGIT_SIZE, DIGIT_SIZE), Image.Resampling.BILINEAR)
+                (DIGIT_SIZE, DIGIT_SIZE), Image.Resampling.BILINEAR
+            )
             glyph = np.asarray(glyph, dtype=np.float32) / 255.0 * rng.uniform(0.6, 1.0)
             slack = CELL - DIGIT_SIZE
             y = (cell // GRID) * CELL + int(rng.integers(0, slack + 1))
             x = (cell % GRID) * CELL + int(rng.integers(0, slack + 1))
-            patch = canvas[y:y + DIGIT_SIZE, x:x + DIGIT_SIZE]
+            patch = canvas[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE]
             np.maximum(patch, glyph, out=patch)
         return (canvas * 255).round().astype(np.uint8)
 
@@ -170,8 +171,7 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n_scenes in cfg.split_sizes.items():
-        sampler = SceneSampler(pools[pool_for_split(split)], split_rng(cfg.seed, split),
-                               cfg.min_digits, cfg.max_digits)
+        sampler = SceneSampler(pools[pool_for_split(split)], split_rng(cfg.seed, split), cfg.min_digits, cfg.max_digits)
         samples, images = [], {}
         for i in tqdm(range(n_scenes), desc=f"digits/{split}", unit="scene", leave=False):
             scene, questions = sampler.sample()
@@ -186,7 +186,9 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
         "benchmark": "digits",
         "schema_version": SCHEMA_VERSION,
         "config": json.loads(cfg.model_dump_json()),
-        "image_size": IMAGE_SIZE, "grid": GRID, "cell": CELL,
+        "image_size": IMAGE_SIZE,
+        "grid": GRID,
+        "cell": CELL,
         "categories": list(CATEGORIES),
         "test_pool_fingerprint": pool_fingerprint(pools),
         "questions": written,

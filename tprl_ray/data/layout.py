@@ -47,11 +47,15 @@ def write_split(split_dir: Path, samples: list[Sample], images: dict[str, np.nda
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         atomic_write_bytes(split_dir / "images" / name, buf.getvalue())
-    atomic_write_bytes(split_dir / "questions.jsonl", _jsonl(
-        [{"question_id": s.question_id, "image": s.image, "text": s.text, "category": s.category}
-         for s in samples]))
-    atomic_write_bytes(split_dir / "answers.jsonl", _jsonl(
-        [{"question_id": s.question_id, "answer": s.answer} for s in samples]))
+    atomic_write_bytes(
+        split_dir / "questions.jsonl",
+        _jsonl(
+            [{"question_id": s.question_id, "image": s.image, "text": s.text, "category": s.category} for s in samples]
+        ),
+    )
+    atomic_write_bytes(
+        split_dir / "answers.jsonl", _jsonl([{"question_id": s.question_id, "answer": s.answer} for s in samples])
+    )
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -84,8 +88,12 @@ class Reject:
     reason: str
 
 
-def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
-               check_images: bool = True, rejects: list[Reject] | None = None) -> list[Sample]:
+def read_split(
+    split_dir: str | Path,
+    categories: tuple[str, ...] | None = None,
+    check_images: bool = True,
+    rejects: list[Reject] | None = None,
+) -> list[Sample]:
     """Read and validate a split; ``categories`` restricts the allowed question categories.
 
     By default any bad question raises :class:`DataError`. With a ``rejects`` list, a question
@@ -98,15 +106,17 @@ def read_split(split_dir: str | Path, categories: tuple[str, ...] | None = None,
     qpath, apath = split_dir / "questions.jsonl", split_dir / "answers.jsonl"
     questions = _read_jsonl(qpath, ("question_id", "image", "text", "category"))
     answers = {}
-    for lineno, row in _read_jsonl(apath, ("question_id", "answer")):
+    for _, row in _read_jsonl(apath, ("question_id", "answer")):
         answer = row["answer"]
         answers[str(row["question_id"])] = [str(a) for a in answer] if isinstance(answer, list) else str(answer)
     samples, checked = [], set()
     for lineno, row in questions:
         qid = str(row["question_id"])
         if categories is not None and row["category"] not in categories:
-            raise DataError(f"{qpath}:{lineno}: unknown question category {row['category']!r} "
-                            f"(expected one of {', '.join(categories)})")
+            raise DataError(
+                f"{qpath}:{lineno}: unknown question category {row['category']!r} "
+                f"(expected one of {', '.join(categories)})"
+            )
         try:
             if qid not in answers:
                 raise DataError(f"{qpath}:{lineno}: question {qid} has no answer in {apath.name}")

@@ -8,7 +8,14 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from tprl_ray.config import (
-    EMBEDDED_MODEL, PAPER_CONFIGS, BackboneConfig, Command, PoolConfig, RunConfig, StageConfig, known_name,
+    EMBEDDED_MODEL,
+    PAPER_CONFIGS,
+    BackboneConfig,
+    Command,
+    PoolConfig,
+    RunConfig,
+    StageConfig,
+    known_name,
 )
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.pruners.registry import LEARNED, PRUNERS
@@ -26,8 +33,11 @@ class EvalConfig(RunConfig):
     benchmark: BenchmarkName = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")
     pruners: list[str] = Field(["random"], min_length=1, description=f"any of {', '.join(PRUNERS)} (a,b,c)")
     budgets: list[float] = Field([0.25], min_length=1, description="kept fractions (<= 1) or kept token counts (> 1)")
-    policies: dict[str, Path] = Field({}, description="directories of the learned pruners, e.g. tprl=runs/ppo "
-                                                      "(lfd default: the one shipped for the embedded model)")
+    policies: dict[str, Path] = Field(
+        {},
+        description="directories of the learned pruners, e.g. tprl=runs/ppo "
+        "(lfd default: the one shipped for the embedded model)",
+    )
     out: Path = Field(Path("runs/eval/report.json"), description="report JSON (predictions beside it)")
     limit: int = Field(0, ge=0, description="first N questions only (0: all)")
     max_new_tokens: int = Field(8, ge=1)
@@ -66,8 +76,9 @@ class EfficiencyConfig(StageConfig):
     text_tokens: int = Field(0, ge=0, description="prompt text tokens")
     new_tokens: int = Field(0, ge=0, description="decode steps after the prefill")
     pruner: str = Field("none", description="adds the pruner's own FLOPs and per-layer tokens (fastv)")
-    full_tokens: int | None = Field(None, ge=1, description="tokens before pruning (default: LLaVA's patch "
-                                                            "count; Qwen: --tokens)")
+    full_tokens: int | None = Field(
+        None, ge=1, description="tokens before pruning (default: LLaVA's patch count; Qwen: --tokens)"
+    )
     bytes_per_value: int = Field(2, ge=1, description="2 for fp16/bf16 caches")
 
 
@@ -80,10 +91,19 @@ class ReportConfig(StageConfig):
 
 
 COMMANDS = (
-    Command(("eval",), EvalConfig, "tprl_ray.evaluation.engine:command",
-            "evaluate a benchmark unpruned and under every (pruner, budget) on a Ray Data actor pool"),
-    Command(("efficiency",), EfficiencyConfig, "tprl_ray.evaluation.efficiency:command",
-            "FLOPs and KV-cache bytes of a model config, as JSON"),
-    Command(("report",), ReportConfig, "tprl_ray.evaluation.report:command",
-            "one table and a Pareto plot from reports"),
+    Command(
+        ("eval",),
+        EvalConfig,
+        "tprl_ray.evaluation.engine:command",
+        "evaluate a benchmark unpruned and under every (pruner, budget) on a Ray Data actor pool",
+    ),
+    Command(
+        ("efficiency",),
+        EfficiencyConfig,
+        "tprl_ray.evaluation.efficiency:command",
+        "FLOPs and KV-cache bytes of a model config, as JSON",
+    ),
+    Command(
+        ("report",), ReportConfig, "tprl_ray.evaluation.report:command", "one table and a Pareto plot from reports"
+    ),
 )

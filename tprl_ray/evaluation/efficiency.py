@@ -75,8 +75,9 @@ def model_config(name_or_path: str | Path) -> PretrainedConfig:
     """The config of a shipped model (``embedded`` or a paper model) or of a directory holding a config.json."""
     path = SHIPPED.get(str(name_or_path), Path(name_or_path))
     if not (path / "config.json").is_file():
-        raise ValueError(f"{name_or_path!r}: neither a shipped model ({', '.join(SHIPPED)}) "
-                         f"nor a directory with a config.json")
+        raise ValueError(
+            f"{name_or_path!r}: neither a shipped model ({', '.join(SHIPPED)}) nor a directory with a config.json"
+        )
     return AutoConfig.from_pretrained(path)
 
 
@@ -85,9 +86,16 @@ def decoder_layer_flops(d: int, d_q: int, d_kv: int, m: int, n: int, ctx: int) -
     return 2 * n * (2 * d * d_q + 2 * d * d_kv) + 2 * 2 * n * ctx * d_q + 2 * 3 * n * d * m
 
 
-def efficiency(config: PretrainedConfig, visual_tokens: int, text_tokens: int = 0, new_tokens: int = 0,
-               pruner_flops: float = 0.0, layer_tokens: list[int] | None = None, bytes_per_value: int = 2,
-               full_visual_tokens: int | None = None) -> Efficiency:
+def efficiency(
+    config: PretrainedConfig,
+    visual_tokens: int,
+    text_tokens: int = 0,
+    new_tokens: int = 0,
+    pruner_flops: float = 0.0,
+    layer_tokens: list[int] | None = None,
+    bytes_per_value: int = 2,
+    full_visual_tokens: int | None = None,
+) -> Efficiency:
     """FLOPs and KV cache of one sample (formulas in the module docstring).
 
     ``visual_tokens`` enter the LLM (after pruning), ``layer_tokens`` (one count per decoder layer) replaces it
@@ -105,31 +113,58 @@ def efficiency(config: PretrainedConfig, visual_tokens: int, text_tokens: int = 
 
     lm_head = 2 * d * vocab
     f_prefill = sum(decoder_layer_flops(d, d_q, d_kv, m, v + text_tokens, v + text_tokens) for v in visual) + lm_head
-    f_decode = sum(sum(decoder_layer_flops(d, d_q, d_kv, m, 1, v + text_tokens + i) for v in visual) + lm_head
-                   for i in range(1, new_tokens + 1))
-    flops_parts = {"vision": float(f_vision), "pruner": float(pruner_flops),
-                   "prefill": float(f_prefill), "decode": float(f_decode)}
+    f_decode = sum(
+        sum(decoder_layer_flops(d, d_q, d_kv, m, 1, v + text_tokens + i) for v in visual) + lm_head
+        for i in range(1, new_tokens + 1)
+    )
+    flops_parts = {
+        "vision": float(f_vision),
+        "pruner": float(pruner_flops),
+        "prefill": float(f_prefill),
+        "decode": float(f_decode),
+    }
 
     per_token_layer = 2 * d_kv * bytes_per_value  # K and V
-    kv_parts = {"visual": float(per_token_layer * sum(visual)),
-                "text": float(per_token_layer * layers * text_tokens),
-                "generated": float(per_token_layer * layers * new_tokens)}
-    tokens = {"visual": visual_tokens, "full_visual": full_visual_tokens, "vision_patches": patches,
-              "text": text_tokens, "new": new_tokens, "layer": None if layer_tokens is None else visual}
+    kv_parts = {
+        "visual": float(per_token_layer * sum(visual)),
+        "text": float(per_token_layer * layers * text_tokens),
+        "generated": float(per_token_layer * layers * new_tokens),
+    }
+    tokens = {
+        "visual": visual_tokens,
+        "full_visual": full_visual_tokens,
+        "vision_patches": patches,
+        "text": text_tokens,
+        "new": new_tokens,
+        "layer": None if layer_tokens is None else visual,
+    }
     return Efficiency(sum(flops_parts.values()), flops_parts, sum(kv_parts.values()), kv_parts, tokens)
 
 
-def pruned_efficiency(config: PretrainedConfig, pruner, full_tokens: int, kept: int, text_tokens: int,
-                      new_tokens: int = 1, bytes_per_value: int = 2) -> Efficiency:
+def pruned_efficiency(
+    config: PretrainedConfig,
+    pruner,
+    full_tokens: int,
+    kept: int,
+    text_tokens: int,
+    new_tokens: int = 1,
+    bytes_per_value: int = 2,
+) -> Efficiency:
     """:func:`efficiency` of a pruner keeping ``kept`` of ``full_tokens`` visual tokens (its own FLOPs and,
     for in-LLM pruning, its per-layer token counts included)."""
     text, vision = config.text_config, config.vision_config
     layers = text.num_hidden_layers
     per_layer = pruner.layer_tokens(full_tokens, kept, layers)
-    return efficiency(config, kept, text_tokens, new_tokens,
-                      pruner_flops=pruner.flops(full_tokens, kept, text.hidden_size, vision.hidden_size),
-                      layer_tokens=None if per_layer == [kept] * layers else per_layer,
-                      bytes_per_value=bytes_per_value, full_visual_tokens=full_tokens)
+    return efficiency(
+        config,
+        kept,
+        text_tokens,
+        new_tokens,
+        pruner_flops=pruner.flops(full_tokens, kept, text.hidden_size, vision.hidden_size),
+        layer_tokens=None if per_layer == [kept] * layers else per_layer,
+        bytes_per_value=bytes_per_value,
+        full_visual_tokens=full_tokens,
+    )
 
 
 def run_efficiency(cfg: EfficiencyConfig) -> dict:
@@ -141,8 +176,9 @@ def run_efficiency(cfg: EfficiencyConfig) -> dict:
         full = family_of(config).vision_flops(config, None, cfg.tokens)[2]
     if cfg.tokens > full:
         raise ValueError(f"--tokens {cfg.tokens} exceeds the {full} visual tokens of the image")
-    result = pruned_efficiency(config, build_pruner(cfg.pruner), full, cfg.tokens, cfg.text_tokens, cfg.new_tokens,
-                               cfg.bytes_per_value)
+    result = pruned_efficiency(
+        config, build_pruner(cfg.pruner), full, cfg.tokens, cfg.text_tokens, cfg.new_tokens, cfg.bytes_per_value
+    )
     return {"model": cfg.model, "pruner": cfg.pruner, **result.to_dict()}
 
 

@@ -50,14 +50,23 @@ class Predictor:
         rows = []
         for ids in batch["question_ids"]:
             chunk = [self.samples[str(q)] for q in ids]
-            for label, records in predict(self.backbone, self.cfg.data, chunk, self.settings,
-                                          self.cfg.max_new_tokens).items():
-                rows += [{"setting": label, "question_id": r["question_id"], "prediction": r["prediction"],
-                          "visual_tokens": float(r["visual_tokens"]),
-                          "text_tokens": self.backbone.text_tokens(self.samples[r["question_id"]].text)}
-                         for r in records]
-        return {key: [row[key] for row in rows] for key in ("setting", "question_id", "prediction", "visual_tokens",
-                                                           "text_tokens")}
+            for label, records in predict(
+                self.backbone, self.cfg.data, chunk, self.settings, self.cfg.max_new_tokens
+            ).items():
+                rows += [
+                    {
+                        "setting": label,
+                        "question_id": r["question_id"],
+                        "prediction": r["prediction"],
+                        "visual_tokens": float(r["visual_tokens"]),
+                        "text_tokens": self.backbone.text_tokens(self.samples[r["question_id"]].text),
+                    }
+                    for r in records
+                ]
+        return {
+            key: [row[key] for row in rows]
+            for key in ("setting", "question_id", "prediction", "visual_tokens", "text_tokens")
+        }
 
 
 def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
@@ -68,9 +77,14 @@ def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
 
     init_ray(cfg.ray_address)
     ds = ray.data.from_items([{"question_ids": ids} for ids in chunks])
-    return ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())}, batch_size=1,
-                          compute=ray.data.ActorPoolStrategy(size=cfg.pool.size), num_cpus=cfg.pool.cpus,
-                          num_gpus=gpus_per_actor(cfg.pool.gpus)).take_all()
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
+        num_cpus=cfg.pool.cpus,
+        num_gpus=gpus_per_actor(cfg.pool.gpus),
+    ).take_all()
 
 
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
@@ -83,8 +97,10 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
     samples = read_split(cfg.data)  # validates everything (images included) before any actor starts
     if cfg.limit:
         samples = samples[: cfg.limit]
-    chunks = [[s.question_id for s in samples[i:i + cfg.pool.batch_size]]
-              for i in range(0, len(samples), cfg.pool.batch_size)]
+    chunks = [
+        [s.question_id for s in samples[i : i + cfg.pool.batch_size]]
+        for i in range(0, len(samples), cfg.pool.batch_size)
+    ]
     by_setting: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in predictions(cfg, chunks):
         by_setting[row["setting"]][row["question_id"]] = row
@@ -95,9 +111,17 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
         missing = [s.question_id for s in samples if s.question_id not in rows]
         if missing:
             raise RuntimeError(f"{label}: no prediction for {len(missing)} question(s), e.g. {missing[:3]}")
-        records[label] = [{**s.extra, "question_id": s.question_id, "category": s.category, "answer": s.answer,
-                           "prediction": rows[s.question_id]["prediction"],
-                           "visual_tokens": float(rows[s.question_id]["visual_tokens"])} for s in samples]
+        records[label] = [
+            {
+                **s.extra,
+                "question_id": s.question_id,
+                "category": s.category,
+                "answer": s.answer,
+                "prediction": rows[s.question_id]["prediction"],
+                "visual_tokens": float(rows[s.question_id]["visual_tokens"]),
+            }
+            for s in samples
+        ]
     summaries = {label: summarize(cfg.benchmark, recs) for label, recs in records.items()}
     base = summaries["none_100"]
     full_tokens = round(base["avg_tokens"])
@@ -107,10 +131,24 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
     rows = []
     for label, pruner, budget in chosen:
         cost = pruned_efficiency(config, pruner, full_tokens, budget_tokens(budget, full_tokens), text_tokens)
-        rows.append(report_row(label, pruner.name, budget, summaries[label], base,
-                               {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6}))
-    report = {"benchmark": cfg.benchmark, "model": str(cfg.backbone.resolved_path()), "data": str(cfg.data),
-              "n": len(samples), "text_tokens": text_tokens, "rows": rows}
+        rows.append(
+            report_row(
+                label,
+                pruner.name,
+                budget,
+                summaries[label],
+                base,
+                {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6},
+            )
+        )
+    report = {
+        "benchmark": cfg.benchmark,
+        "model": str(cfg.backbone.resolved_path()),
+        "data": str(cfg.data),
+        "n": len(samples),
+        "text_tokens": text_tokens,
+        "rows": rows,
+    }
     return report, records
 
 
@@ -121,12 +159,16 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from tprl_ray.tracking import mlflow_run
 
-    print(f"[eval] {cfg.benchmark}: {len(cfg.pruners)} pruner(s) x {len(cfg.budgets)} budget(s) on "
-          f"{cfg.pool.size} actor(s)")
+    print(
+        f"[eval] {cfg.benchmark}: {len(cfg.pruners)} pruner(s) x {len(cfg.budgets)} budget(s) on "
+        f"{cfg.pool.size} actor(s)"
+    )
     report, records = evaluate(cfg)
     predictions_path = cfg.out.with_suffix(".predictions.jsonl")
-    atomic_write_bytes(predictions_path, "".join(
-        json.dumps({"setting": label, **r}) + "\n" for label, recs in records.items() for r in recs).encode())
+    atomic_write_bytes(
+        predictions_path,
+        "".join(json.dumps({"setting": label, **r}) + "\n" for label, recs in records.items() for r in recs).encode(),
+    )
     atomic_write_bytes(cfg.out, json.dumps(report, indent=2).encode())
     with mlflow_run(cfg.out.parent, "tprl-eval", "evaluation", cfg.mlflow_uri, params=cfg.flat()):
         for row in report["rows"]:

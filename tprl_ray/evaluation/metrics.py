@@ -27,8 +27,18 @@ _REQUIRED = ("question_id", "category", "prediction", "answer")
 _EXTRA_REQUIRED = {"mme": ("image",), "mmbench": ("index", "options")}
 
 MME_SUBTASKS = {
-    "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                   "artwork", "OCR"),
+    "perception": (
+        "existence",
+        "count",
+        "position",
+        "color",
+        "posters",
+        "celebrity",
+        "scene",
+        "landmark",
+        "artwork",
+        "OCR",
+    ),
     "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
 }
 
@@ -51,6 +61,7 @@ def score_benchmark(benchmark: str, records: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- shared helpers
 
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
@@ -61,8 +72,7 @@ def _summary(categories: list[str], values: list[float]) -> dict:
     groups: dict[str, list[float]] = defaultdict(list)
     for category, value in zip(categories, values):
         groups[category].append(value)
-    return {"score": _mean(values), "per_category": {c: _mean(v) for c, v in sorted(groups.items())},
-            "n": len(values)}
+    return {"score": _mean(values), "per_category": {c: _mean(v) for c, v in sorted(groups.items())}, "n": len(values)}
 
 
 # A letter standing alone at the start: "B", "B.", "B) text", "(B)", "B: text"; not "A cat".
@@ -90,15 +100,18 @@ def _choice_hits(records: list[dict]) -> list[bool]:
 
 # ----------------------------------------------------------------------------- digits, gqa, seed, scienceqa
 
+
 def _score_digits(records: list[dict]) -> dict:
     def norm(text: str) -> str:
         return " ".join(text.lower().split())
+
     return _summary([r["category"] for r in records], [norm(r["prediction"]) == norm(r["answer"]) for r in records])
 
 
 def _score_gqa(records: list[dict]) -> dict:
     def norm(text: str) -> str:
         return text.strip().rstrip(".").lower()
+
     return _summary([r["category"] for r in records], [norm(r["prediction"]) == norm(r["answer"]) for r in records])
 
 
@@ -119,9 +132,21 @@ that's there'd there'd've there're there's they'd they'd've they'll they're they
 weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've
 why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
 you're you've""".split()
-_CONTRACTIONS = {word[:i] + word[i + 1:]: word for word in _CONTRACTED for i, ch in enumerate(word) if ch == "'"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_CONTRACTIONS = {word[:i] + word[i + 1 :]: word for word in _CONTRACTED for i, ch in enumerate(word) if ch == "'"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("1.5" keeps its point)
@@ -152,11 +177,13 @@ def _score_vqav2(records: list[dict]) -> dict:
     for r in records:
         if not isinstance(r["answer"], list):
             raise ValueError(f"vqav2 record {r['question_id']!r}: 'answer' must be the list of human answers")
-    return _summary([r["category"] for r in records],
-                    [vqa_soft_accuracy(r["prediction"], r["answer"]) for r in records])
+    return _summary(
+        [r["category"] for r in records], [vqa_soft_accuracy(r["prediction"], r["answer"]) for r in records]
+    )
 
 
 # ----------------------------------------------------------------------------- pope
+
 
 def pope_says_yes(prediction: str) -> bool:
     """LLaVA's eval_pope: first sentence, commas dropped; "No", "no" or "not" as a word means no."""
@@ -171,9 +198,13 @@ def _binary_metrics(preds: list[bool], labels: list[bool]) -> dict:
     fn = sum(y and not p for p, y in zip(preds, labels))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": _mean(p == y for p, y in zip(preds, labels)), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "yes_ratio": _mean(preds)}
+    return {
+        "accuracy": _mean(p == y for p, y in zip(preds, labels)),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": _mean(preds),
+    }
 
 
 def _score_pope(records: list[dict]) -> dict:
@@ -181,14 +212,18 @@ def _score_pope(records: list[dict]) -> dict:
     by_split: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_split[r["category"]].append(r)
-    splits = {split: _binary_metrics([pope_says_yes(r["prediction"]) for r in rs],
-                                     [r["answer"].strip().lower() != "no" for r in rs])
-              for split, rs in sorted(by_split.items())}
+    splits = {
+        split: _binary_metrics(
+            [pope_says_yes(r["prediction"]) for r in rs], [r["answer"].strip().lower() != "no" for r in rs]
+        )
+        for split, rs in sorted(by_split.items())
+    }
     f1 = {split: m["f1"] for split, m in splits.items()}
     return {"score": _mean(f1.values()), "per_category": f1, "n": len(records), "splits": splits}
 
 
 # ----------------------------------------------------------------------------- mme
+
 
 def mme_label(prediction: str) -> str:
     """MME calculation.py: "yes"/"no" if the answer is, or its first 4 characters contain, it; else "other"."""
@@ -213,13 +248,18 @@ def _score_mme(records: list[dict]) -> dict:
         acc = 100 * _mean(hit for hits in images.values() for hit in hits)
         acc_plus = 100 * _mean(all(hits) for hits in images.values())
         subtasks[name] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
-    totals = {group: sum(subtasks[n]["score"] for n in names if n in subtasks)
-              for group, names in MME_SUBTASKS.items()}
-    return {"score": totals["perception"], "per_category": {n: s["score"] for n, s in subtasks.items()},
-            "n": len(records), **totals, "subtasks": subtasks}
+    totals = {group: sum(subtasks[n]["score"] for n in names if n in subtasks) for group, names in MME_SUBTASKS.items()}
+    return {
+        "score": totals["perception"],
+        "per_category": {n: s["score"] for n, s in subtasks.items()},
+        "n": len(records),
+        **totals,
+        "subtasks": subtasks,
+    }
 
 
 # ----------------------------------------------------------------------------- mmbench
+
 
 def _score_mmbench(records: list[dict]) -> dict:
     """Circular accuracy: a question (``index``) is right only if every one of its rotations is."""

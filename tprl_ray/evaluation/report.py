@@ -44,20 +44,32 @@ def format_table(report: dict) -> str:
     lines = [" | ".join(f"{h:>11}" for h in head)]
     lines.append("-" * len(lines[0]))
     for row in rows:
-        cells = [row["pruner"], f"{row['budget']:.3f}", f"{row['avg_tokens']:.1f}",
-                 f"{row['accuracy']:.3f}", f"{row['relative']:.3f}",
-                 *[f"{row['per_type'].get(t, float('nan')):.3f}" for t in types],
-                 *([f"{row['flops']:.3e}"] if "flops" in costs else []),
-                 *([f"{row['kv_cache_mb']:.4f}"] if "kv_cache_mb" in costs else [])]
+        cells = [
+            row["pruner"],
+            f"{row['budget']:.3f}",
+            f"{row['avg_tokens']:.1f}",
+            f"{row['accuracy']:.3f}",
+            f"{row['relative']:.3f}",
+            *[f"{row['per_type'].get(t, float('nan')):.3f}" for t in types],
+            *([f"{row['flops']:.3e}"] if "flops" in costs else []),
+            *([f"{row['kv_cache_mb']:.4f}"] if "kv_cache_mb" in costs else []),
+        ]
         lines.append(" | ".join(f"{c:>11}" for c in cells))
     return f"{report['benchmark']} / {report['model']}\n" + "\n".join(lines)
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
     """Rows no other row beats on both fewer tokens and higher relative accuracy, by tokens."""
-    front = [r for r in rows if not any(o["avg_tokens"] <= r["avg_tokens"] and o["relative"] >= r["relative"]
-                                        and (o["avg_tokens"], o["relative"]) != (r["avg_tokens"], r["relative"])
-                                        for o in rows)]
+    front = [
+        r
+        for r in rows
+        if not any(
+            o["avg_tokens"] <= r["avg_tokens"]
+            and o["relative"] >= r["relative"]
+            and (o["avg_tokens"], o["relative"]) != (r["avg_tokens"], r["relative"])
+            for o in rows
+        )
+    ]
     return sorted(front, key=lambda r: r["avg_tokens"])
 
 

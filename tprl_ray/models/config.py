@@ -44,5 +44,8 @@ class TinyModelConfig(StageConfig):
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 
 
-COMMANDS = (Command(("model", "tiny"), TinyModelConfig, "tprl_ray.models.train_tiny:command",
-                    "train the embedded tiny LLaVA on CPU"),)
+COMMANDS = (
+    Command(
+        ("model", "tiny"), TinyModelConfig, "tprl_ray.models.train_tiny:command", "train the embedded tiny LLaVA on CPU"
+    ),
+)

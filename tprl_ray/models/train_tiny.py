@@ -61,14 +61,19 @@ class AlignmentHead:
         cell_target = self.cells.expand(features.shape[0], -1)
         digit_logits = features @ self.embed(self.digit_ids).T
         cell_logits = features @ self.embed(self.cell_ids).T
-        loss = F.cross_entropy(digit_logits.flatten(0, 1), digit_target.flatten()) + \
-            F.cross_entropy(cell_logits.flatten(0, 1), cell_target.flatten())
+        loss = F.cross_entropy(digit_logits.flatten(0, 1), digit_target.flatten()) + F.cross_entropy(
+            cell_logits.flatten(0, 1), cell_target.flatten()
+        )
         acc = (digit_logits.argmax(-1) == digit_target).float().mean().item()
         return loss, acc
 
 
-def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
-                      conversations: list[list[tuple[str, str]]], at_key_word: bool = False) -> list:
+def conversation_rows(
+    backbone: LlavaBackbone,
+    features: torch.Tensor,
+    conversations: list[list[tuple[str, str]]],
+    at_key_word: bool = False,
+) -> list:
     """Multi-turn LLaVA conversations (image in the first turn) as ``Backbone.pack`` rows whose
     targets are every assistant reply token and its end-of-sequence; with ``at_key_word`` also the
     first answer token at the position of the question's key word (the curriculum of stage 2).
@@ -79,19 +84,21 @@ def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
     tokenizer, render = backbone.tokenizer, backbone.processor.apply_chat_template
     user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
     head = tokenizer(render(user), add_special_tokens=False)["input_ids"]
-    sep = tokenizer(render(user, add_generation_prompt=True), add_special_tokens=False)["input_ids"][len(head):]
+    sep = tokenizer(render(user, add_generation_prompt=True), add_special_tokens=False)["input_ids"][len(head) :]
     rows = []
     for visual, turns in zip(features, conversations):
         messages = []
         for j, (question, answer) in enumerate(turns):
             content = ([{"type": "image"}] if j == 0 else []) + [{"type": "text", "text": question}]
-            messages += [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+            messages += [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ]
         ids = tokenizer(render(messages))["input_ids"]
         cut = ids.index(backbone.image_token_id)
         targets, p, turn = [], cut + 1, 0
         while p < len(ids):
-            if ids[p:p + len(sep)] != sep:
+            if ids[p : p + len(sep)] != sep:
                 p += 1
                 continue
             start = p + len(sep)
@@ -103,7 +110,7 @@ def conversation_rows(backbone: LlavaBackbone, features: torch.Tensor,
                 mention = max(i for i in range(cut + 1, p) if ids[i] == word)  # in this turn's question
                 targets.append((mention - (cut + 1), ids[start]))
             p, turn = end, turn + 1
-        rows.append(Row(ids[:cut], visual, ids[cut + 1:], targets, torch.arange(visual.shape[0]), None))
+        rows.append(Row(ids[:cut], visual, ids[cut + 1 :], targets, torch.arange(visual.shape[0]), None))
     return rows
 
 
@@ -151,8 +158,12 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     pools = load_digit_pools(meta["config"]["seed"], meta["config"]["test_digit_fraction"])
-    sampler = SceneSampler(pools["train"], np.random.default_rng([cfg.seed, 0x7A1]),
-                           meta["config"]["min_digits"], meta["config"]["max_digits"])
+    sampler = SceneSampler(
+        pools["train"],
+        np.random.default_rng([cfg.seed, 0x7A1]),
+        meta["config"]["min_digits"],
+        meta["config"]["max_digits"],
+    )
     if cfg.init_from is not None:
         backbone = load_backbone(cfg.init_from)
     else:
@@ -164,9 +175,13 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
     optimizer = torch.optim.AdamW(
-        [{"params": vision, "name": "vision"},
-         {"params": [p for p in model.parameters() if id(p) not in ids], "name": "llm"}],
-        lr=cfg.lr, weight_decay=0.01)
+        [
+            {"params": vision, "name": "vision"},
+            {"params": [p for p in model.parameters() if id(p) not in ids], "name": "llm"},
+        ],
+        lr=cfg.lr,
+        weight_decay=0.01,
+    )
     total = cfg.align_steps + cfg.tune_steps
     metrics: dict = {}
     started = time.time()
@@ -191,8 +206,12 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        metrics = {"train/align_loss": align.item(), "train/token_digit_acc": digit_acc,
-                   "train/answer_loss": lm.item(), "train/lr": optimizer.param_groups[1]["lr"]}
+        metrics = {
+            "train/align_loss": align.item(),
+            "train/token_digit_acc": digit_acc,
+            "train/answer_loss": lm.item(),
+            "train/lr": optimizer.param_groups[1]["lr"],
+        }
         bar.set_postfix(align=f"{align.item():.3f}", answer=f"{lm.item():.3f}", digit=f"{digit_acc:.2f}", refresh=False)
         last = step == total - 1
         if val and ((step + 1) % cfg.eval_every == 0 or last) and step >= cfg.align_steps:
@@ -201,8 +220,10 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
             model.train()
             metrics["val/accuracy"] = result["accuracy"]
             metrics.update({f"val/{k}": v for k, v in result["per_type"].items()})
-            tqdm.write(f"step {step + 1}: val accuracy {result['accuracy']:.3f} "
-                       f"{json.dumps({k: round(v, 3) for k, v in result['per_type'].items()})}")
+            tqdm.write(
+                f"step {step + 1}: val accuracy {result['accuracy']:.3f} "
+                f"{json.dumps({k: round(v, 3) for k, v in result['per_type'].items()})}"
+            )
         if log is not None:
             log(metrics, step)
     model.eval()
@@ -223,9 +244,11 @@ def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics
         "prompt_format": "chat_template",
         "recipe": json.loads(cfg.model_dump_json()),
         "benchmark": {"seed": meta["config"]["seed"], "test_pool_fingerprint": meta["test_pool_fingerprint"]},
-        "final_metrics": metrics, "train_seconds": round(seconds, 1),
+        "final_metrics": metrics,
+        "train_seconds": round(seconds, 1),
         "init_from": json.loads((Path(cfg.init_from) / "tprl_model_card.json").read_text())
-        if cfg.init_from and (Path(cfg.init_from) / "tprl_model_card.json").is_file() else None,
+        if cfg.init_from and (Path(cfg.init_from) / "tprl_model_card.json").is_file()
+        else None,
     }
     (tmp / "tprl_model_card.json").write_text(json.dumps(card, indent=2))
     old = out.with_name(f".{out.name}.old")
@@ -243,6 +266,8 @@ def command(cfg: TinyModelConfig) -> None:
     from tprl_ray.tracking import mlflow_run
 
     with mlflow_run(cfg.out.parent, "tprl-tiny-model", "tiny-llava", params=cfg.flat()):
-        metrics = train_tiny(cfg, log=lambda m, step: mlflow.log_metrics(
-            {k.replace("/", "."): v for k, v in m.items() if v == v}, step=step))
+        metrics = train_tiny(
+            cfg,
+            log=lambda m, step: mlflow.log_metrics({k.replace("/", "."): v for k, v in m.items() if v == v}, step=step),
+        )
     print(f"saved {cfg.out}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")

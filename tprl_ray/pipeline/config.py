@@ -23,8 +23,19 @@ from tprl_ray.training.config import AutoencoderConfig, LfdConfig
 
 PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
 SECTIONS = ("precompute", "autoencoder", "lfd", "ppo")
-WIRED = {"data", "val_data", "out", "init", "autoencoder", "limit", "seed", "budgets", "ray_address", "mlflow_uri",
-         "backbone"}
+WIRED = {
+    "data",
+    "val_data",
+    "out",
+    "init",
+    "autoencoder",
+    "limit",
+    "seed",
+    "budgets",
+    "ray_address",
+    "mlflow_uri",
+    "backbone",
+}
 
 
 class PipelineConfig(RunConfig):
@@ -38,17 +49,23 @@ class PipelineConfig(RunConfig):
     out: Path = Field(Path("runs/demo"), description="output directory")
     seed: int = Field(0, description="benchmark seed (the shipped model was trained on seed 0)")
     backbone: BackboneConfig = BackboneConfig()
-    data: Path | None = Field(None, description="benchmark directory with train/val/test splits in the LLaVA "
-                                                "layout (None: build the digits benchmark in out/data)")
+    data: Path | None = Field(
+        None,
+        description="benchmark directory with train/val/test splits in the LLaVA "
+        "layout (None: build the digits benchmark in out/data)",
+    )
     benchmark: BenchmarkName = Field("digits", description=f"scorer of the test split: {', '.join(BENCHMARKS)}")
     budgets: list[float] = Field(PAPER_BUDGETS, description="kept fractions of the visual tokens")
     policy: Literal["train", "shipped"] = Field(
-        "train", description="train: precompute, autoencoder, LfD and PPO in out; shipped: the LfD policy "
-                             "shipped for the embedded model, no training (no tprl rows)")
+        "train",
+        description="train: precompute, autoencoder, LfD and PPO in out; shipped: the LfD policy "
+        "shipped for the embedded model, no training (no tprl rows)",
+    )
     pruners: list[str] = Field([*BASELINES, *LEARNED], description="pruners to compare against the full model")
     eval_questions: int = Field(0, ge=0, description="test questions to evaluate (0: all)")
-    train_questions: int = Field(0, ge=0, description="first N questions of the train and val splits to train on "
-                                                       "(0: all)")
+    train_questions: int = Field(
+        0, ge=0, description="first N questions of the train and val splits to train on (0: all)"
+    )
     precompute: PrecomputeConfig = PrecomputeConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     lfd: LfdConfig = LfdConfig()
@@ -93,22 +110,57 @@ def stage_configs(cfg: PipelineConfig, data: Path, model_path: Path | str) -> di
 
     out, uri = cfg.out, tracking_uri(cfg.out, cfg.mlflow_uri)
     backbone = cfg.backbone.model_copy(update={"path": str(model_path)})
-    common = dict(data=out / "precompute" / "train", val_data=out / "precompute" / "val", seed=cfg.seed,
-                  ray_address=cfg.ray_address, mlflow_uri=uri)
-    stages = {f"precompute_{split}": _wired(cfg.precompute, data=data / split, out=out / "precompute" / split,
-                                            backbone=backbone, limit=cfg.train_questions, ray_address=cfg.ray_address)
-              for split in ("train", "val")}
+    common = dict(
+        data=out / "precompute" / "train",
+        val_data=out / "precompute" / "val",
+        seed=cfg.seed,
+        ray_address=cfg.ray_address,
+        mlflow_uri=uri,
+    )
+    stages = {
+        f"precompute_{split}": _wired(
+            cfg.precompute,
+            data=data / split,
+            out=out / "precompute" / split,
+            backbone=backbone,
+            limit=cfg.train_questions,
+            ray_address=cfg.ray_address,
+        )
+        for split in ("train", "val")
+    }
     stages["autoencoder"] = _wired(cfg.autoencoder, out=out / "autoencoder", **common)
     stages["lfd"] = _wired(cfg.lfd, out=out / "lfd", autoencoder=out / "autoencoder", **common)
-    stages["ppo"] = _wired(cfg.ppo, scorer=cfg.ppo.scorer.model_copy(update={"backbone": backbone}), init=out / "lfd",
-                           out=out / "ppo", budgets=cfg.budgets, **common)
+    stages["ppo"] = _wired(
+        cfg.ppo,
+        scorer=cfg.ppo.scorer.model_copy(update={"backbone": backbone}),
+        init=out / "lfd",
+        out=out / "ppo",
+        budgets=cfg.budgets,
+        **common,
+    )
     policies = {"lfd": out / "lfd", "tprl": out / "ppo"} if cfg.policy == "train" else {}
     stages["evaluation"] = EvalConfig(
-        backbone=backbone, data=data / "test", benchmark=cfg.benchmark, pruners=cfg.pruners, budgets=cfg.budgets,
-        policies={k: v for k, v in policies.items() if k in cfg.pruners}, out=out / "report.json",
-        limit=cfg.eval_questions, pool=cfg.evaluation, seed=cfg.seed, ray_address=cfg.ray_address, mlflow_uri=uri)
+        backbone=backbone,
+        data=data / "test",
+        benchmark=cfg.benchmark,
+        pruners=cfg.pruners,
+        budgets=cfg.budgets,
+        policies={k: v for k, v in policies.items() if k in cfg.pruners},
+        out=out / "report.json",
+        limit=cfg.eval_questions,
+        pool=cfg.evaluation,
+        seed=cfg.seed,
+        ray_address=cfg.ray_address,
+        mlflow_uri=uri,
+    )
     return stages
 
 
-COMMANDS = (Command(("pipeline",), PipelineConfig, "tprl_ray.pipeline.run:command",
-                    "every stage, then every pruner evaluated (default: the embedded model and data)"),)
+COMMANDS = (
+    Command(
+        ("pipeline",),
+        PipelineConfig,
+        "tprl_ray.pipeline.run:command",
+        "every stage, then every pruner evaluated (default: the embedded model and data)",
+    ),
+)

@@ -57,8 +57,10 @@ def prepare_model(cfg: PipelineConfig, data: Path) -> Path:
     if card.is_file() and (data / "meta.json").is_file():
         trained_on = json.loads(card.read_text())["benchmark"]["test_pool_fingerprint"]
         if trained_on != json.loads((data / "meta.json").read_text())["test_pool_fingerprint"]:
-            raise BackboneError(f"{path} was trained on a benchmark with another digit split "
-                                f"(seed); its test digits would leak. Use --backbone.path train.")
+            raise BackboneError(
+                f"{path} was trained on a benchmark with another digit split "
+                f"(seed); its test digits would leak. Use --backbone.path train."
+            )
     print(f"[pipeline] model: {path}")
     return path
 
@@ -94,8 +96,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         pareto_plot(report, cfg.out / "pareto.png")
         mlflow.log_artifact(str(cfg.out / "pareto.png"))
     print(format_table(report))
-    print(f"[pipeline] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
-          f"MLflow store {tracking_uri(cfg.out, cfg.mlflow_uri)}, experiment {cfg.experiment!r}")
+    print(
+        f"[pipeline] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
+        f"MLflow store {tracking_uri(cfg.out, cfg.mlflow_uri)}, experiment {cfg.experiment!r}"
+    )
     return report
 
 

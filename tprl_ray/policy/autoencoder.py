@@ -15,10 +15,12 @@ class TokenAutoencoder(nn.Module):
     def __init__(self, d_v: int, d_latent: int = 64, hidden: int = 256):
         super().__init__()
         self.dims = {"d_v": d_v, "d_latent": d_latent, "hidden": hidden}
-        self.encoder = nn.Sequential(nn.Linear(d_v, hidden), nn.LayerNorm(hidden), nn.GELU(),
-                                     nn.Linear(hidden, d_latent))
-        self.decoder = nn.Sequential(nn.Linear(d_latent, hidden), nn.LayerNorm(hidden), nn.GELU(),
-                                     nn.Linear(hidden, d_v))
+        self.encoder = nn.Sequential(
+            nn.Linear(d_v, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, d_latent)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(d_latent, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, d_v)
+        )
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """``[..., d_v]`` features to ``[..., d_latent]`` codes."""

@@ -32,8 +32,7 @@ class PolicyValueNet(nn.Module):
 
     def __init__(self, d_latent: int, d_query: int, heads: int = 4, hidden: int = 256, attention: bool = True):
         super().__init__()
-        self.dims = {"d_latent": d_latent, "d_query": d_query, "heads": heads, "hidden": hidden,
-                     "attention": attention}
+        self.dims = {"d_latent": d_latent, "d_query": d_query, "heads": heads, "hidden": hidden, "attention": attention}
         self.query_proj = nn.Linear(d_query, d_latent)
         self.attention = nn.MultiheadAttention(d_latent, heads, batch_first=True) if attention else None
         self.norm = nn.LayerNorm(d_latent)
@@ -62,8 +61,9 @@ class PolicyValueNet(nn.Module):
     def value(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.value_out(self.value_mlp(pooled))[..., 0]
 
-    def forward(self, codes: torch.Tensor, query: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(codes, query, mask)
         return self.logits(f), self.value(self.pool(f, mask))
 

@@ -11,10 +11,16 @@ from tprl_ray.config import BackboneConfig, Command, PoolConfig, RayConfig
 
 def check_schedule(schedule: list[float]) -> list[float]:
     """A demonstration schedule: pruned fractions starting at 0.0, non-decreasing, below 1."""
-    if len(schedule) < 2 or schedule[0] != 0.0 or any(not 0.0 <= f < 1.0 for f in schedule) \
-            or list(schedule) != sorted(schedule):
-        raise ValueError(f"demonstration schedule {schedule} must start at 0.0 (no pruning) and continue with at "
-                         f"least one more non-decreasing pruned fraction below 1")
+    if (
+        len(schedule) < 2
+        or schedule[0] != 0.0
+        or any(not 0.0 <= f < 1.0 for f in schedule)
+        or list(schedule) != sorted(schedule)
+    ):
+        raise ValueError(
+            f"demonstration schedule {schedule} must start at 0.0 (no pruning) and continue with at "
+            f"least one more non-decreasing pruned fraction below 1"
+        )
     return list(schedule)
 
 
@@ -37,5 +43,11 @@ class PrecomputeConfig(RayConfig):
         return check_schedule(value)
 
 
-COMMANDS = (Command(("precompute",), PrecomputeConfig, "tprl_ray.precompute.job:command",
-                    "features, query embeddings, scores and demonstrations to Parquet (Ray Data)"),)
+COMMANDS = (
+    Command(
+        ("precompute",),
+        PrecomputeConfig,
+        "tprl_ray.precompute.job:command",
+        "features, query embeddings, scores and demonstrations to Parquet (Ray Data)",
+    ),
+)

@@ -15,7 +15,6 @@ the run goes on; re-running skips every complete shard. Schema: :mod:`tprl_ray.p
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections import Counter
@@ -72,41 +71,94 @@ class PrecomputeWorker:
         samples = [self.samples[str(batch["sample_id"][i])] for i in ok]
         names = list(dict.fromkeys(s.image for s in samples))
         first = {name: ok[[s.image for s in samples].index(name)] for name in names}
-        visual = self.backbone.encode([Image.fromarray(np.asarray(batch["pixels"][first[n]], np.uint8))
-                                       for n in names], with_attention=True) if samples else None
+        visual = (
+            self.backbone.encode(
+                [Image.fromarray(np.asarray(batch["pixels"][first[n]], np.uint8)) for n in names], with_attention=True
+            )
+            if samples
+            else None
+        )
         index = [names.index(s.image) for s in samples]
         answers = [reference_answer(s.answer) for s in samples]
         if samples:
-            logp, correct = self.backbone.score([s.text for s in samples], answers,
-                                                [visual.llm_tokens[j] for j in index],
-                                                grids=[visual.grids[j] for j in index])
+            logp, correct = self.backbone.score(
+                [s.text for s in samples],
+                answers,
+                [visual.llm_tokens[j] for j in index],
+                grids=[visual.grids[j] for j in index],
+            )
         rows = []
         for k, (i, s, j) in enumerate(zip(ok, samples, index)):
             features, attention = visual.features[j], visual.attention[j]
-            rows.append({
-                "sample_id": s.question_id, "shard": int(batch["shard"][i]), "error": "", "image": s.image,
-                "question": s.text, "answer": answers[k], "category": s.category,
-                "grid_rows": visual.grids[j][0], "grid_cols": visual.grids[j][1],
-                "features": features.half().cpu().numpy(), "attention": attention.float().cpu().numpy(),
-                "query": self.backbone.query_embedding(s.text).float().cpu().numpy(),
-                "full_logp": float(logp[k]), "full_correct": bool(correct[k]),
-                "demo_masks": demonstration_masks(features, attention, self.cfg.demo_schedule).cpu().numpy(),
-            })
-        failed = [{"sample_id": str(batch["sample_id"][i]), "shard": int(batch["shard"][i]), "error": errors[i],
-                   "image": str(batch["image"][i])} for i in range(len(errors)) if errors[i]]
+            rows.append(
+                {
+                    "sample_id": s.question_id,
+                    "shard": int(batch["shard"][i]),
+                    "error": "",
+                    "image": s.image,
+                    "question": s.text,
+                    "answer": answers[k],
+                    "category": s.category,
+                    "grid_rows": visual.grids[j][0],
+                    "grid_cols": visual.grids[j][1],
+                    "features": features.half().cpu().numpy(),
+                    "attention": attention.float().cpu().numpy(),
+                    "query": self.backbone.query_embedding(s.text).float().cpu().numpy(),
+                    "full_logp": float(logp[k]),
+                    "full_correct": bool(correct[k]),
+                    "demo_masks": demonstration_masks(features, attention, self.cfg.demo_schedule).cpu().numpy(),
+                }
+            )
+        failed = [
+            {
+                "sample_id": str(batch["sample_id"][i]),
+                "shard": int(batch["shard"][i]),
+                "error": errors[i],
+                "image": str(batch["image"][i]),
+            }
+            for i in range(len(errors))
+            if errors[i]
+        ]
         return _columns(rows, failed)
 
 
 def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
     """Rows and failures as columns; a failure's model outputs are empty arrays or neutral values."""
-    keys = ("sample_id", "shard", "error", "image", "question", "answer", "category", "grid_rows", "grid_cols",
-            "features", "attention", "query", "full_logp", "full_correct", "demo_masks")
-    blank = {"question": "", "answer": "", "category": "", "grid_rows": 0, "grid_cols": 0, "full_logp": 0.0,
-             "full_correct": False, **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query")},
-             "demo_masks": np.zeros(0, np.uint8)}
+    keys = (
+        "sample_id",
+        "shard",
+        "error",
+        "image",
+        "question",
+        "answer",
+        "category",
+        "grid_rows",
+        "grid_cols",
+        "features",
+        "attention",
+        "query",
+        "full_logp",
+        "full_correct",
+        "demo_masks",
+    )
+    blank = {
+        "question": "",
+        "answer": "",
+        "category": "",
+        "grid_rows": 0,
+        "grid_cols": 0,
+        "full_logp": 0.0,
+        "full_correct": False,
+        **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query")},
+        "demo_masks": np.zeros(0, np.uint8),
+    }
     every = rows + [{**blank, **f} for f in failed]
-    return {k: ragged([r[k] for r in every]) if k in ("features", "attention", "query", "demo_masks")
-            else [r[k] for r in every] for k in keys}
+    return {
+        k: ragged([r[k] for r in every])
+        if k in ("features", "attention", "query", "demo_masks")
+        else [r[k] for r in every]
+        for k in keys
+    }
 
 
 def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
@@ -116,8 +168,14 @@ def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
 def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | None = None) -> None:
     """Refuse to mix runs: an existing manifest must describe the same inputs and settings."""
     ids = hashlib.sha256("\n".join(s.question_id for s in samples).encode()).hexdigest()
-    identity = {"schema_version": SCHEMA_VERSION, "model": cfg.backbone.path, "data": str(cfg.data),
-                "demo_schedule": cfg.demo_schedule, "shard_size": cfg.shard_size, "sample_ids_sha256": ids}
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "model": cfg.backbone.path,
+        "data": str(cfg.data),
+        "demo_schedule": cfg.demo_schedule,
+        "shard_size": cfg.shard_size,
+        "sample_ids_sha256": ids,
+    }
     path = cfg.out / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -134,9 +192,11 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
     if cfg.limit:
         samples = samples[: cfg.limit]
     write_manifest(cfg, samples)
-    write_parquet(reject_table([{"sample_id": r.question_id, "image": r.image, "reason": r.reason}
-                                for r in unanswered]), cfg.out / "rejects" / "unanswered.parquet")
-    shards = [samples[i:i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
+    write_parquet(
+        reject_table([{"sample_id": r.question_id, "image": r.image, "reason": r.reason} for r in unanswered]),
+        cfg.out / "rejects" / "unanswered.parquet",
+    )
+    shards = [samples[i : i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
     pending = [k for k in range(len(shards)) if not shard_paths(cfg.out, k)[1].is_file()]
     items = [{"sample_id": s.question_id, "shard": k, "image": s.image} for k in pending for s in shards[k]]
     first_row = started
@@ -145,9 +205,15 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         first_row = collect_shards(cfg, rows, {k: len(shards[k]) for k in pending}, progress)
     counts = dataset_counts(cfg.out, len(shards))
     write_manifest(cfg, samples, {"shards": len(shards), **counts, "unanswered": len(unanswered)})
-    return {**counts, "unanswered": len(unanswered), "shards": len(shards), "shards_computed": len(pending),
-            "shards_skipped": len(shards) - len(pending), "seconds": round(time.time() - started, 3),
-            "startup_seconds": round(first_row - started, 3)}
+    return {
+        **counts,
+        "unanswered": len(unanswered),
+        "shards": len(shards),
+        "shards_computed": len(pending),
+        "shards_skipped": len(shards) - len(pending),
+        "seconds": round(time.time() - started, 3),
+        "startup_seconds": round(first_row - started, 3),
+    }
 
 
 def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
@@ -161,20 +227,32 @@ def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
     context.execution_options.preserve_order = True  # shards complete one after another
     context.enable_progress_bars = not progress  # ours counts rows per second
     gpus = gpus_per_actor(cfg.pool.gpus)
-    return (ray.data.from_items(items)
-            .map_batches(decode_images, fn_kwargs={"split_dir": str(cfg.data)}, batch_size=cfg.pool.batch_size,
-                         num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))
-            .map_batches(PrecomputeWorker, fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
-                         batch_size=cfg.pool.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
-                         num_cpus=cfg.pool.cpus, num_gpus=gpus)
-            .iter_rows())
+    return (
+        ray.data.from_items(items)
+        .map_batches(
+            decode_images,
+            fn_kwargs={"split_dir": str(cfg.data)},
+            batch_size=cfg.pool.batch_size,
+            num_cpus=cfg.decode_cpus,
+            compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
+        )
+        .map_batches(
+            PrecomputeWorker,
+            fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
+            batch_size=cfg.pool.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
+            num_cpus=cfg.pool.cpus,
+            num_gpus=gpus,
+        )
+        .iter_rows()
+    )
 
 
 def local_rows(cfg: PrecomputeConfig, items: list[dict]):
     """The same decode and worker steps, batch after batch, in this process."""
     worker = PrecomputeWorker(json.loads(cfg.model_dump_json()))
     for start in range(0, len(items), cfg.pool.batch_size):
-        chunk = items[start:start + cfg.pool.batch_size]
+        chunk = items[start : start + cfg.pool.batch_size]
         batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image")}
         columns = worker(decode_images(batch, str(cfg.data)))
         yield from ({key: columns[key][i] for key in columns} for i in range(len(columns["sample_id"])))
@@ -193,9 +271,12 @@ def collect_shards(cfg: PrecomputeConfig, rows, expected: dict[int, int], progre
         bar.update(1)
         if len(buffers[shard]) == expected[shard]:
             done = buffers.pop(shard)
-            write_shard(cfg, shard, [r for r in done if not r["error"]],
-                        [{"sample_id": r["sample_id"], "image": r["image"], "reason": r["error"]}
-                         for r in done if r["error"]])
+            write_shard(
+                cfg,
+                shard,
+                [r for r in done if not r["error"]],
+                [{"sample_id": r["sample_id"], "image": r["image"], "reason": r["error"]} for r in done if r["error"]],
+            )
     bar.close()
     return first or time.time()
 
@@ -209,8 +290,9 @@ def write_shard(cfg: PrecomputeConfig, shard: int, good: list[dict], bad: list[d
 
 def dataset_counts(out: Path, n_shards: int) -> dict:
     rows = sum(pq.read_metadata(p).num_rows for k in range(n_shards) if (p := shard_paths(out, k)[0]).is_file())
-    rejects = sum(pq.read_metadata(shard_paths(out, k)[1]).num_rows for k in range(n_shards)
-                  if shard_paths(out, k)[1].is_file())
+    rejects = sum(
+        pq.read_metadata(shard_paths(out, k)[1]).num_rows for k in range(n_shards) if shard_paths(out, k)[1].is_file()
+    )
     return {"rows": rows, "rejects": rejects}
 
 

@@ -49,11 +49,32 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 TENSORS = {"features": np.float16, "attention": np.float32, "query": np.float32, "demo_masks": np.uint8}
-SCALARS = {"sample_id": pa.string(), "image": pa.string(), "question": pa.string(), "answer": pa.string(),
-           "category": pa.string(), "grid_rows": pa.int32(), "grid_cols": pa.int32(), "full_logp": pa.float32(),
-           "full_correct": pa.bool_()}
-COLUMNS = ("sample_id", "image", "question", "answer", "category", "grid_rows", "grid_cols", "features",
-           "attention", "query", "full_logp", "full_correct", "demo_masks")
+SCALARS = {
+    "sample_id": pa.string(),
+    "image": pa.string(),
+    "question": pa.string(),
+    "answer": pa.string(),
+    "category": pa.string(),
+    "grid_rows": pa.int32(),
+    "grid_cols": pa.int32(),
+    "full_logp": pa.float32(),
+    "full_correct": pa.bool_(),
+}
+COLUMNS = (
+    "sample_id",
+    "image",
+    "question",
+    "answer",
+    "category",
+    "grid_rows",
+    "grid_cols",
+    "features",
+    "attention",
+    "query",
+    "full_logp",
+    "full_correct",
+    "demo_masks",
+)
 REJECT_SCHEMA = pa.schema({"sample_id": pa.string(), "image": pa.string(), "reason": pa.string()})
 
 
@@ -61,8 +82,10 @@ def shard_table(rows: list[dict], schedule: list[float], model: str) -> pa.Table
     """One shard's rows (numpy arrays for the tensor columns) as an Arrow table with the schema metadata."""
     shapes = {np.shape(r["features"]) for r in rows}
     if len(shapes) > 1:
-        raise ValueError(f"a shard needs one token grid, got feature shapes {sorted(shapes)}: resize the split's "
-                         f"images to one resolution (Qwen2.5-VL gives one grid per image size)")
+        raise ValueError(
+            f"a shard needs one token grid, got feature shapes {sorted(shapes)}: resize the split's "
+            f"images to one resolution (Qwen2.5-VL gives one grid per image size)"
+        )
     columns = {}
     for name in COLUMNS:
         if name in TENSORS:
@@ -70,8 +93,11 @@ def shard_table(rows: list[dict], schedule: list[float], model: str) -> pa.Table
             columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
         else:
             columns[name] = pa.array([r[name] for r in rows], SCALARS[name])
-    metadata = {"tprl.schema_version": str(SCHEMA_VERSION), "tprl.demo_schedule": json.dumps(schedule),
-                "tprl.model": model}
+    metadata = {
+        "tprl.schema_version": str(SCHEMA_VERSION),
+        "tprl.demo_schedule": json.dumps(schedule),
+        "tprl.model": model,
+    }
     return pa.table(columns).replace_schema_metadata(metadata)
 
 

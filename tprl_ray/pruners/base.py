@@ -72,8 +72,9 @@ class Pruner:
     def prune(self, batch: PruneBatch, budget: float | int) -> Pruning:
         return Pruning([torch.sort(k).values for k in self.select(batch, budget)], batch.tokens)
 
-    def generate(self, backbone: Backbone, batch: PruneBatch, budget: float | int,
-                 max_new_tokens: int = 8) -> tuple[list[str], list[float]]:
+    def generate(
+        self, backbone: Backbone, batch: PruneBatch, budget: float | int, max_new_tokens: int = 8
+    ) -> tuple[list[str], list[float]]:
         """Greedy answers with the pruned input, and the visual tokens each sample's LLM layers saw
         on average."""
         pruning = self.prune(batch, budget)

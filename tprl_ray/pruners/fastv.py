@@ -26,8 +26,9 @@ class FastV(Pruner):
     def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
         return 2.0 * n * d_llm  # the last prompt token's query against the visual keys at layer K-1
 
-    def generate(self, backbone: Backbone, batch: PruneBatch, budget: float | int,
-                 max_new_tokens: int = 8) -> tuple[list[str], list[float]]:
+    def generate(
+        self, backbone: Backbone, batch: PruneBatch, budget: float | int, max_new_tokens: int = 8
+    ) -> tuple[list[str], list[float]]:
         """FastV decoding; samples are grouped by visual token count (dynamic-resolution models)."""
         layers = backbone.language_model.config.num_hidden_layers
         groups = defaultdict(list)
@@ -36,8 +37,15 @@ class FastV(Pruner):
         texts, seen = [""] * len(batch.tokens), [0.0] * len(batch.tokens)
         for n, index in groups.items():
             kept = budget_tokens(budget, n)
-            out, _ = fastv_generate(backbone, [batch.questions[i] for i in index], [batch.tokens[i] for i in index],
-                                    self.k, kept, [batch.grids[i] for i in index], max_new_tokens)
+            out, _ = fastv_generate(
+                backbone,
+                [batch.questions[i] for i in index],
+                [batch.tokens[i] for i in index],
+                self.k,
+                kept,
+                [batch.grids[i] for i in index],
+                max_new_tokens,
+            )
             for i, text in zip(index, out):
                 texts[i], seen[i] = text, sum(self.layer_tokens(n, kept, layers)) / layers
         return texts, seen

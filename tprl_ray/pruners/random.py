@@ -23,12 +23,18 @@ class RandomPruner(Pruner):
             n = tokens.shape[0]
             digest = hashlib.sha256(f"{self.seed}:{qid}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            out.append(torch.randperm(n, generator=gen)[:budget_tokens(budget, n)].to(tokens.device))
+            out.append(torch.randperm(n, generator=gen)[: budget_tokens(budget, n)].to(tokens.device))
         return out
 
 
 def random_keep(tokens, budget: float | int, seed: int = 0) -> list[torch.Tensor]:
     """Random keep-sets for the samples of ``tokens`` (question ids are their positions), for benchmarks."""
-    batch = PruneBatch(list(tokens), list(tokens), None, [(0, 0)] * len(tokens), [str(i) for i in range(len(tokens))],
-                       [""] * len(tokens))
+    batch = PruneBatch(
+        list(tokens),
+        list(tokens),
+        None,
+        [(0, 0)] * len(tokens),
+        [str(i) for i in range(len(tokens))],
+        [""] * len(tokens),
+    )
     return RandomPruner(seed).prune(batch, budget).keep

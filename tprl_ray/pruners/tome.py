@@ -51,6 +51,8 @@ class ToMe(Pruner):
         return total
 
     def prune(self, batch: PruneBatch, budget: float | int) -> Pruning:
-        merged = [bipartite_merge(features, tokens, budget_tokens(budget, tokens.shape[0]))
-                  for features, tokens in zip(batch.features, batch.tokens)]
+        merged = [
+            bipartite_merge(features, tokens, budget_tokens(budget, tokens.shape[0]))
+            for features, tokens in zip(batch.features, batch.tokens)
+        ]
         return Pruning([keep for keep, _ in merged], [values for _, values in merged])

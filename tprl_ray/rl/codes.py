@@ -64,11 +64,15 @@ class Codes:
     full_correct: np.ndarray
 
     @classmethod
-    def load(cls, directory: Path) -> "Codes":
+    def load(cls, directory: Path) -> Codes:
         shards = sorted(Path(directory).glob("*.parquet"))
         if not shards:
             raise FileNotFoundError(f"{directory}: no codes shards (see tprl_ray.rl.codes.write_codes)")
         table = pa.concat_tables([pq.read_table(s) for s in shards])
-        return cls(np.asarray(table["sample_id"].to_pylist()), tensor(table["codes"]),
-                   tensor(table["query"]).astype(np.float32), table["full_logp"].to_numpy().astype(np.float32),
-                   table["full_correct"].to_numpy(zero_copy_only=False).astype(bool))
+        return cls(
+            np.asarray(table["sample_id"].to_pylist()),
+            tensor(table["codes"]),
+            tensor(table["query"]).astype(np.float32),
+            table["full_logp"].to_numpy().astype(np.float32),
+            table["full_correct"].to_numpy(zero_copy_only=False).astype(bool),
+        )

@@ -18,11 +18,14 @@ class EnvConfig(Section):
     alpha: float = Field(1.0, description="weight of the score difference")
     beta: float = Field(0.1, description="weight of the pruned fraction")
     reward: Literal["sample", "batch", "group"] = Field(
-        "group", description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
-                              "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)")
+        "group",
+        description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
+        "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)",
+    )
     group_size: int = Field(8, ge=2, description="reward=group: sub-envs playing the same sample")
-    score: Literal["logprob", "accuracy"] = Field("logprob", description="Score: mean answer log-likelihood, "
-                                                                         "or greedy-correct (0/1)")
+    score: Literal["logprob", "accuracy"] = Field(
+        "logprob", description="Score: mean answer log-likelihood, or greedy-correct (0/1)"
+    )
 
     def check_envs(self, num_envs: int, what: str = "sub-envs") -> None:
         """reward=group plays whole groups: ``num_envs`` must be a multiple of ``group_size``."""
@@ -60,8 +63,9 @@ class PpoConfig(RunConfig):
     hidden: int = Field(256, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
-    registered_model: str | None = Field("tprl-pruner", description="MLflow model the export is registered as "
-                                                                     "(None: not registered)")
+    registered_model: str | None = Field(
+        "tprl-pruner", description="MLflow model the export is registered as (None: not registered)"
+    )
 
     @model_validator(mode="after")
     def _needs_an_autoencoder(self):
@@ -78,5 +82,11 @@ class PpoConfig(RunConfig):
         return self.autoencoder or self.init
 
 
-COMMANDS = (Command(("train", "ppo"), PpoConfig, "tprl_ray.rl.train:command",
-                    "fine-tune the policy with PPO against the scorer (RLlib, Serve)"),)
+COMMANDS = (
+    Command(
+        ("train", "ppo"),
+        PpoConfig,
+        "tprl_ray.rl.train:command",
+        "fine-tune the policy with PPO against the scorer (RLlib, Serve)",
+    ),
+)

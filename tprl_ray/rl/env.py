@@ -20,7 +20,7 @@ only; the scorer is called with sample ids and masks. Metrics: :mod:`tprl_ray.rl
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -42,12 +42,14 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.data, self.cfg, self.num_envs, self.score_fn = codes, cfg, num_envs, score_fn
         m, n, d_latent = codes.codes.shape
         self.n_tokens = n
-        self.single_observation_space = spaces.Dict({
-            "codes": spaces.Box(-np.inf, np.inf, (n, d_latent), np.float32),
-            "query": spaces.Box(-np.inf, np.inf, codes.query.shape[1:], np.float32),
-            "mask": spaces.Box(0.0, 1.0, (n,), np.float32),
-            "step": spaces.Box(0.0, float(cfg.t_max), (1,), np.float32),
-        })
+        self.single_observation_space = spaces.Dict(
+            {
+                "codes": spaces.Box(-np.inf, np.inf, (n, d_latent), np.float32),
+                "query": spaces.Box(-np.inf, np.inf, codes.query.shape[1:], np.float32),
+                "mask": spaces.Box(0.0, 1.0, (n,), np.float32),
+                "step": spaces.Box(0.0, float(cfg.t_max), (1,), np.float32),
+            }
+        )
         self.single_action_space = spaces.MultiBinary(n)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -77,10 +79,12 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.telemetry.start(envs)
 
     def _obs(self) -> dict:
-        return {"codes": self.data.codes[self.index].astype(np.float32),
-                "query": self.data.query[self.index],
-                "mask": self.mask.astype(np.float32),
-                "step": self.t[:, None].astype(np.float32)}
+        return {
+            "codes": self.data.codes[self.index].astype(np.float32),
+            "query": self.data.query[self.index],
+            "mask": self.mask.astype(np.float32),
+            "step": self.t[:, None].astype(np.float32),
+        }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:

@@ -14,12 +14,11 @@ import math
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchDistribution
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
+from torch.nn import functional as F
 
 from tprl_ray.policy.networks import PolicyValueNet
 
@@ -43,8 +42,9 @@ class TokenBernoulli(TorchDistribution):
         return TorchDeterministic(loc=(self._dist.base_dist.logits > 0).float())
 
 
-def sampling_logits(keep_logits: torch.Tensor, mask: torch.Tensor, step: torch.Tensor,
-                    lambda_disc: float) -> torch.Tensor:
+def sampling_logits(
+    keep_logits: torch.Tensor, mask: torch.Tensor, step: torch.Tensor, lambda_disc: float
+) -> torch.Tensor:
     """Logits of ``lambda_disc ** t * sigmoid(keep_logits)`` for kept tokens, :data:`DROPPED_LOGIT` for
     dropped ones (``mask`` bool ``[B, N]``, ``step`` ``[B]``)."""
     log_q = F.logsigmoid(keep_logits) + step[:, None] * math.log(lambda_disc)
@@ -79,8 +79,10 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         codes, query, mask, step = self._state(batch)
         f = self.net.features(codes, query, mask)
-        return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc),
-                Columns.EMBEDDINGS: self.net.pool(f, mask)}
+        return {
+            Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc),
+            Columns.EMBEDDINGS: self.net.pool(f, mask),
+        }
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if embeddings is None:

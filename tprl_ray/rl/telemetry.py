@@ -48,10 +48,16 @@ def env_metrics() -> dict:
         "steps": metrics.Counter("tprl_env_steps", "sub-env steps played"),
         "episodes": metrics.Counter("tprl_env_episodes", "episodes finished"),
         "return": metrics.Gauge("tprl_env_episode_return", "mean return of the latest finished episodes"),
-        "kept": metrics.Histogram("tprl_env_kept_fraction", "fraction of tokens a finished episode kept",
-                                  boundaries=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
-        "latency": metrics.Histogram("tprl_env_scorer_latency_s", "seconds per scorer call seen by the env",
-                                     boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]),
+        "kept": metrics.Histogram(
+            "tprl_env_kept_fraction",
+            "fraction of tokens a finished episode kept",
+            boundaries=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        ),
+        "latency": metrics.Histogram(
+            "tprl_env_scorer_latency_s",
+            "seconds per scorer call seen by the env",
+            boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30],
+        ),
     }
 
 

@@ -38,9 +38,13 @@ def make_env(config: dict):
     from tprl_ray.service.scorer import remote_score
 
     # RLlib's vector entry point does not pass the worker index: each env runner draws its own seed
-    return PruningVectorEnv(Codes.load(Path(config["codes"])), EnvConfig.model_validate(config["env"]),
-                            config.get("num_envs", 1), remote_score(config["retries"]),
-                            seed=np.random.SeedSequence().entropy % 2**32)
+    return PruningVectorEnv(
+        Codes.load(Path(config["codes"])),
+        EnvConfig.model_validate(config["env"]),
+        config.get("num_envs", 1),
+        remote_score(config["retries"]),
+        seed=np.random.SeedSequence().entropy % 2**32,
+    )
 
 
 def kept_fraction(episode, metrics_logger, **kwargs) -> None:
@@ -52,8 +56,13 @@ def kept_fraction(episode, metrics_logger, **kwargs) -> None:
 def policy_dims(cfg: PpoConfig, d_latent: int, d_query: int) -> dict:
     if cfg.init is not None:
         return json.loads((cfg.init / "policy.json").read_text())["dims"]
-    return {"d_latent": d_latent, "d_query": d_query, "heads": cfg.heads, "hidden": cfg.hidden,
-            "attention": cfg.attention}
+    return {
+        "d_latent": d_latent,
+        "d_query": d_query,
+        "heads": cfg.heads,
+        "hidden": cfg.hidden,
+        "attention": cfg.attention,
+    }
 
 
 def prepare_codes(cfg: PpoConfig) -> tuple[Path, Path]:
@@ -82,21 +91,46 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
     register_env(ENV_NAME, make_env)
     config = (
         PPOConfig()
-        .environment(ENV_NAME, env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump(),
-                                           "retries": cfg.scorer.retries})
-        .env_runners(num_env_runners=cfg.env_runners, num_envs_per_env_runner=cfg.envs_per_runner,
-                     gym_env_vectorize_mode="vector_entry_point", num_cpus_per_env_runner=cfg.cpus_per_runner,
-                     rollout_fragment_length="auto", sample_timeout_s=1800)
+        .environment(
+            ENV_NAME,
+            env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump(), "retries": cfg.scorer.retries},
+        )
+        .env_runners(
+            num_env_runners=cfg.env_runners,
+            num_envs_per_env_runner=cfg.envs_per_runner,
+            gym_env_vectorize_mode="vector_entry_point",
+            num_cpus_per_env_runner=cfg.cpus_per_runner,
+            rollout_fragment_length="auto",
+            sample_timeout_s=1800,
+        )
         .learners(num_learners=0)
-        .rl_module(rl_module_spec=RLModuleSpec(
-            module_class=PruningModule, observation_space=spaces_env.single_observation_space,
-            action_space=spaces_env.single_action_space,
-            model_config={"dims": dims, "lambda_disc": cfg.lambda_disc,
-                          "init": str(cfg.init.resolve()) if cfg.init else None}))
-        .training(lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.gae_lambda, clip_param=cfg.clip,
-                  vf_loss_coeff=cfg.vf_coef, entropy_coeff=cfg.entropy_coef, use_kl_loss=False, kl_coeff=0.0,
-                  grad_clip=cfg.grad_clip, num_epochs=cfg.epochs, minibatch_size=cfg.minibatch_size,
-                  train_batch_size_per_learner=cfg.train_batch_size, vf_clip_param=10.0)
+        .rl_module(
+            rl_module_spec=RLModuleSpec(
+                module_class=PruningModule,
+                observation_space=spaces_env.single_observation_space,
+                action_space=spaces_env.single_action_space,
+                model_config={
+                    "dims": dims,
+                    "lambda_disc": cfg.lambda_disc,
+                    "init": str(cfg.init.resolve()) if cfg.init else None,
+                },
+            )
+        )
+        .training(
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+            lambda_=cfg.gae_lambda,
+            clip_param=cfg.clip,
+            vf_loss_coeff=cfg.vf_coef,
+            entropy_coeff=cfg.entropy_coef,
+            use_kl_loss=False,
+            kl_coeff=0.0,
+            grad_clip=cfg.grad_clip,
+            num_epochs=cfg.epochs,
+            minibatch_size=cfg.minibatch_size,
+            train_batch_size_per_learner=cfg.train_batch_size,
+            vf_clip_param=10.0,
+        )
         .callbacks(on_episode_end=kept_fraction)
         .debugging(seed=cfg.seed)
     )
@@ -106,20 +140,27 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
 def curated(result: dict, seconds: float) -> dict:
     """The per-iteration metrics worth a chart."""
     runners, learner = result.get("env_runners", {}), result.get("learners", {}).get("default_policy", {})
-    out = {"episode_return_mean": runners.get("episode_return_mean"),
-           "kept_fraction": runners.get("kept_fraction"),
-           "env_steps": runners.get("num_env_steps_sampled_lifetime"),
-           "env_steps_per_s": runners.get("num_env_steps_sampled", 0) / max(seconds, 1e-9),
-           "policy_loss": learner.get("policy_loss"), "vf_loss": learner.get("vf_loss"),
-           "entropy": learner.get("entropy"), "vf_explained_var": learner.get("vf_explained_var"),
-           "iteration_s": seconds}
+    out = {
+        "episode_return_mean": runners.get("episode_return_mean"),
+        "kept_fraction": runners.get("kept_fraction"),
+        "env_steps": runners.get("num_env_steps_sampled_lifetime"),
+        "env_steps_per_s": runners.get("num_env_steps_sampled", 0) / max(seconds, 1e-9),
+        "policy_loss": learner.get("policy_loss"),
+        "vf_loss": learner.get("vf_loss"),
+        "entropy": learner.get("entropy"),
+        "vf_explained_var": learner.get("vf_explained_var"),
+        "iteration_s": seconds,
+    }
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def settings(cfg: PpoConfig) -> dict:
     """What must not change when a run resumes."""
-    return {k: v for k, v in json.loads(cfg.model_dump_json()).items()
-            if k not in ("iterations", "checkpoint_every", "budgets", "registered_model", "ray_address", "mlflow_uri")}
+    return {
+        k: v
+        for k, v in json.loads(cfg.model_dump_json()).items()
+        if k not in ("iterations", "checkpoint_every", "budgets", "registered_model", "ray_address", "mlflow_uri")
+    }
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -157,8 +198,9 @@ def resume(algo, cfg: PpoConfig) -> list[dict]:
         return []
     checkpoint = latest_checkpoint(cfg.out)
     algo.restore_from_path(str(checkpoint.resolve()))
-    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True,
-                                       timeout_seconds=60)
+    algo.env_runner_group.sync_weights(
+        from_worker_or_learner_group=algo.learner_group, inference_only=True, timeout_seconds=60
+    )
     print(f"[ppo] resumed from {checkpoint} (iteration {len(history)})")
     return history
 
@@ -169,8 +211,8 @@ def calibration(net, codes: Codes) -> list[float]:
     probabilities = []
     with torch.no_grad():
         for start in range(0, len(codes.ids), 256):
-            c = torch.from_numpy(codes.codes[start:start + 256].astype(np.float32))
-            q = torch.from_numpy(codes.query[start:start + 256])
+            c = torch.from_numpy(codes.codes[start : start + 256].astype(np.float32))
+            q = torch.from_numpy(codes.query[start : start + 256])
             probabilities.append(net.keep_probabilities(c, q, torch.ones(c.shape[:2], dtype=torch.bool)).flatten())
     return np.quantile(torch.cat(probabilities).numpy(), np.linspace(0, 1, 1001)).tolist()
 
@@ -181,9 +223,20 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
     copy_export(cfg.autoencoder_dir(), cfg.out, "autoencoder")
     quantiles = calibration(net, val_codes)
     taus = {f"{b:.4f}": tau_for_budget(quantiles, b) for b in cfg.budgets}
-    export(net, net.state_dict(), cfg.out, "policy",
-           {"data": str(cfg.data), "iterations": len(history), "init": str(cfg.init), "metrics": history[-1],
-            "keep_quantiles": quantiles, "tau": taus})
+    export(
+        net,
+        net.state_dict(),
+        cfg.out,
+        "policy",
+        {
+            "data": str(cfg.data),
+            "iterations": len(history),
+            "init": str(cfg.init),
+            "metrics": history[-1],
+            "keep_quantiles": quantiles,
+            "tau": taus,
+        },
+    )
     return taus
 
 
@@ -194,8 +247,8 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
     from ray import serve
 
     from tprl_ray.ray_setup import init_ray
-    from tprl_ray.service.scorer import start_scorer
     from tprl_ray.rl.telemetry import record_iteration
+    from tprl_ray.service.scorer import start_scorer
     from tprl_ray.tracking import mlflow_run, register_pruner
 
     resumable_history(cfg)  # refuse early, before anything starts
@@ -214,13 +267,17 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
                 metrics = curated(algo.train(), time.perf_counter() - start)
                 idle = 0 if metrics.get("env_steps_per_s") else idle + 1
                 if idle == STALLED_ITERATIONS:  # RLlib would go on learning from nothing
-                    raise RuntimeError(f"no env steps sampled in {idle} iterations in a row: the env runners fail "
-                                       "(their worker logs under the Ray session's logs/ say why)")
+                    raise RuntimeError(
+                        f"no env steps sampled in {idle} iterations in a row: the env runners fail "
+                        "(their worker logs under the Ray session's logs/ say why)"
+                    )
                 history.append(metrics)
                 mlflow.log_metrics(metrics, step=i + 1)
                 record_iteration(metrics, i + 1)
-                print(f"[ppo] iteration {i + 1}/{cfg.iterations}: "
-                      + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                print(
+                    f"[ppo] iteration {i + 1}/{cfg.iterations}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                )
                 if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.iterations:
                     save_checkpoint(algo, cfg.out, history, cfg)
                 if on_iteration is not None:
@@ -228,8 +285,15 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
             net = algo.get_module().net.cpu().eval()
             taus = export_policy(cfg, net, history, Codes.load(val_dir))
             if cfg.registered_model:
-                register_pruner(cfg.registered_model, [cfg.out / f"{name}.{ext}" for name in ("policy", "autoencoder")
-                                                       for ext in ("safetensors", "json")], taus)
+                register_pruner(
+                    cfg.registered_model,
+                    [
+                        cfg.out / f"{name}.{ext}"
+                        for name in ("policy", "autoencoder")
+                        for ext in ("safetensors", "json")
+                    ],
+                    taus,
+                )
     finally:
         if algo is not None:
             algo.stop()

@@ -10,12 +10,15 @@ from tprl_ray.config import BackboneConfig, PoolConfig, Section
 class ScorerConfig(Section):
     """The scorer pool: model, replicas and batching."""
 
-    backbone: BackboneConfig = Field(BackboneConfig(), description="the LVLM each replica hosts (LLaVA: it scores "
-                                                                  "from stored features)")
-    pool: PoolConfig = Field(PoolConfig(cpus=0.5, batch_size=64), description="Serve replicas; batch_size: samples "
-                                                                             "per forward pass")
-    resources: dict[str, float] = Field({}, description="custom Ray resources per replica, e.g. "
-                                       "{scorer_slot: 1} to pin replicas to GPU scorer nodes")
+    backbone: BackboneConfig = Field(
+        BackboneConfig(), description="the LVLM each replica hosts (LLaVA: it scores from stored features)"
+    )
+    pool: PoolConfig = Field(
+        PoolConfig(cpus=0.5, batch_size=64), description="Serve replicas; batch_size: samples per forward pass"
+    )
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources per replica, e.g. {scorer_slot: 1} to pin replicas to GPU scorer nodes"
+    )
     threads: int = Field(2, ge=1, description="torch CPU threads per replica")
     max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
     batch_wait_s: float = Field(0.01, ge=0)

@@ -52,10 +52,12 @@ class Scorer:
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.shard = lru_cache(maxsize=self.cfg.cache_shards)(self._read_shard)
         self.started, self.busy, self.samples, self.pending = time.perf_counter(), 0.0, 0, 0
-        self.m_batch = metrics.Histogram("tprl_scorer_batch_size", "samples per scorer batch",
-                                         boundaries=[1, 8, 16, 32, 64, 128, 256, 512])
-        self.m_latency = metrics.Histogram("tprl_scorer_batch_latency_s", "seconds per scorer batch",
-                                           boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10])
+        self.m_batch = metrics.Histogram(
+            "tprl_scorer_batch_size", "samples per scorer batch", boundaries=[1, 8, 16, 32, 64, 128, 256, 512]
+        )
+        self.m_latency = metrics.Histogram(
+            "tprl_scorer_batch_latency_s", "seconds per scorer batch", boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10]
+        )
         self.m_queue = metrics.Gauge("tprl_scorer_queue_length", "requests waiting or being scored")
         self.m_samples = metrics.Counter("tprl_scorer_samples", "samples scored")
 
@@ -63,8 +65,7 @@ class Scorer:
         from tprl_ray.precompute.schema import tensor
 
         table = pq.read_table(self.shards[s], columns=["features", "question", "answer"])
-        return (torch.from_numpy(tensor(table["features"])), table["question"].to_pylist(),
-                table["answer"].to_pylist())
+        return (torch.from_numpy(tensor(table["features"])), table["question"].to_pylist(), table["answer"].to_pylist())
 
     def _rows(self, ids: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
         features, questions, answers = [], [], []
@@ -81,8 +82,8 @@ class Scorer:
     def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logps, correct = [], []
         for start in range(0, len(ids), self.cfg.pool.batch_size):
-            features, questions, answers = self._rows(ids[start:start + self.cfg.pool.batch_size])
-            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start:start + self.cfg.pool.batch_size]]
+            features, questions, answers = self._rows(ids[start : start + self.cfg.pool.batch_size])
+            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start : start + self.cfg.pool.batch_size]]
             logp, ok = self.backbone.score(questions, answers, self.backbone.project(features), keep)
             logps.append(logp.numpy())
             correct.append(ok.numpy())
@@ -101,7 +102,7 @@ class Scorer:
         self.m_samples.inc(len(ids))
         out, offset = [], 0
         for request_ids, _ in requests:
-            out.append((logp[offset:offset + len(request_ids)], correct[offset:offset + len(request_ids)]))
+            out.append((logp[offset : offset + len(request_ids)], correct[offset : offset + len(request_ids)]))
             offset += len(request_ids)
         return out
 
@@ -127,9 +128,14 @@ def start_scorer(cfg: ScorerConfig, data: Path) -> None:
 
     serve.start(proxy_location="Disabled")
     deployment = Scorer.options(
-        num_replicas=cfg.pool.size, max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
-        ray_actor_options={"num_cpus": cfg.pool.cpus, "num_gpus": gpus_per_actor(cfg.pool.gpus),
-                           "resources": cfg.resources})
+        num_replicas=cfg.pool.size,
+        max_ongoing_requests=max(64, 4 * cfg.max_batch_requests),
+        ray_actor_options={
+            "num_cpus": cfg.pool.cpus,
+            "num_gpus": gpus_per_actor(cfg.pool.gpus),
+            "resources": cfg.resources,
+        },
+    )
     app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))
     serve.run(app, name=APP, route_prefix=None)
 

@@ -25,7 +25,7 @@ def autoencoder_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(TokenAutoencoder(d_v, config["latent"], config["hidden"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
     state, bare = restore(model, optimizer)
-    for epoch in range(state["epoch"], config["epochs"]):
+    for _ in range(state["epoch"], config["epochs"]):
         model.train()
         total, batches = 0.0, 0
         for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"]):
@@ -48,12 +48,14 @@ def autoencoder_loop(config: dict) -> None:
                 squares += (tokens.double() ** 2).sum(0)
         reduced = all_reduce_sum([sse, n, *sums.tolist(), *squares.tolist()])
         sse, n = reduced[0], reduced[1]
-        sums = torch.tensor(reduced[2:2 + d_v], dtype=torch.float64)
-        squares = torch.tensor(reduced[2 + d_v:], dtype=torch.float64)
-        sst = (squares - sums ** 2 / max(n, 1.0)).sum().item()
+        sums = torch.tensor(reduced[2 : 2 + d_v], dtype=torch.float64)
+        squares = torch.tensor(reduced[2 + d_v :], dtype=torch.float64)
+        sst = (squares - sums**2 / max(n, 1.0)).sum().item()
         losses = all_reduce_sum([total, batches])
-        metrics = {"train_mse": losses[0] / max(losses[1], 1.0),
-                   "val_relative_mse": sse / sst if sst > 0 else float("nan")}  # NaN: no validation tokens
+        metrics = {
+            "train_mse": losses[0] / max(losses[1], 1.0),
+            "val_relative_mse": sse / sst if sst > 0 else float("nan"),
+        }  # NaN: no validation tokens
         state = end_epoch(state, metrics, bare, optimizer, config)
 
 
@@ -62,8 +64,15 @@ def train_autoencoder(cfg: AutoencoderConfig) -> dict:
     from tprl_ray.policy.autoencoder import TokenAutoencoder
 
     d_v = feature_width(cfg.data)
-    loop_config = {"d_v": d_v, "latent": cfg.latent, "hidden": cfg.hidden, "lr": cfg.lr, "epochs": cfg.epochs,
-                   "batch_size": cfg.batch_size, "seed": cfg.seed}
+    loop_config = {
+        "d_v": d_v,
+        "latent": cfg.latent,
+        "hidden": cfg.hidden,
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
     result = fit(autoencoder_loop, loop_config, cfg, "autoencoder", datasets(cfg, ["features"]))
     return export_run(cfg, result, TokenAutoencoder(d_v, cfg.latent, cfg.hidden), "autoencoder", "tprl-autoencoder")
 

@@ -34,8 +34,10 @@ def feature_width(data: Path, column: str = "features") -> int:
 def check_width(data: Path, expected: int, what: str) -> None:
     width = feature_width(data)
     if width != expected:
-        raise ValueError(f"{data}: features are {width}-wide but {what} expects {expected}-wide features "
-                         f"(precomputed with another model?)")
+        raise ValueError(
+            f"{data}: features are {width}-wide but {what} expects {expected}-wide features "
+            f"(precomputed with another model?)"
+        )
 
 
 def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
@@ -69,10 +71,14 @@ def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
     storage = cfg.out.resolve() / "ray_train"
     check_resumable(storage / name, loop_config)
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config, datasets=data,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        loop,
+        train_loop_config=loop_config,
+        datasets=data,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
     return trainer.fit()
 
 
@@ -115,11 +121,17 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     return state, bare
 
 
-def end_epoch(state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              loop_config: dict) -> dict:
+def end_epoch(
+    state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer, loop_config: dict
+) -> dict:
     """From inside a worker: append the epoch's metrics, report them and checkpoint; the new state."""
-    state = {"epoch": state["epoch"] + 1, "history": state["history"] + [metrics], "model": bare.state_dict(),
-             "optimizer": optimizer.state_dict(), "settings": settings(loop_config)}
+    state = {
+        "epoch": state["epoch"] + 1,
+        "history": state["history"] + [metrics],
+        "model": bare.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "settings": settings(loop_config),
+    }
     save_state(state, {**metrics, "epoch": state["epoch"]})
     return state
 

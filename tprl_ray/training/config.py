@@ -13,8 +13,9 @@ class TrainStageConfig(RunConfig):
     """Fields every Ray Train stage has."""
 
     data: Path = Field(Path("runs/precompute/train"), description="precompute dataset (tprl precompute --out)")
-    val_data: Path | None = Field(None, description="precompute dataset for validation "
-                                                    "(default: a tenth of the images of data)")
+    val_data: Path | None = Field(
+        None, description="precompute dataset for validation (default: a tenth of the images of data)"
+    )
     out: Path = Field(Path("runs/train"), description="output directory (exports, checkpoints, MLflow)")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1, description="samples (images x questions) per worker step")
@@ -45,8 +46,16 @@ class LfdConfig(TrainStageConfig):
 
 
 COMMANDS = (
-    Command(("train", "autoencoder"), AutoencoderConfig, "tprl_ray.training.autoencoder:command",
-            "fit the token autoencoder (Ray Train)"),
-    Command(("train", "lfd"), LfdConfig, "tprl_ray.training.lfd:command",
-            "pre-train the policy on VisPruner demonstrations (Ray Train)"),
+    Command(
+        ("train", "autoencoder"),
+        AutoencoderConfig,
+        "tprl_ray.training.autoencoder:command",
+        "fit the token autoencoder (Ray Train)",
+    ),
+    Command(
+        ("train", "lfd"),
+        LfdConfig,
+        "tprl_ray.training.lfd:command",
+        "pre-train the policy on VisPruner demonstrations (Ray Train)",
+    ),
 )

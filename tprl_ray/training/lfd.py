@@ -13,7 +13,16 @@ import json
 from pathlib import Path
 
 from tprl_ray.artifacts.export import copy_export, load_exported
-from tprl_ray.training.common import all_reduce_sum, check_width, datasets, end_epoch, export_run, feature_width, fit, restore
+from tprl_ray.training.common import (
+    all_reduce_sum,
+    check_width,
+    datasets,
+    end_epoch,
+    export_run,
+    feature_width,
+    fit,
+    restore,
+)
 from tprl_ray.training.config import LfdConfig
 
 
@@ -34,8 +43,9 @@ def lfd_loop(config: dict) -> None:
     torch.manual_seed(config["seed"])
     encoder, _ = load_exported(TokenAutoencoder, Path(config["autoencoder"]), "autoencoder")
     encoder.requires_grad_(False).to(ray.train.torch.get_device())
-    policy = PolicyValueNet(config["d_latent"], config["d_query"], config["heads"], config["hidden"],
-                            config["attention"])
+    policy = PolicyValueNet(
+        config["d_latent"], config["d_query"], config["heads"], config["hidden"], config["attention"]
+    )
     model = ray.train.torch.prepare_model(policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
     state, bare = restore(model, optimizer)
@@ -53,7 +63,7 @@ def lfd_loop(config: dict) -> None:
             hits += torch.tensor([(predicted & truth).sum(), (predicted & ~truth).sum(), (~predicted & truth).sum()])
         return loss / len(examples), hits
 
-    for epoch in range(state["epoch"], config["epochs"]):
+    for _ in range(state["epoch"], config["epochs"]):
         model.train()
         total, batches = 0.0, 0
         for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"]):
@@ -84,13 +94,27 @@ def train_lfd(cfg: LfdConfig) -> dict:
     if cfg.val_data is not None:
         check_width(cfg.val_data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
     d_query = feature_width(cfg.data, "query")
-    loop_config = {"autoencoder": str(cfg.autoencoder.resolve()), "d_latent": dims["d_latent"], "d_query": d_query,
-                   "heads": cfg.heads, "hidden": cfg.hidden, "attention": cfg.attention, "lr": cfg.lr,
-                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    loop_config = {
+        "autoencoder": str(cfg.autoencoder.resolve()),
+        "d_latent": dims["d_latent"],
+        "d_query": d_query,
+        "heads": cfg.heads,
+        "hidden": cfg.hidden,
+        "attention": cfg.attention,
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
     result = fit(lfd_loop, loop_config, cfg, "lfd", datasets(cfg, ["features", "query", "demo_masks"]))
     copy_export(cfg.autoencoder, cfg.out, "autoencoder")
-    return export_run(cfg, result, PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention),
-                      "policy", "tprl-lfd")
+    return export_run(
+        cfg,
+        result,
+        PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention),
+        "policy",
+        "tprl-lfd",
+    )
 
 
 def command(cfg: LfdConfig) -> None:
