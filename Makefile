@@ -5,7 +5,7 @@ OUT ?= runs/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install mlflow clean
+.PHONY: demo test format install mlflow clean
 
 install: $(STAMP)
 
@@ -26,8 +26,17 @@ mlflow: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 		--backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT)
 
+# Lint and format check first (ruff, configured in pyproject.toml), then the whole suite.
+LINTED := tprl_ray tests pipelines
 test: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs
+
+# Apply ruff's fixes and formatting.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)

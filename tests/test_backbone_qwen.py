@@ -8,6 +8,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
+from tprl_ray.backbones.backend import Backend
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.backbones.load import load_backbone
 from tprl_ray.backbones.qwen import QwenBackbone
@@ -180,13 +181,14 @@ def test_loader_picks_the_adapter_and_refuses_foreign_or_mismatched_checkpoints(
     backbone.image_processor.save_pretrained(tmp_path / "qwen")
     loaded = load_backbone(tmp_path / "qwen")
     assert isinstance(loaded, QwenBackbone) and loaded.prompt("is there a 7 ?") == backbone.prompt("is there a 7 ?")
+    assert isinstance(loaded, Backend)  # the seam the scorer and the evaluation engine use
     config = json.loads((tmp_path / "qwen" / "config.json").read_text())
     config["vision_config"]["out_hidden_size"] = 48
     (tmp_path / "qwen" / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="weights do not match config.json"):
         load_backbone(tmp_path / "qwen")
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "llama")
-    with pytest.raises(BackboneError, match="model type 'llama' is not supported"):
+    with pytest.raises(BackboneError, match=r"model type 'llama' is not supported \(LLaVA-1.5: 'llava', Qwen2.5-VL"):
         load_backbone(tmp_path / "llama")
     with pytest.raises(BackboneError, match="not a loadable model checkpoint"):
         load_backbone(tmp_path / "empty")

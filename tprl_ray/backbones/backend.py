@@ -10,21 +10,18 @@ pruners drive the decoder layers themselves and need the ``hf`` backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from tprl_ray.backbones.base import Grid, VisualTokens
 
 
+@runtime_checkable
 class Backend(Protocol):
     """One loaded vision-language model, driven with kept-token indices."""
 
     device: torch.device
-
-    @property
-    def config(self):
-        """The model's transformers config (its family and sizes: FLOPs, KV cache)."""
 
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
         """One vision pass over ``images``: LLM-ready tokens, policy features, attention, grids."""

@@ -120,11 +120,6 @@ class Backbone:
         self.answer_ids = lru_cache(maxsize=65536)(self._answer_ids)
 
     @property
-    def config(self):
-        """The model's transformers config."""
-        return self.model.config
-
-    @property
     def language_model(self):
         """The decoder stack (embeddings, layers, final norm, rotary embedding)."""
         return self.model.model.language_model
