@@ -195,7 +195,7 @@ def test_loader_picks_the_adapter_and_refuses_foreign_or_mismatched_checkpoints(
 
 
 def test_fastv_refuses_a_batch_of_different_token_counts(backbone, batch):
-    from tprl_ray.backbones.fastv import fastv_prefill
+    from tprl_ray.backbones.inllm import fastv_prefill
 
     samples, images = batch
     visual = backbone.encode(images[:2])

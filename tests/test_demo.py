@@ -26,16 +26,23 @@ def test_report_schema(demo):
     assert json.loads((out / "report.json").read_text()) == report
     assert report["benchmark"] == "digits"
     rows = {r["pruner"]: r for r in report["rows"]}
-    assert list(rows) == ["none", "random", "vispruner", "divprune", "tome", "fastv", "lfd"]
+    assert list(rows) == [
+        "none", "random", "vispruner", "divprune", "tome", "prumerge+", "visionzip", "cdpruner", "sparsevlm", "fastv",
+        "lfd", "oracle",
+    ]  # fmt: skip
     none, rand = rows["none"], rows["random"]
     assert none["budget"] == 1.0 and none["relative"] == 1.0 and none["avg_tokens"] == 64.0
-    assert all(r["avg_tokens"] == 16.0 for n, r in rows.items() if n not in ("none", "fastv"))
+    assert all(r["avg_tokens"] == 16.0 for n, r in rows.items() if n not in ("none", "fastv", "sparsevlm"))
     assert rows["fastv"]["avg_tokens"] == (2 * 64 + 2 * 16) / 4  # K = 2 of 4 layers see every token
+    assert rows["sparsevlm"]["avg_tokens"] == (64 + 40 + 25 + 16) / 4  # stages after layers 0, 1, 2
     assert rand["budget"] == 0.25 and rand["relative"] == pytest.approx(rand["accuracy"] / none["accuracy"])
     assert set(none["per_type"]) == {"read", "exist", "count", "where"}
     assert rand["flops"] < rows["fastv"]["flops"] < none["flops"]
     assert rand["kv_cache_mb"] < rows["fastv"]["kv_cache_mb"] < none["kv_cache_mb"]
-    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(out / "pareto.png").size  # two panels: against tokens and against FLOPs
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and width > 1.6 * height
 
 
 def test_shipped_model_quality_and_pruning_sensitivity(demo):
@@ -51,6 +58,9 @@ def test_shipped_model_quality_and_pruning_sensitivity(demo):
     )
     # the shipped LfD policy imitates VisPruner: within 2 points of it at 25% of the tokens
     assert rows["lfd"]["accuracy"] >= rows["vispruner"]["accuracy"] - 0.02
+    # the question-aware reference keeps the asked cells: above every method that prunes the input
+    inputs = [r for n, r in rows.items() if n != "oracle" and r["avg_tokens"] == 16]
+    assert all(rows["oracle"]["accuracy"] > r["accuracy"] for r in inputs)
 
 
 def test_report_command_table_plot_and_mlflow(demo, tmp_path, capsys):

@@ -74,3 +74,18 @@ def test_answers_are_balanced(tmp_path):
     count = np.bincount([int(s.answer) for s in samples if s.category == "count"], minlength=4)
     exist_yes = np.mean([s.answer == "yes" for s in samples if s.category == "exist"])
     assert count.min() > 0.18 * 400 and 0.4 < exist_yes < 0.6
+
+
+def test_each_question_records_the_cells_it_is_about(tmp_path):
+    """read: the asked cell; exist, count, where: every cell holding the asked digit."""
+    build_digits(DigitsConfig(out=tmp_path, seed=0, split_sizes={"train": 0, "val": 0, "test": 30}))
+    for s in read_split(tmp_path / "test"):
+        cells = s.extra["cells"]
+        if s.category == "read":
+            assert cells == [CELL_NAMES.index(s.text.split()[-2])]
+        elif s.category == "where":
+            assert cells == [CELL_NAMES.index(s.answer)]
+        elif s.category == "count":
+            assert len(cells) == int(s.answer)
+        else:
+            assert bool(cells) == (s.answer == "yes")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tprl_ray.backbones.base import BackboneError
-from tprl_ray.backbones.fastv import fastv_generate, fastv_prefill, fastv_step
+from tprl_ray.backbones.inllm import fastv_generate, fastv_prefill, pruned_step
 from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.qwen import QwenBackbone
 from tprl_ray.data.layout import load_image, read_split
@@ -78,9 +78,61 @@ def test_cached_decoding_matches_a_no_cache_recompute(setup):
     for _ in range(4):
         token = logits.argmax(-1)
         generated.append(token)
-        logits = fastv_step(backbone, state, token)
+        logits = pruned_step(backbone, state, token)
         reference, _, kept_ref = fastv_prefill(
             backbone, questions, features, k=2, n_keep=12, grids=grids, extra_ids=torch.stack(generated, dim=1)
         )
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
         assert torch.equal(kept, kept_ref)
+
+
+def test_sparsevlm_raters_are_the_text_tokens_above_the_mean_relevance():
+    """One row: [text, v, v, t1, t2, t3] with v = x, t1 = 2x, t2 = t3 = 0. Each visual token's dot
+    products with the text after the image are (2, 0, 0): softmax (.787, .107, .107), above the mean
+    1/3 only for t1."""
+    from tprl_ray.backbones.inllm import select_raters
+
+    x = torch.tensor([1.0, 0.0])
+    embeds = torch.stack([x, x, x, 2 * x, 0 * x, 0 * x])[None]
+    visual = torch.tensor([[False, True, True, False, False, False]])
+    raters = select_raters(embeds, visual, torch.ones_like(visual))
+    assert raters.tolist() == [[False, False, False, True, False, False]]
+
+
+def test_sparsevlm_schedule_and_per_layer_counts():
+    from tprl_ray.pruners.sparsevlm import SparseVLM, schedule, stage_layers
+
+    assert stage_layers(32) == [2, 6, 15] and stage_layers(4) == [0, 1, 2] and stage_layers(3) == [0, 1]
+    assert [(s.after_layer, s.keep) for s in schedule(576, 64, 32)] == [(2, 277), (6, 133), (15, 64)]
+    counts = SparseVLM().layer_tokens(64, 16, 4)  # 64 (16/64)^(1/3) = 40.3, 64 (16/64)^(2/3) = 25.4
+    assert counts == [64, 40, 25, 16]
+    layers = SparseVLM().layer_tokens(576, 192, 32)
+    assert layers[:3] == [576] * 3 and layers[3] == 399 and layers[7] == 277 and layers[16:] == [192] * 16
+
+
+def test_sparsevlm_ranks_by_the_raters_attention_and_caches_each_stage(setup):
+    """One stage after layer 0 keeps the visual tokens the raters attend to most there (eager
+    attention, head-averaged, mean over raters); with the full schedule each layer caches what it saw."""
+    from tprl_ray.backbones.inllm import Stage, rater_ranking, select_raters, staged_prefill
+    from tprl_ray.pruners.sparsevlm import schedule
+
+    backbone, questions, features, grids, n = setup
+    _, _, kept = staged_prefill(backbone, questions, features, [Stage(0, 7)], rater_ranking, grids)
+    batch = backbone.build_inputs(questions, features, None, grids=grids)
+    raters = select_raters(batch.inputs_embeds, batch.visual_mask, batch.attention_mask.bool())
+    backbone.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = backbone.logits(batch, output_attentions=True)
+    finally:
+        backbone.model.set_attn_implementation("sdpa")
+    attention = out.attentions[0].mean(dim=1)  # [B, L, L], layer 0
+    for i in range(len(questions)):
+        visual = batch.visual_mask[i].nonzero()[:, 0]
+        score = attention[i][raters[i]][:, visual].mean(dim=0)
+        assert raters[i].any() and kept[i].tolist() == torch.sort(score.topk(7).indices).values.tolist()
+    stages = schedule(n, 6, 3)  # 3 decoder layers: stages after layers 0 and 1
+    _, state, kept = staged_prefill(backbone, questions, features, stages, rater_ranking, grids)
+    full = batch.inputs_embeds.shape[1]
+    assert [layer.keys.shape[2] for layer in state.cache.layers] == [full, full - n + stages[0].keep, full - n + 6]
+    assert kept.shape == (len(questions), 6)

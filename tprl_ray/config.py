@@ -34,6 +34,9 @@ PAPER_CONFIGS = {name: ASSETS / "configs" / name for name in ("llava-1.5-7b", "l
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
+# Kept fractions of the visual tokens: the paper's 192, 144 and 128 of 576, and the field's 64 of 576.
+PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576, 64 / 576]
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the culprit."""

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.data.config import GRID, DigitsConfig
 from tprl_ray.data.layout import Sample, write_split
 
@@ -33,7 +34,7 @@ DIGIT_SIZE = 20
 CATEGORIES = ("read", "exist", "count", "where")
 CELL_NAMES = tuple(f"{'abcd'[c]}{r + 1}" for r in range(GRID) for c in range(GRID))
 DIGIT_POOLS = ("train", "test")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each question records the cells it is about ("cells")
 TEMPLATES = {
     "read": "what digit is at {} ?",
     "exist": "is there a {} ?",
@@ -155,6 +156,12 @@ def key_word(question: str) -> str:
     return next(w for w in question.split() if w in CELL_NAMES or w.isdigit())
 
 
+def question_cells(labels: np.ndarray, question: str) -> list[int]:
+    """The cells a question is about: the asked cell, or every cell holding the asked digit."""
+    word = key_word(question)
+    return [CELL_NAMES.index(word)] if word in CELL_NAMES else np.flatnonzero(labels == int(word)).tolist()
+
+
 def split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, ["train", "val", "test"].index(split) + 1])
 
@@ -179,7 +186,7 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
             images[name] = scene.image
             for category, text, answer in questions:
                 qid = f"{split}-{i:06d}-{category}"
-                samples.append(Sample(qid, name, text, category, answer))
+                samples.append(Sample(qid, name, text, category, answer, {"cells": question_cells(scene.labels, text)}))
         write_split(cfg.out / split, samples, images)
         written[split] = len(samples)
     meta = {
@@ -193,7 +200,7 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
         "test_pool_fingerprint": pool_fingerprint(pools),
         "questions": written,
     }
-    (cfg.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_bytes(cfg.out / "meta.json", json.dumps(meta, indent=2).encode())
     return written
 
 

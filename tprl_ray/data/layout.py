@@ -50,7 +50,10 @@ def write_split(split_dir: Path, samples: list[Sample], images: dict[str, np.nda
     atomic_write_bytes(
         split_dir / "questions.jsonl",
         _jsonl(
-            [{"question_id": s.question_id, "image": s.image, "text": s.text, "category": s.category} for s in samples]
+            [
+                {"question_id": s.question_id, "image": s.image, "text": s.text, "category": s.category, **s.extra}
+                for s in samples
+            ]
         ),
     )
     atomic_write_bytes(

@@ -160,7 +160,7 @@ def pruned_efficiency(
         kept,
         text_tokens,
         new_tokens,
-        pruner_flops=pruner.flops(full_tokens, kept, text.hidden_size, vision.hidden_size),
+        pruner_flops=pruner.flops(full_tokens, kept, text.hidden_size, vision.hidden_size, text_tokens),
         layer_tokens=None if per_layer == [kept] * layers else per_layer,
         bytes_per_value=bytes_per_value,
         full_visual_tokens=full_tokens,

@@ -6,7 +6,8 @@ per actor when the cluster has GPUs) loads the model once, encodes each chunk's 
 answers the chunk under every setting (:func:`tprl_ray.evaluation.predict.predict`). The driver joins
 the predictions with the answers, scores each setting with the benchmark's scorer and adds its
 FLOPs and KV cache: the report's rows. ``OUT`` (the report) and ``OUT.predictions.jsonl`` are written
-atomically and logged to MLflow with one metric per setting and field (``vispruner_25.accuracy``).
+atomically and logged to MLflow with one metric per setting and field (``vispruner_25.accuracy``;
+``prumerge-plus_25.accuracy``, since MLflow names take no ``+``).
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     atomic_write_bytes(cfg.out, json.dumps(report, indent=2).encode())
     with mlflow_run(cfg.out.parent, "tprl-eval", "evaluation", cfg.mlflow_uri, params=cfg.flat()):
         for row in report["rows"]:
-            mlflow.log_metrics({f"{row['label']}.{key}": row[key] for key in LOGGED})
+            label = row["label"].replace("+", "-plus")  # MLflow names take no '+': prumerge-plus_25.accuracy
+            mlflow.log_metrics({f"{label}.{key}": row[key] for key in LOGGED})
         mlflow.log_artifact(str(cfg.out))
         mlflow.log_artifact(str(predictions_path))
     return report

@@ -37,6 +37,7 @@ def prune_batch(
         [s.question_id for s in chunk],
         [s.text for s in chunk],
         [backbone.query_embedding(s.text) for s in chunk] if with_query else None,
+        [s.extra for s in chunk],
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.evaluation.config import ReportConfig
+from tprl_ray.pruners.registry import REFERENCES
 
 
 def ratio(value: float, reference: float) -> float:
@@ -36,6 +37,11 @@ def report_row(label: str, pruner: str, budget: float, result: dict, base: dict,
     }
 
 
+def is_reference(row: dict) -> bool:
+    """A reference row (``oracle``): shown beside the methods, never on their Pareto front."""
+    return row["pruner"] in REFERENCES
+
+
 def format_table(report: dict) -> str:
     rows = report["rows"]
     types = sorted({t for row in rows for t in row["per_type"]})
@@ -45,7 +51,7 @@ def format_table(report: dict) -> str:
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = [
-            row["pruner"],
+            f"{row['pruner']}*" if is_reference(row) else row["pruner"],
             f"{row['budget']:.3f}",
             f"{row['avg_tokens']:.1f}",
             f"{row['accuracy']:.3f}",
@@ -55,26 +61,28 @@ def format_table(report: dict) -> str:
             *([f"{row['kv_cache_mb']:.4f}"] if "kv_cache_mb" in costs else []),
         ]
         lines.append(" | ".join(f"{c:>11}" for c in cells))
-    return f"{report['benchmark']} / {report['model']}\n" + "\n".join(lines)
+    note = "\n* reference row (knows the question's cells), not a method" if any(map(is_reference, rows)) else ""
+    return f"{report['benchmark']} / {report['model']}\n" + "\n".join(lines) + note
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows no other row beats on both fewer tokens and higher relative accuracy, by tokens."""
+def pareto_front(rows: list[dict], key: str = "avg_tokens") -> list[dict]:
+    """Rows no other row beats on both a lower ``key`` (tokens, FLOPs) and a higher relative accuracy."""
     front = [
         r
         for r in rows
         if not any(
-            o["avg_tokens"] <= r["avg_tokens"]
-            and o["relative"] >= r["relative"]
-            and (o["avg_tokens"], o["relative"]) != (r["avg_tokens"], r["relative"])
+            o[key] <= r[key] and o["relative"] >= r["relative"] and (o[key], o["relative"]) != (r[key], r["relative"])
             for o in rows
         )
     ]
-    return sorted(front, key=lambda r: r["avg_tokens"])
+    return sorted(front, key=lambda r: r[key])
 
 
 def pareto_plot(report: dict, path: Path) -> None:
-    """Relative accuracy against average kept tokens, one series per pruner, the front dashed."""
+    """Relative accuracy against the average visual tokens kept and (when the rows have them) against
+    FLOPs per sample: one series per pruner, each panel's Pareto front of the methods dashed, reference
+    rows (``oracle``) dotted grey. In-LLM pruners see different token counts per layer, so the FLOPs
+    panel is the fairer one for them."""
     import io
 
     import matplotlib
@@ -83,17 +91,26 @@ def pareto_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for name in dict.fromkeys(r["pruner"] for r in rows):
-        series = sorted((r for r in rows if r["pruner"] == name), key=lambda r: r["avg_tokens"])
-        ax.plot([r["avg_tokens"] for r in series], [r["relative"] for r in series], marker="o", label=name)
-    front = pareto_front(rows)
-    ax.plot([r["avg_tokens"] for r in front], [r["relative"] for r in front], "k--", lw=0.8, label="Pareto front")
-    ax.set_xlabel("average visual tokens kept")
-    ax.set_ylabel("accuracy relative to the unpruned model")
-    ax.set_title(f"{report['benchmark']}: {Path(str(report['model'])).name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    axes_keys = [("avg_tokens", "average visual tokens per LLM layer")]
+    if all("flops" in r for r in rows):
+        axes_keys.append(("flops", "FLOPs per sample"))
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6.4 * len(axes_keys), 4.8), dpi=120, squeeze=False)
+    methods = [r for r in rows if not is_reference(r)]
+    shades = plt.get_cmap("tab20").colors  # dark shades first, then the light ones: 20 distinct series
+    colors = shades[0::2] + shades[1::2]
+    for ax, (key, label) in zip(axes[0], axes_keys):
+        for i, name in enumerate(dict.fromkeys(r["pruner"] for r in rows)):
+            series = sorted((r for r in rows if r["pruner"] == name), key=lambda r: r[key])
+            style = dict(color="grey", ls=":", marker="x", label=f"{name} (reference)") \
+                if is_reference(series[0]) else dict(color=colors[i % 20], marker="o", label=name)  # fmt: skip
+            ax.plot([r[key] for r in series], [r["relative"] for r in series], **style)
+        front = pareto_front(methods, key)
+        ax.plot([r[key] for r in front], [r["relative"] for r in front], "k--", lw=0.8, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy relative to the unpruned model")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{report['benchmark']}: {Path(str(report['model'])).name}")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -13,15 +13,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tprl_ray.config import BackboneConfig, Command, PoolConfig, RunConfig, StageConfig, known_name
+from tprl_ray.config import PAPER_BUDGETS, BackboneConfig, Command, PoolConfig, RunConfig, StageConfig, known_name
 from tprl_ray.evaluation.config import BenchmarkName, EvalConfig
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
-from tprl_ray.pruners.registry import BASELINES, LEARNED
+from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
 from tprl_ray.rl.config import PpoConfig
 from tprl_ray.training.config import AutoencoderConfig, LfdConfig
 
-PAPER_BUDGETS = [192 / 576, 144 / 576, 128 / 576]
 SECTIONS = ("precompute", "autoencoder", "lfd", "ppo")
 WIRED = {
     "data",
@@ -61,7 +60,10 @@ class PipelineConfig(RunConfig):
         description="train: precompute, autoencoder, LfD and PPO in out; shipped: the LfD policy "
         "shipped for the embedded model, no training (no tprl rows)",
     )
-    pruners: list[str] = Field([*BASELINES, *LEARNED], description="pruners to compare against the full model")
+    pruners: list[str] = Field(
+        [*BASELINES, *LEARNED, *REFERENCES],
+        description="pruners to compare against the full model (by default every one; oracle on digits only)",
+    )
     eval_questions: int = Field(0, ge=0, description="test questions to evaluate (0: all)")
     train_questions: int = Field(
         0, ge=0, description="first N questions of the train and val splits to train on (0: all)"
@@ -78,7 +80,7 @@ class PipelineConfig(RunConfig):
     @field_validator("pruners")
     @classmethod
     def _known_pruners(cls, names: list[str]) -> list[str]:
-        return [known_name("pruner", name, [*BASELINES, *LEARNED]) for name in names]
+        return [known_name("pruner", name, [*BASELINES, *LEARNED, *REFERENCES]) for name in names]
 
     @model_validator(mode="after")
     def _stages_validate(self):
@@ -91,6 +93,10 @@ class PipelineConfig(RunConfig):
                 raise ValueError(f"{name}: {wired} are set by the pipeline")
         if self.policy == "shipped" and "tprl" in self.pruners:
             self.pruners = [n for n in self.pruners if n != "tprl"]
+        if self.benchmark != "digits" and "oracle" in self.pruners:
+            if "pruners" in self.model_fields_set:
+                raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
+            self.pruners = [n for n in self.pruners if n != "oracle"]
         try:  # a wrong stage setting fails now, not hours into the run
             stage_configs(self, self.out / "data", self.out / "model")
         except ValidationError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.config import EMBEDDED_MODEL
 from tprl_ray.data.config import DigitsConfig
-from tprl_ray.data.digits import build_digits
+from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
 from tprl_ray.data.layout import DataError
 from tprl_ray.evaluation.engine import run_eval
 from tprl_ray.evaluation.report import format_table, pareto_plot
@@ -35,7 +35,8 @@ def prepare_data(cfg: PipelineConfig) -> Path:
         return cfg.data
     data_cfg = DigitsConfig(out=cfg.out / "data", seed=cfg.seed)
     meta = data_cfg.out / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text())["config"] == json.loads(data_cfg.model_dump_json()):
+    built = json.loads(meta.read_text()) if meta.is_file() else {}
+    if built.get("config") == json.loads(data_cfg.model_dump_json()) and built.get("schema_version") == SCHEMA_VERSION:
         print(f"[pipeline] data: reusing {data_cfg.out}")
     else:
         print(f"[pipeline] data: building {data_cfg.out}")

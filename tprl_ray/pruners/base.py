@@ -29,8 +29,8 @@ def budget_tokens(budget: float | int, n_tokens: int) -> int:
 @dataclass
 class PruneBatch:
     """Per sample ``i``: ``tokens[i]`` ``[N_i, d_llm]``, ``features[i]`` ``[N_i, d_v]``, ``attention[i]``
-    ``[N_i]`` (when the pruner asked for it), the token grid, the question and (when the pruner asked
-    for it) the question's query embedding ``[d_llm]``."""
+    ``[N_i]`` (when the pruner asked for it), the token grid, the question, (when the pruner asked
+    for it) the question's query embedding ``[d_llm]`` and the question's benchmark fields."""
 
     tokens: list[torch.Tensor]
     features: list[torch.Tensor]
@@ -39,6 +39,7 @@ class PruneBatch:
     question_ids: list[str]
     questions: list[str]
     queries: list[torch.Tensor] | None = None
+    extra: list[dict] | None = None
 
 
 @dataclass
@@ -61,8 +62,9 @@ class Pruner:
     def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
-        """The pruner's own FLOPs for one image of ``n`` tokens (matrix products, 2 per multiply-add)."""
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
+        """The pruner's own FLOPs for one image of ``n`` tokens and a prompt of ``text_tokens`` (matrix
+        products, 2 per multiply-add)."""
         return 0.0
 
     def layer_tokens(self, n: int, kept: int, layers: int) -> list[int]:

@@ -34,7 +34,7 @@ def max_min_diverse(tokens: torch.Tensor, k: int) -> torch.Tensor:
 class DivPrune(Pruner):
     name = "divprune"
 
-    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
         return 2.0 * n * n * d_llm  # the pairwise cosine similarities
 
     def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ class LearnedPruner(Pruner):
         self.policy, self.card = load_exported(PolicyValueNet, Path(directory), "policy")
         self.threshold = threshold
 
-    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
         """The encoder on every token, then one policy pass (attention over ``n + 1`` tokens, the head)."""
         ae, policy = self.encoder.dims, self.policy.dims
         d, hidden = policy["d_latent"], policy["hidden"]

@@ -18,11 +18,17 @@ PRUNERS = {
     "divprune": "divprune:DivPrune",
     "tome": "tome:ToMe",
     "fastv": "fastv:FastV",
+    "cdpruner": "cdpruner:CDPruner",
+    "visionzip": "visionzip:VisionZip",
+    "prumerge+": "prumerge:PruMergePlus",
+    "sparsevlm": "sparsevlm:SparseVLM",
+    "oracle": "oracle:Oracle",
     "lfd": "lfd:LearnedPruner",
     "tprl": "lfd:TprlPruner",
 }
-BASELINES = ("random", "vispruner", "divprune", "tome", "fastv")
+BASELINES = ("random", "vispruner", "divprune", "tome", "prumerge+", "visionzip", "cdpruner", "sparsevlm", "fastv")
 LEARNED = ("lfd", "tprl")
+REFERENCES = ("oracle",)  # not methods: the embedded benchmark's question-aware reference
 
 
 def pruner_class(name: str) -> type:

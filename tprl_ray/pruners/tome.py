@@ -41,7 +41,7 @@ def bipartite_merge(features: torch.Tensor, tokens: torch.Tensor, k: int) -> tup
 class ToMe(Pruner):
     name = "tome"
 
-    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
         """The A x B similarities of every matching round (merging averages are not counted)."""
         total = 0.0
         while n > kept:

@@ -6,8 +6,9 @@ the feature layer for CLIP; attention received in the last block for Qwen2.5-VL)
 the rest, in descending attention order, are thinned in rounds until ``T - int(T / 2)`` remain.
 Each round removes ``r = min(8, remaining - target)`` tokens: split the remainder into even
 positions A and odd positions B, score each A token by its largest cosine similarity to any B token
-(L2-normalised features), drop the ``r`` highest-scoring A tokens, and continue with the surviving
-A tokens followed by all of B.
+(L2-normalised features), sort A by that score (descending), drop its first ``r`` tokens, and
+continue with the surviving A tokens *in that descending-similarity order* followed by all of B in
+their previous order. The order matters: the next round splits the remainder by position again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ def remove_duplicates(features: torch.Tensor, order: torch.Tensor, target: int) 
         a, b = remaining[0::2], remaining[1::2]
         r = min(ROUND_SIZE, remaining.numel() - target, a.numel())
         similarity = (normed[a] @ normed[b].T).max(dim=1).values
-        dropped = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
-        dropped[similarity.topk(r).indices] = True
-        remaining = torch.cat([a[~dropped], b])
+        by_similarity = torch.argsort(similarity, descending=True, stable=True)
+        remaining = torch.cat([a[by_similarity[r:]], b])  # survivors stay in descending-similarity order
     return remaining
 
 
@@ -38,7 +38,7 @@ class VisPruner(Pruner):
     name = "vispruner"
     needs_attention = True
 
-    def flops(self, n: int, kept: int, d_llm: int, d_v: int) -> float:
+    def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
         """The A x B similarities of every duplicate-removal round."""
         remaining, target, total = n - int(kept * 0.5), kept - int(kept * 0.5), 0.0
         while remaining > target:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tprl_ray.config import Command, RunConfig, Section
+from tprl_ray.config import PAPER_BUDGETS, Command, RunConfig, Section
 from tprl_ray.service.config import ScorerConfig
 
 
@@ -62,7 +62,7 @@ class PpoConfig(RunConfig):
     heads: int = Field(4, ge=1)
     hidden: int = Field(256, ge=1)
     checkpoint_every: int = Field(5, ge=1)
-    budgets: list[float] = Field([192 / 576, 144 / 576, 128 / 576], description="budgets whose tau the card lists")
+    budgets: list[float] = Field(PAPER_BUDGETS, description="budgets whose tau the card lists")
     registered_model: str | None = Field(
         "tprl-pruner", description="MLflow model the export is registered as (None: not registered)"
     )

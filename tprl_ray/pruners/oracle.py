@@ -1,0 +1,54 @@
+"""The ``oracle`` reference row of the embedded benchmark: it knows which cells a question is about.
+
+Not a method and not a strict bound: it shows what a question-aware choice of cells is worth at a
+budget. The digits benchmark records, per question, the cells it is about (``cells``: the asked
+cell, or every cell holding the asked digit). The oracle keeps those cells' tokens first (highest
+attention first if they alone exceed the budget) and fills the rest of the budget with VisPruner's
+rule over the other tokens. A board of ``4 x 4`` cells over the token grid gives each cell its
+block of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tprl_ray.data.config import GRID
+from tprl_ray.pruners.base import PruneBatch, Pruner, budget_tokens
+from tprl_ray.pruners.vispruner import VisPruner
+
+
+def cell_tokens(cells: list[int], grid: tuple[int, int]) -> torch.Tensor:
+    """Raster indices of the tokens covering ``cells`` (cell ``c`` is row ``c // 4``, column ``c % 4``)."""
+    rows, cols = grid
+    if rows % GRID or cols % GRID:
+        raise ValueError(f"a {rows}x{cols} token grid does not split into {GRID}x{GRID} cells")
+    h, w = rows // GRID, cols // GRID
+    out = []
+    for cell in cells:
+        r, c = divmod(cell, GRID)
+        out += [(r * h + i) * cols + c * w + j for i in range(h) for j in range(w)]
+    return torch.tensor(sorted(out), dtype=torch.long)
+
+
+class Oracle(Pruner):
+    name = "oracle"
+    needs_attention = True
+
+    def select(self, batch: PruneBatch, budget: float | int) -> list[torch.Tensor]:
+        if batch.attention is None:
+            raise ValueError("oracle needs the vision encoder's attention (encode with_attention=True)")
+        if batch.extra is None or any("cells" not in e for e in batch.extra):
+            raise ValueError("oracle needs each question's cells (the digits benchmark's 'cells' field)")
+        out = []
+        for features, attention, grid, extra in zip(batch.features, batch.attention, batch.grids, batch.extra):
+            total = budget_tokens(budget, features.shape[0])
+            known = cell_tokens(extra["cells"], grid).to(features.device)
+            known = known[torch.argsort(attention[known], descending=True, stable=True)][:total]
+            others = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+            others[known] = False
+            rest = others.nonzero()[:, 0]
+            if total > known.numel():
+                sub = PruneBatch([features[rest]], [features[rest]], [attention[rest]], [grid], [""], [""])
+                known = torch.cat([known, rest[VisPruner().select(sub, total - known.numel())[0]]])
+            out.append(known)
+        return out
