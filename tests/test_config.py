@@ -127,3 +127,11 @@ def test_the_shipped_cluster_pipeline_config_loads():
     cfg = PipelineConfig.load(Path(__file__).parent.parent / "cluster" / "configs" / "full.yaml")
     assert cfg.backbone.path == "llava-hf/llava-1.5-7b-hf" and cfg.backbone.dtype == "float16"
     assert cfg.ppo.scorer.resources == {"scorer_slot": 1} and cfg.ppo.scorer.pool.size == 4
+
+
+def test_the_oracle_row_is_for_the_digits_benchmark_only():
+    from tprl_ray.pipeline.config import PipelineConfig
+
+    assert "oracle" in PipelineConfig().pruners and "oracle" not in PipelineConfig(benchmark="gqa").pruners
+    with pytest.raises(ConfigError, match="'oracle' needs the digits benchmark"):
+        PipelineConfig.load(None, {"benchmark": "gqa", "pruners": ["vispruner", "oracle"]})

@@ -106,6 +106,9 @@ def test_eval_refuses_unknown_pruner_benchmark_and_policy(capsys):
     assert main(["eval", "--pruners", "magicprune"]) == 2
     assert main(["eval", "--benchmark", "textvqa"]) == 2
     assert main(["eval", "--policies", "vispruner=runs/x"]) == 2
+    assert main(["eval", "--pruners", "tprl"]) == 2
+    assert main(["eval", "--pruners", "oracle", "--benchmark", "gqa"]) == 2
     err = capsys.readouterr().err
+    assert "'tprl' needs the directory" in err and "'oracle' needs the digits benchmark" in err
     assert "unknown pruner 'magicprune'" in err and "unknown benchmark 'textvqa'" in err
     assert "unknown pruner 'vispruner' (available: lfd, tprl)" in err

@@ -14,6 +14,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide outputs from the other users of a shared store
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from tprl_ray.config import (
     EMBEDDED_MODEL,
@@ -49,6 +49,14 @@ class EvalConfig(RunConfig):
         for name in value:
             known_name("pruner", name, PRUNERS if info.field_name == "pruners" else LEARNED)
         return value
+
+    @model_validator(mode="after")
+    def _runnable(self):
+        if "tprl" in self.pruners and "tprl" not in self.policies:
+            raise ValueError("pruner 'tprl' needs the directory of a `tprl train ppo` output (--policies tprl=DIR)")
+        if "oracle" in self.pruners and self.benchmark != "digits":
+            raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
+        return self
 
     @field_validator("budgets")
     @classmethod

@@ -32,7 +32,7 @@ from tprl_ray.data.layout import Reject, Sample, read_split
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
 from tprl_ray.precompute.demonstrations import demonstration_masks
-from tprl_ray.precompute.schema import SCHEMA_VERSION, reject_table, shard_table
+from tprl_ray.precompute.schema import COLUMNS, SCHEMA_VERSION, reject_table, shard_table
 
 
 def reference_answer(answer: str | list[str]) -> str:
@@ -124,23 +124,7 @@ class PrecomputeWorker:
 
 def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
     """Rows and failures as columns; a failure's model outputs are empty arrays or neutral values."""
-    keys = (
-        "sample_id",
-        "shard",
-        "error",
-        "image",
-        "question",
-        "answer",
-        "category",
-        "grid_rows",
-        "grid_cols",
-        "features",
-        "attention",
-        "query",
-        "full_logp",
-        "full_correct",
-        "demo_masks",
-    )
+    keys = ("sample_id", "shard", "error", *COLUMNS[1:])  # the shard's columns, plus routing and the reason
     blank = {
         "question": "",
         "answer": "",
