@@ -37,6 +37,33 @@ def report_row(label: str, pruner: str, budget: float, result: dict, base: dict,
     }
 
 
+MEANS = ("avg_tokens", "accuracy", "relative", "flops", "kv_cache_mb")
+
+
+def mean_report(reports: list[dict], seeds: list[int]) -> dict:
+    """One report from runs that differ only in their training seed: each row's mean (as the single-run
+    fields) with ``accuracy_std`` and ``relative_std`` (sample standard deviation over the seeds),
+    ``seeds`` and the mean per type."""
+    import statistics
+
+    first = reports[0]
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        runs = [r["rows"][i] for r in reports]
+        if any(run["label"] != row["label"] for run in runs):
+            raise ValueError(f"reports of the seeds list other settings at row {i}")
+        mean = {key: statistics.fmean(run[key] for run in runs) for key in MEANS if key in row}
+        spread = {f"{key}_std": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0
+                  for key in ("accuracy", "relative")}  # fmt: skip
+        per_type = {
+            field: {t: statistics.fmean(run[field][t] for run in runs) for t in row[field]}
+            for field in ("per_type", "relative_per_type")
+        }
+        rest = {k: v for k, v in row.items() if k != "metrics"}  # each seed's scorer output stays in its report
+        rows.append({**rest, **mean, **spread, **per_type, "seeds": list(seeds)})
+    return {**first, "seeds": list(seeds), "rows": rows}
+
+
 def is_reference(row: dict) -> bool:
     """A reference row (``oracle``): shown beside the methods, never on their Pareto front."""
     return row["pruner"] in REFERENCES
@@ -46,7 +73,8 @@ def format_table(report: dict) -> str:
     rows = report["rows"]
     types = sorted({t for row in rows for t in row["per_type"]})
     costs = [c for c in ("flops", "kv_cache_mb") if all(c in row for row in rows)]
-    head = ["pruner", "budget", "tokens", "accuracy", "relative", *types, *costs]
+    spread = all("relative_std" in row for row in rows)
+    head = ["pruner", "budget", "tokens", "accuracy", "relative", *(["rel. std"] if spread else []), *types, *costs]
     lines = [" | ".join(f"{h:>11}" for h in head)]
     lines.append("-" * len(lines[0]))
     for row in rows:
@@ -56,13 +84,15 @@ def format_table(report: dict) -> str:
             f"{row['avg_tokens']:.1f}",
             f"{row['accuracy']:.3f}",
             f"{row['relative']:.3f}",
+            *([f"{row['relative_std']:.3f}"] if spread else []),
             *[f"{row['per_type'].get(t, float('nan')):.3f}" for t in types],
             *([f"{row['flops']:.3e}"] if "flops" in costs else []),
             *([f"{row['kv_cache_mb']:.4f}"] if "kv_cache_mb" in costs else []),
         ]
         lines.append(" | ".join(f"{c:>11}" for c in cells))
     note = "\n* reference row (knows the question's cells), not a method" if any(map(is_reference, rows)) else ""
-    return f"{report['benchmark']} / {report['model']}\n" + "\n".join(lines) + note
+    seeds = f" (mean of seeds {', '.join(map(str, report['seeds']))})" if "seeds" in report else ""
+    return f"{report['benchmark']} / {report['model']}{seeds}\n" + "\n".join(lines) + note
 
 
 def pareto_front(rows: list[dict], key: str = "avg_tokens") -> list[dict]:

@@ -46,7 +46,15 @@ class PipelineConfig(RunConfig):
     """
 
     out: Path = Field(Path("runs/demo"), description="output directory")
-    seed: int = Field(0, description="benchmark seed (the shipped model was trained on seed 0)")
+    seed: int = Field(
+        0, description="benchmark seed (the shipped model was trained on seed 0), and the training seed without --seeds"
+    )
+    seeds: list[int] = Field(
+        [],
+        description="training seeds: the training stages and the evaluation run once per "
+        "seed (data, model and precompute shared), report.json holds the mean "
+        "and standard deviation (none: one run with seed)",
+    )
     backbone: BackboneConfig = BackboneConfig()
     data: Path | None = Field(
         None,
@@ -97,6 +105,8 @@ class PipelineConfig(RunConfig):
             if "pruners" in self.model_fields_set:
                 raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
             self.pruners = [n for n in self.pruners if n != "oracle"]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
         try:  # a wrong stage setting fails now, not hours into the run
             stage_configs(self, self.out / "data", self.out / "model")
         except ValidationError as exc:
@@ -110,16 +120,22 @@ def _wired(section: StageConfig, **fields) -> StageConfig:
     return type(section).model_validate({**section.model_dump(), **fields})
 
 
-def stage_configs(cfg: PipelineConfig, data: Path, model_path: Path | str) -> dict[str, StageConfig]:
-    """Each stage's config: its section with the pipeline's paths and shared settings."""
+def stage_configs(
+    cfg: PipelineConfig, data: Path, model_path: Path | str, seed: int | None = None
+) -> dict[str, StageConfig]:
+    """Each stage's config: its section with the pipeline's paths and shared settings. With a training
+    ``seed`` (``--seeds``), the training stages and the evaluation write under ``out/seed-N``; the
+    precompute is shared."""
     from tprl_ray.tracking import tracking_uri
 
-    out, uri = cfg.out, tracking_uri(cfg.out, cfg.mlflow_uri)
+    uri = tracking_uri(cfg.out, cfg.mlflow_uri)
+    out = cfg.out if seed is None else cfg.out / f"seed-{seed}"
+    seed = cfg.seed if seed is None else seed
     backbone = cfg.backbone.model_copy(update={"path": str(model_path)})
     common = dict(
-        data=out / "precompute" / "train",
-        val_data=out / "precompute" / "val",
-        seed=cfg.seed,
+        data=cfg.out / "precompute" / "train",
+        val_data=cfg.out / "precompute" / "val",
+        seed=seed,
         ray_address=cfg.ray_address,
         mlflow_uri=uri,
     )
@@ -127,7 +143,7 @@ def stage_configs(cfg: PipelineConfig, data: Path, model_path: Path | str) -> di
         f"precompute_{split}": _wired(
             cfg.precompute,
             data=data / split,
-            out=out / "precompute" / split,
+            out=cfg.out / "precompute" / split,
             backbone=backbone,
             limit=cfg.train_questions,
             ray_address=cfg.ray_address,
@@ -155,7 +171,7 @@ def stage_configs(cfg: PipelineConfig, data: Path, model_path: Path | str) -> di
         out=out / "report.json",
         limit=cfg.eval_questions,
         pool=cfg.evaluation,
-        seed=cfg.seed,
+        seed=seed,
         ray_address=cfg.ray_address,
         mlflow_uri=uri,
     )

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.config import EMBEDDED_MODEL
 from tprl_ray.data.config import DigitsConfig
 from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
 from tprl_ray.data.layout import DataError
 from tprl_ray.evaluation.engine import run_eval
-from tprl_ray.evaluation.report import format_table, pareto_plot
+from tprl_ray.evaluation.report import format_table, mean_report, pareto_plot
 from tprl_ray.pipeline.config import PipelineConfig, stage_configs
 from tprl_ray.tracking import pipeline_run, tracking_uri
 
@@ -90,10 +91,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     with pipeline_run(cfg.out, cfg.experiment, "pipeline", cfg.mlflow_uri, params=cfg.flat()):
         data = prepare_data(cfg)
-        stages = stage_configs(cfg, data, prepare_model(cfg, data))
-        if cfg.policy == "train":
-            train_policies(stages)
-        report = run_eval(stages["evaluation"])
+        model = prepare_model(cfg, data)
+        reports = []
+        for seed in cfg.seeds or [None]:
+            if seed is not None:
+                print(f"[pipeline] seed {seed}")
+            stages = stage_configs(cfg, data, model, seed)
+            if cfg.policy == "train":
+                train_policies(stages)
+            reports.append(run_eval(stages["evaluation"]))
+        report = reports[0]
+        if cfg.seeds:  # the per-seed reports stay in out/seed-N
+            report = mean_report(reports, cfg.seeds)
+            atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
+            mlflow.log_artifact(str(cfg.out / "report.json"))
         pareto_plot(report, cfg.out / "pareto.png")
         mlflow.log_artifact(str(cfg.out / "pareto.png"))
     print(format_table(report))

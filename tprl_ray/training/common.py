@@ -62,7 +62,8 @@ def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
     """Run ``loop`` on ``cfg.workers`` Ray Train workers. Ray Train (v2) restores the run named ``name``
     under ``out/ray_train`` from its checkpoint manager's snapshot, so ``ray.train.get_checkpoint()``
     in the workers is the newest checkpoint of an earlier run, if any."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tprl_ray.ray_setup import init_ray
@@ -78,6 +79,8 @@ def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
         run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        # the same rows reach the same worker in the same order every run: with the seed, a run is reproducible
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()
 
