@@ -117,7 +117,7 @@ def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None, port
             os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
 
 
-PIPELINE_JOB = {
+SMALL_PIPELINE = {
     "budgets": [0.25],
     "pruners": ["vispruner", "lfd", "tprl"],
     "train_questions": 96,
@@ -126,6 +126,12 @@ PIPELINE_JOB = {
     "lfd": {"epochs": 1},
     "ppo": {"iterations": 1},
 }
+
+
+@pytest.fixture(scope="session")
+def small_pipeline() -> dict:
+    """Every stage of the pipeline on a few questions, one epoch and one PPO iteration each."""
+    return dict(SMALL_PIPELINE)
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +144,7 @@ def pipeline_job(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pipeline-job")
     config = out / "full.yaml"
-    config.write_text(yaml.safe_dump({**PIPELINE_JOB, "out": str(out / "run")}))
+    config.write_text(yaml.safe_dump({**SMALL_PIPELINE, "out": str(out / "run")}))
     dashboard = free_port()
     repo = Path(__file__).resolve().parent.parent
     with ray_head(

@@ -32,6 +32,16 @@ def setup(request, digits_dir):
     return backbone, [s.text for s in samples], visual.llm_tokens, visual.grids, len(visual.llm_tokens[0])
 
 
+def eager_attentions(backbone, batch):
+    """The model's forward with eager attention, which returns its weights (SDPA returns none)."""
+    backbone.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return backbone.logits(batch, output_attentions=True)
+    finally:
+        backbone.model.set_attn_implementation("sdpa")
+
+
 def test_keeping_everything_is_the_plain_model(setup):
     backbone, questions, features, grids, n = setup
     logits, _, kept = fastv_prefill(backbone, questions, features, k=2, n_keep=n, grids=grids)
@@ -48,12 +58,7 @@ def test_ranking_is_the_last_prompt_tokens_attention_at_layer_k_minus_1(setup):
     backbone, questions, features, grids, _ = setup
     _, _, kept = fastv_prefill(backbone, questions, features, k=2, n_keep=10, grids=grids)
     batch = backbone.build_inputs(questions, features, None, grids=grids)
-    backbone.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = backbone.logits(batch, output_attentions=True)
-    finally:
-        backbone.model.set_attn_implementation("sdpa")
+    out = eager_attentions(backbone, batch)
     attention = out.attentions[1][:, :, -1].mean(dim=1)  # layer K-1 = 1, last prompt token
     for i in range(len(questions)):
         visual = batch.visual_mask[i].nonzero()[:, 0]
@@ -120,12 +125,7 @@ def test_sparsevlm_ranks_by_the_raters_attention_and_caches_each_stage(setup):
     _, _, kept = staged_prefill(backbone, questions, features, [Stage(0, 7)], rater_ranking, grids)
     batch = backbone.build_inputs(questions, features, None, grids=grids)
     raters = select_raters(batch.inputs_embeds, batch.visual_mask, batch.attention_mask.bool())
-    backbone.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = backbone.logits(batch, output_attentions=True)
-    finally:
-        backbone.model.set_attn_implementation("sdpa")
+    out = eager_attentions(backbone, batch)
     attention = out.attentions[0].mean(dim=1)  # [B, L, L], layer 0
     for i in range(len(questions)):
         visual = batch.visual_mask[i].nonzero()[:, 0]

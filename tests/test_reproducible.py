@@ -8,26 +8,16 @@ import pytest
 from tprl_ray.pipeline.config import PipelineConfig
 from tprl_ray.pipeline.run import run_pipeline
 
-SMALL = {
-    "budgets": [0.25],
-    "pruners": ["vispruner", "lfd", "tprl"],
-    "train_questions": 96,
-    "eval_questions": 64,
-    "autoencoder": {"epochs": 1},
-    "lfd": {"epochs": 1},
-    "ppo": {"iterations": 2},
-    "ray_address": "local",
-}
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, small_pipeline):
     import ray
 
     root = tmp_path_factory.mktemp("repro")
+    small = {**small_pipeline, "ppo": {"iterations": 2}, "ray_address": "local"}
     try:
-        seeded = run_pipeline(PipelineConfig.load(None, {**SMALL, "out": str(root / "seeds"), "seeds": [0, 1]}))
-        single = run_pipeline(PipelineConfig.load(None, {**SMALL, "out": str(root / "single")}))
+        seeded = run_pipeline(PipelineConfig.load(None, {**small, "out": str(root / "seeds"), "seeds": [0, 1]}))
+        single = run_pipeline(PipelineConfig.load(None, {**small, "out": str(root / "single")}))
     finally:
         ray.shutdown()
     return root, seeded, single

@@ -49,6 +49,14 @@ def known_name(kind: str, value: str, known) -> str:
     return value
 
 
+def first_error(exc: ValidationError) -> str:
+    """``Model.field.sub: message`` of a validation error's first problem (``Model: message`` for the
+    model as a whole)."""
+    first = exc.errors()[0]
+    where = ".".join([exc.title, *map(str, first["loc"])])
+    return f"{where}: {first['msg']}"
+
+
 class Section(BaseModel):
     """A nested part of a stage configuration: strict keys, checked on assignment."""
 
@@ -82,9 +90,7 @@ class StageConfig(Section):
             return cls.model_validate(data)
         except ValidationError as exc:
             where = f"{path}: " if path else ""
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"{where}{cls.__name__}.{loc}: {first['msg']}") from exc
+            raise ConfigError(f"{where}{first_error(exc)}") from exc
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False))

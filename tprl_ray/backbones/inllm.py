@@ -235,9 +235,8 @@ def staged_generate(
     return texts, kept
 
 
-def fastv_stages(backbone: Backbone, k: int, n_keep: int) -> list[Stage]:
-    """FastV's one stage: after layer ``k - 1`` keep ``n_keep``."""
-    layers = backbone.language_model.config.num_hidden_layers
+def fastv_stages(layers: int, k: int, n_keep: int) -> list[Stage]:
+    """FastV's one stage in an LLM of ``layers`` decoder layers: after layer ``k - 1`` keep ``n_keep``."""
     if not 1 <= k < layers:
         raise BackboneError(f"FastV layer K={k} must be in [1, {layers - 1}]")
     return [Stage(k - 1, n_keep)]
@@ -245,13 +244,11 @@ def fastv_stages(backbone: Backbone, k: int, n_keep: int) -> list[Stage]:
 
 def fastv_prefill(backbone, questions, features, k: int, n_keep: int, grids=None, extra_ids=None):
     """:func:`staged_prefill` with FastV at layer ``k``."""
-    return staged_prefill(
-        backbone, questions, features, fastv_stages(backbone, k, n_keep), last_token_ranking, grids, extra_ids
-    )
+    stages = fastv_stages(backbone.language_model.config.num_hidden_layers, k, n_keep)
+    return staged_prefill(backbone, questions, features, stages, last_token_ranking, grids, extra_ids)
 
 
 def fastv_generate(backbone, questions, features, k: int, n_keep: int, grids=None, max_new_tokens: int = 8):
     """Greedy decoding with FastV pruning at layer ``k``; returns texts and kept visual indices."""
-    return staged_generate(
-        backbone, questions, features, fastv_stages(backbone, k, n_keep), last_token_ranking, grids, max_new_tokens
-    )
+    stages = fastv_stages(backbone.language_model.config.num_hidden_layers, k, n_keep)
+    return staged_generate(backbone, questions, features, stages, last_token_ranking, grids, max_new_tokens)

@@ -13,7 +13,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tprl_ray.config import PAPER_BUDGETS, BackboneConfig, Command, PoolConfig, RunConfig, StageConfig, known_name
+from tprl_ray.config import (
+    PAPER_BUDGETS,
+    BackboneConfig,
+    Command,
+    PoolConfig,
+    RunConfig,
+    StageConfig,
+    first_error,
+    known_name,
+)
 from tprl_ray.evaluation.config import BenchmarkName, EvalConfig
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
@@ -101,17 +110,15 @@ class PipelineConfig(RunConfig):
                 raise ValueError(f"{name}: {wired} are set by the pipeline")
         if self.policy == "shipped" and "tprl" in self.pruners:
             self.pruners = [n for n in self.pruners if n != "tprl"]
-        if self.benchmark != "digits" and "oracle" in self.pruners:
-            if "pruners" in self.model_fields_set:
-                raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
+        if self.benchmark != "digits" and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
+            # the default list drops it; a list the user chose is refused by EvalConfig below
             self.pruners = [n for n in self.pruners if n != "oracle"]
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
         try:  # a wrong stage setting fails now, not hours into the run
             stage_configs(self, self.out / "data", self.out / "model")
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ValueError(f"{exc.title}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            raise ValueError(first_error(exc)) from None
         return self
 
 

@@ -7,8 +7,7 @@ visual tokens per layer, as the pruning papers report it, is ``(K * N + (L - K) 
 
 from __future__ import annotations
 
-from tprl_ray.backbones.base import BackboneError
-from tprl_ray.backbones.inllm import Stage, last_token_ranking
+from tprl_ray.backbones.inllm import Stage, fastv_stages, last_token_ranking
 from tprl_ray.pruners.inllm import InLlmPruner
 
 
@@ -20,9 +19,7 @@ class FastV(InLlmPruner):
         self.k = k
 
     def stages(self, n: int, kept: int, layers: int) -> list[Stage]:
-        if not 1 <= self.k < layers:
-            raise BackboneError(f"FastV layer K={self.k} must be in [1, {layers - 1}]")
-        return [Stage(self.k - 1, kept)]
+        return fastv_stages(layers, self.k, kept)
 
     def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
         return 2.0 * n * d_llm  # the last prompt token's query against the visual keys at layer K-1
