@@ -135,3 +135,23 @@ def test_the_oracle_row_is_for_the_digits_benchmark_only():
     assert "oracle" in PipelineConfig().pruners and "oracle" not in PipelineConfig(benchmark="gqa").pruners
     with pytest.raises(ConfigError, match="'oracle' needs the digits benchmark"):
         PipelineConfig.load(None, {"benchmark": "gqa", "pruners": ["vispruner", "oracle"]})
+
+
+def test_a_preset_sits_under_the_config_file_and_the_flags(tmp_path):
+    from tprl_ray.pipeline.config import PipelineConfig
+    from tprl_ray.rl.config import PAPER_PPO, PpoConfig
+
+    paper = PpoConfig.load(preset="paper")
+    assert {k: paper.flat()[k] for k in PAPER_PPO} == PAPER_PPO
+    assert paper.flat() != PpoConfig().flat()  # the defaults differ from the paper's recipe somewhere
+    path = tmp_path / "ppo.yaml"
+    path.write_text("env: {t_max: 2}\nlr: 0.001\n")
+    args = build_parser().parse_args(["train", "ppo", "--preset", "paper", "--config", str(path), "--env.beta", "0.3"])
+    cfg = config_from_args(args, args._command.config)
+    assert (cfg.env.regime, cfg.env.reward, cfg.env.t_max, cfg.lr, cfg.env.beta) == ("discount", "batch", 2, 0.001, 0.3)
+    pipeline = PipelineConfig.load(preset="paper")
+    assert pipeline.ppo == PpoConfig.load(preset="paper") and pipeline.lfd.positions is False
+    with pytest.raises(ConfigError, match="unknown preset 'fast' \\(available: paper\\)"):
+        PpoConfig.load(preset="fast")
+    with pytest.raises(SystemExit):  # the choices are listed by argparse
+        build_parser().parse_args(["train", "ppo", "--preset", "fast"])

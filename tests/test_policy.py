@@ -45,12 +45,31 @@ def test_learned_pruner_keeps_the_most_probable_tokens(tmp_path):
     pruner = LearnedPruner(tmp_path)
     features, query = torch.randn(20, 12), torch.randn(5)
     batch = PruneBatch([features], [features], None, [(4, 5)], ["q"], ["?"], [query])
-    p = pruner.keep_probabilities(features, query)
-    assert pruner.prune(batch, 0.25).keep[0].tolist() == sorted(p.topk(5).indices.tolist())
+    logits = pruner.keep_logits(features, query, (4, 5))
+    assert pruner.prune(batch, 0.25).keep[0].tolist() == sorted(logits.topk(5).indices.tolist())
+    p = torch.sigmoid(logits)
     pruner.threshold = float(p.median())
     assert pruner.prune(batch, 0.25).keep[0].tolist() == (p > p.median()).nonzero()[:, 0].tolist()
     with pytest.raises(ValueError, match="features are 7-wide but the autoencoder expects 12-wide"):
-        pruner.keep_probabilities(torch.randn(20, 7), query)
+        pruner.keep_logits(torch.randn(20, 7), query, (4, 5))
+
+
+def test_top_k_ranks_by_logit_where_probabilities_saturate(tmp_path):
+    """A policy whose keep probabilities all round to 1.0 still keeps its best-ranked tokens."""
+    torch.manual_seed(0)
+    export(TokenAutoencoder(12, 8, 16), TokenAutoencoder(12, 8, 16).state_dict(), tmp_path, "autoencoder", {})
+    net = PolicyValueNet(8, 5, 2, 16)
+    with torch.no_grad():
+        net.policy_out.weight.mul_(40.0)
+        net.policy_out.bias.fill_(200.0)
+    export(net, net.state_dict(), tmp_path, "policy", {})
+    pruner = LearnedPruner(tmp_path)
+    features, query = torch.randn(20, 12), torch.randn(5)
+    logits = pruner.keep_logits(features, query, (4, 5))
+    assert bool((torch.sigmoid(logits) == 1.0).all())  # every probability ties
+    batch = PruneBatch([features], [features], None, [(4, 5)], ["q"], ["?"], [query])
+    kept = pruner.prune(batch, 0.25).keep[0].tolist()
+    assert kept == sorted(logits.topk(5).indices.tolist()) and kept != [0, 1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +120,20 @@ def test_features_of_another_width_fail_clearly(precomputed, tmp_path):
     export(TokenAutoencoder(32, 16), TokenAutoencoder(32, 16).state_dict(), tmp_path / "ae32", "autoencoder", {})
     with pytest.raises(ValueError, match="features are 96-wide but the autoencoder in .* expects 32-wide"):
         train_lfd(LfdConfig(data=precomputed / "train", autoencoder=tmp_path / "ae32", out=tmp_path / "lfd"))
+
+
+def test_a_positional_policy_tells_equal_tokens_apart_by_place():
+    from tprl_ray.policy.networks import grid_features
+
+    torch.manual_seed(0)
+    features = grid_features(3, 4)
+    assert features.shape == (12, 16) and not torch.allclose(features[0], features[5])
+    net = PolicyValueNet(8, 5, 2, 16, positions=True).eval()
+    codes = torch.randn(1, 1, 8).expand(1, 12, 8)  # the same code everywhere
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    logits, _ = net(codes, torch.randn(1, 5), mask, (3, 4))
+    assert logits[0].unique().numel() == 12
+    with pytest.raises(ValueError, match="token grid of its 12 tokens"):
+        net(codes, torch.randn(1, 5), mask, (4, 4))
+    plain, _ = PolicyValueNet(8, 5, 2, 16).eval()(codes, torch.randn(1, 5), mask)
+    assert plain[0].unique().numel() == 1

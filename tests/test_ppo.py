@@ -18,6 +18,8 @@ from tprl_ray.rl.config import EnvConfig, PpoConfig
 from tprl_ray.rl.env import PruningVectorEnv
 from tprl_ray.rl.module import DROPPED_LOGIT, TokenBernoulli, sampling_logits
 
+PAPER_ENV = PpoConfig.load(preset="paper").env  # the discount regime of the paper, beta = 0.1
+
 
 def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
     rng = np.random.default_rng(0)
@@ -27,6 +29,7 @@ def toy_codes(m=5, n=8, d=4, dq=3) -> Codes:
         rng.normal(size=(m, dq)).astype(np.float32),
         np.full(m, -0.5, np.float32),
         np.ones(m, bool),
+        (2, n // 2),
     )
 
 
@@ -38,7 +41,11 @@ def first_half_score(ids, masks):
 
 def test_env_rewards_masks_and_next_step_autoreset():
     env = PruningVectorEnv(
-        toy_codes(), EnvConfig(t_max=2, reward="sample"), num_envs=2, score_fn=first_half_score, seed=0
+        toy_codes(),
+        PAPER_ENV.model_copy(update={"t_max": 2, "reward": "sample"}),
+        num_envs=2,
+        score_fn=first_half_score,
+        seed=0,
     )
     obs, _ = env.reset()
     assert obs["codes"].shape == (2, 8, 4) and obs["mask"].tolist() == [[1.0] * 8] * 2
@@ -59,14 +66,16 @@ def test_env_rewards_masks_and_next_step_autoreset():
     obs, reward, terminated, _, _ = env.step(keep)  # NEXT_STEP autoreset: a fresh episode, no reward
     assert reward.tolist() == [0.0, 0.0] and not terminated.any() and obs["mask"].sum() == 16
 
-    batch = PruningVectorEnv(toy_codes(), EnvConfig(reward="batch"), num_envs=2, score_fn=first_half_score, seed=0)
+    batch = PruningVectorEnv(
+        toy_codes(), PAPER_ENV.model_copy(update={"reward": "batch"}), num_envs=2, score_fn=first_half_score, seed=0
+    )
     batch.reset()
     _, reward, _, _, _ = batch.step(keep)
     np.testing.assert_allclose(reward, [(0.0 - 1.0) / 2 + 0.1 * 0.375] * 2, rtol=1e-6)
 
 
 def test_group_reward_is_relative_to_the_other_plays_of_the_same_sample():
-    cfg = EnvConfig(reward="group", group_size=3, t_max=1)
+    cfg = PAPER_ENV.model_copy(update={"reward": "group", "group_size": 3, "t_max": 1})
     env = PruningVectorEnv(toy_codes(m=50), cfg, num_envs=6, score_fn=first_half_score, seed=0)
     env.reset()
     for _ in range(4):  # t_max=1: a step plays, the next one restarts with one new sample per group
@@ -110,11 +119,13 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     torch.manual_seed(0)
     net = PolicyValueNet(4, 3, heads=2, hidden=8)
     export(net, net.state_dict(), tmp_path, "policy", {})
-    env = PruningVectorEnv(toy_codes(), EnvConfig(reward="sample"), num_envs=3, score_fn=first_half_score, seed=0)
+    env = PruningVectorEnv(
+        toy_codes(), PAPER_ENV.model_copy(update={"reward": "sample"}), num_envs=3, score_fn=first_half_score, seed=0
+    )
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "grid": (2, 4)},
     )
     obs, _ = env.reset()
     obs["mask"][0, 5:] = 0
@@ -142,7 +153,7 @@ def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
     with torch.no_grad():
         codes = ae.encode(features)
     quantiles = calibration(
-        net, Codes(np.arange(40).astype(str), codes.numpy(), queries.numpy(), np.zeros(40), np.ones(40, bool))
+        net, Codes(np.arange(40).astype(str), codes.numpy(), queries.numpy(), np.zeros(40), np.ones(40, bool), (4, 5))
     )
     export(net, net.state_dict(), tmp_path, "policy", {"keep_quantiles": quantiles})
     pruner = TprlPruner(tmp_path)
@@ -240,3 +251,82 @@ def test_training_resumes_from_its_checkpoint(ppo_inputs, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("tprl-ppo").experiment_id])
     assert sorted(len(client.get_metric_history(r.info.run_id, "policy_loss")) for r in runs) == [1, 1]
     assert build_pruner("tprl", policy=tmp_path / "ppo").name == "tprl"
+
+
+def test_budget_regime_plays_one_step_at_a_drawn_target_shared_by_the_group():
+    cfg = EnvConfig(regime="budget", budget_range=(0.2, 0.4), group_size=3, beta=0.0)
+    env = PruningVectorEnv(toy_codes(m=50), cfg, num_envs=6, score_fn=first_half_score, seed=0)
+    obs, _ = env.reset()
+    seen = []
+    for _ in range(6):  # play, restart, play, ...: every episode is one step
+        budget = obs["budget"][:, 0]
+        assert ((0.2 <= budget) & (budget <= 0.4)).all()
+        assert len(set(budget[:3])) == 1 and len(set(budget[3:])) == 1  # a group plays one sample at one budget
+        seen.append(float(budget[0]))
+        obs, reward, terminated, _, _ = env.step(np.ones((6, 8), dtype=np.int8))
+        assert terminated.all()
+        obs, reward, terminated, _, _ = env.step(np.ones((6, 8), dtype=np.int8))
+        assert reward.tolist() == [0.0] * 6 and not terminated.any()
+    assert len(set(seen)) == 6  # a new target every episode
+    with pytest.raises(ValueError, match="budget_range"):
+        EnvConfig(budget_range=(0.5, 0.2))
+
+
+def test_budget_logits_keep_the_target_fraction_in_expectation_at_any_logit_scale():
+    from tprl_ray.rl.module import budget_logits
+
+    torch.manual_seed(0)
+    mask = torch.ones(4, 64, dtype=torch.bool)
+    mask[2, 40:] = False
+    budget = torch.tensor([0.1, 0.25, 0.3, 0.4])
+    for scale in (1.0, 50.0, 500.0):  # the level of the logits drifts freely in this regime
+        logits = torch.randn(4, 64) * scale + 3 * scale
+        shifted = budget_logits(logits, mask, budget)
+        q = torch.sigmoid(shifted)
+        torch.testing.assert_close((q * mask).sum(dim=1), budget * mask.sum(dim=1), atol=1e-3, rtol=0)
+        assert (q[~mask] < 1e-12).all()
+        assert torch.equal(shifted[0].argsort(), logits[0].argsort())  # one shift per row: the ranking stays
+
+
+def test_rl_module_in_the_budget_regime_without_a_critic(tmp_path):
+    from ray.rllib.core.columns import Columns
+
+    from tprl_ray.rl.module import PruningModule, budget_logits
+
+    torch.manual_seed(0)
+    net = PolicyValueNet(4, 3, heads=2, hidden=8, positions=True)
+    export(net, net.state_dict(), tmp_path, "policy", {})
+    env = PruningVectorEnv(toy_codes(), EnvConfig(regime="budget", group_size=3), num_envs=3, score_fn=None, seed=0)
+    module = PruningModule(
+        observation_space=env.single_observation_space,
+        action_space=env.single_action_space,
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "grid": (2, 4), "critic": False},
+    )
+    obs, _ = env.reset()
+    batch = {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}
+    out = module.forward_train(batch)
+    state = batch[Columns.OBS]
+    mask = state["mask"] > 0
+    logits, _ = net(state["codes"].float(), state["query"], mask, (2, 4))
+    torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], budget_logits(logits, mask, state["budget"][:, 0]))
+    assert module.compute_values(batch).tolist() == [0.0] * 3  # no critic: the advantage is the return
+
+
+def test_count_neutral_rewards_pay_for_which_tokens_not_how_many():
+    def score(ids, masks):  # one point per kept token, and three for token 0
+        return (masks.sum(axis=1) + 3.0 * masks[:, 0]).astype(np.float32), np.ones(len(ids), bool)
+
+    cfg = EnvConfig(regime="budget", group_size=4, count_neutral=True)
+    env = PruningVectorEnv(toy_codes(m=4), cfg, num_envs=8, score_fn=score, seed=0)
+    env.reset()
+    keep = np.zeros((8, 8), dtype=np.int8)
+    for row, (first, count) in enumerate([(1, 3), (0, 2), (0, 4), (1, 1), (0, 2), (0, 3), (0, 4), (0, 5)]):
+        keep[row, 1 : 1 + count] = 1
+        keep[row, 0] = first
+    _, reward, _, _, _ = env.step(keep)
+    plain = PruningVectorEnv(toy_codes(m=4), cfg.model_copy(update={"count_neutral": False}), 8, score, seed=0)
+    plain.reset()
+    _, raw, _, _, _ = plain.step(keep)
+    assert np.corrcoef(raw[4:], keep[4:].sum(axis=1))[0, 1] > 0.99  # the second group differs by count only
+    # fitted out, the count earns nothing and token 0 its 3 points against the others' mean
+    np.testing.assert_allclose(reward, [2.0, -2.0, -2.0, 2.0, 0.0, 0.0, 0.0, 0.0], atol=1e-5)

@@ -160,3 +160,23 @@ def test_precompute_bench_compares_both_engines(local_ray, digits_dir, tmp_path)
     assert result["engines"]["ray"]["bytes_per_sample"] == pytest.approx(result["engines"]["local"]["bytes_per_sample"])
     assert result["projected_gb"] == pytest.approx(50_000 * (576 * 1024 * 2 + 576 * 4 + 4096 * 4 + 3 * 576) / 1e9)
     assert "ray / local" in format_precompute_bench(result)
+
+
+def test_a_question_aware_demonstrator_gives_nested_masks_that_follow_the_question(digits_dir, tmp_path):
+    from tprl_ray.precompute.demonstrations import demonstration_masks
+    from tprl_ray.pruners.cdpruner import CDPruner
+
+    out = tmp_path / "cd"
+    run_precompute(config(digits_dir / "val", out, limit=8, demonstrator="cdpruner"), progress=False, engine="local")
+    table = pq.read_table(out / "shards" / "shard-00000.parquet")
+    masks = tensor(table["demo_masks"])
+    n = masks.shape[-1]
+    assert masks[:, 0].all() and (masks[:, 1].sum(axis=1) == round(0.75 * n)).all()
+    assert (masks[:, 2] <= masks[:, 1]).all()  # nested
+    torch.manual_seed(0)
+    tokens, query = torch.randn(16, 8), torch.randn(8)
+    first = demonstration_masks(CDPruner(), tokens, tokens, torch.ones(16), query, [0.0, 0.5])[1]
+    other = demonstration_masks(CDPruner(), tokens, tokens, torch.ones(16), -query, [0.0, 0.5])[1]
+    assert not torch.equal(first, other)  # another question, other tokens
+    with pytest.raises(ValueError, match="other demonstrator"):
+        run_precompute(config(digits_dir / "val", out, limit=8), progress=False, engine="local")

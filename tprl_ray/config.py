@@ -68,11 +68,20 @@ class StageConfig(Section):
     of its nested sections that the stage sets itself (they get no flag)."""
 
     wired: ClassVar[frozenset[str]] = frozenset()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Self:
-        """Build from defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+    def load(
+        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None, preset: str | None = None
+    ) -> Self:
+        """Build from defaults, then the named preset (dotted keys), then the YAML file at ``path``,
+        then ``overrides`` (dotted keys)."""
         data: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in cls.presets:
+                raise ConfigError(f"unknown preset {preset!r} (available: {', '.join(cls.presets) or 'none'})")
+            for key, value in cls.presets[preset].items():
+                _set_dotted(data, key, value)
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -83,7 +92,7 @@ class StageConfig(Section):
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level")
-            data = loaded
+            _merge(data, loaded)
         for key, value in (overrides or {}).items():
             _set_dotted(data, key, value)
         try:
@@ -147,6 +156,15 @@ class BackboneConfig(Section):
     def resolved_path(self) -> Path | str:
         """The shipped checkpoint's directory for ``embedded``, else ``path``."""
         return EMBEDDED_MODEL if self.path == "embedded" else self.path
+
+
+def _merge(data: dict[str, Any], new: dict[str, Any]) -> None:
+    """``new`` into ``data``, nested mappings merged key by key."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], value)
+        else:
+            data[key] = value
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -219,6 +237,12 @@ def add_config_args(
             metavar="KEY=VALUE",
             help="override any field, dotted for nested ones (repeatable); VALUE is parsed as YAML",
         )
+        if cls.presets:
+            parser.add_argument(
+                "--preset",
+                choices=sorted(cls.presets),
+                help="start from a named set of settings (paper: the paper's recipe); --config and flags apply on top",
+            )
     for name, field in cls.model_fields.items():
         if prefix and name in hidden:
             continue
@@ -248,4 +272,4 @@ def config_from_args(args: argparse.Namespace, cls: type[StageConfig]) -> StageC
     for key, value in vars(args).items():
         if key.startswith("cfg__") and value is not None:
             overrides[key[5:]] = value
-    return cls.load(args.config, overrides)
+    return cls.load(args.config, overrides, getattr(args, "preset", None))

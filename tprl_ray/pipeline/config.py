@@ -9,7 +9,7 @@ settings; those fields are refused in a section, since the pipeline would overwr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -27,7 +27,7 @@ from tprl_ray.evaluation.config import BenchmarkName, EvalConfig
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
-from tprl_ray.rl.config import PpoConfig
+from tprl_ray.rl.config import PAPER_PPO, PpoConfig
 from tprl_ray.training.config import AutoencoderConfig, LfdConfig
 
 SECTIONS = ("precompute", "autoencoder", "lfd", "ppo")
@@ -93,6 +93,7 @@ class PipelineConfig(RunConfig):
     experiment: str = Field("tprl", description="MLflow experiment of the pipeline run and its stage runs")
 
     wired: ClassVar[frozenset[str]] = frozenset(WIRED)
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {f"ppo.{k}": v for k, v in PAPER_PPO.items()}}
 
     @field_validator("pruners")
     @classmethod

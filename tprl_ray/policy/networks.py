@@ -1,7 +1,8 @@
 """Policy and value networks over the MDP state ``(Z_t, q)`` (docs/design.md §1.4), as plain torch modules.
 
-Shared feature extractor: ``X = [Z_t ; W q]`` (the kept tokens' codes plus one projected query
-token), one multi-head self-attention layer with a residual connection and LayerNorm, giving
+Shared feature extractor: ``X = [Z_t + P ; W q]`` (the kept tokens' codes, with ``positions=True``
+plus a learned projection ``P`` of Fourier features of each token's place in its grid, and one
+projected query token), one multi-head self-attention layer with a residual connection and LayerNorm, giving
 ``f_1..f_K`` and ``f_q``. Policy head per token: ``g = LN(f + W2 GELU(W1 f + b1) + b2)``,
 ``p = sigmoid(w . g + b)``. Value head: the mean of the token features through the same residual
 MLP + LN, then a linear layer to a scalar. Padded tokens (``mask == False``) are ignored everywhere.
@@ -26,21 +27,60 @@ class ResidualMLP(nn.Module):
         return self.norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 
+POSITION_FREQUENCIES = 4
+
+
+def grid_features(rows: int, cols: int, device=None) -> torch.Tensor:
+    """``[rows * cols, 4 * POSITION_FREQUENCIES]`` raster-order Fourier features of each cell's centre
+    (row and column scaled to [0, 1]): ``sin`` and ``cos`` of ``pi * k * x`` for ``k = 1..F``."""
+    r = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) / rows
+    c = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) / cols
+    r, c = torch.meshgrid(r, c, indexing="ij")
+    k = torch.arange(1, POSITION_FREQUENCIES + 1, device=device, dtype=torch.float32) * torch.pi
+    x = torch.stack([r.flatten(), c.flatten()], dim=-1)[..., None] * k  # [N, 2, F]
+    return torch.cat([x.sin(), x.cos()], dim=-1).flatten(1)
+
+
 class PolicyValueNet(nn.Module):
     """``forward(codes [B, K, d_l], query [B, d_q], mask [B, K])`` -> (keep logits ``[B, K]``, values
-    ``[B]``); the keep probability is ``sigmoid(logit)`` (:meth:`keep_probabilities`)."""
+    ``[B]``); the keep probability is ``sigmoid(logit)`` (:meth:`keep_probabilities`). With
+    ``positions``, every call also takes the token ``grid`` ``(rows, cols)`` of the batch."""
 
-    def __init__(self, d_latent: int, d_query: int, heads: int = 4, hidden: int = 256, attention: bool = True):
+    def __init__(
+        self,
+        d_latent: int,
+        d_query: int,
+        heads: int = 4,
+        hidden: int = 256,
+        attention: bool = True,
+        positions: bool = False,
+    ):
         super().__init__()
-        self.dims = {"d_latent": d_latent, "d_query": d_query, "heads": heads, "hidden": hidden, "attention": attention}
+        self.dims = {
+            "d_latent": d_latent,
+            "d_query": d_query,
+            "heads": heads,
+            "hidden": hidden,
+            "attention": attention,
+            "positions": positions,
+        }
         self.query_proj = nn.Linear(d_query, d_latent)
+        self.position_proj = nn.Linear(4 * POSITION_FREQUENCIES, d_latent) if positions else None
         self.attention = nn.MultiheadAttention(d_latent, heads, batch_first=True) if attention else None
         self.norm = nn.LayerNorm(d_latent)
         self.policy_mlp, self.policy_out = ResidualMLP(d_latent, hidden), nn.Linear(d_latent, 1)
         self.value_mlp, self.value_out = ResidualMLP(d_latent, hidden), nn.Linear(d_latent, 1)
 
-    def features(self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Token features ``f_1..f_K`` (``[B, K, d_l]``)."""
+        if self.position_proj is not None:
+            if grid is None or grid[0] * grid[1] != codes.shape[1]:
+                raise ValueError(
+                    f"a positional policy needs the token grid of its {codes.shape[1]} tokens (got {grid})"
+                )
+            codes = codes + self.position_proj(grid_features(*grid, device=codes.device))
         q = self.query_proj(query)[:, None]
         if self.attention is None:
             return self.norm(codes + q)
@@ -62,10 +102,12 @@ class PolicyValueNet(nn.Module):
         return self.value_out(self.value_mlp(pooled))[..., 0]
 
     def forward(
-        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor
+        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(codes, query, mask)
+        f = self.features(codes, query, mask, grid)
         return self.logits(f), self.value(self.pool(f, mask))
 
-    def keep_probabilities(self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(self.features(codes, query, mask)))
+    def keep_probabilities(
+        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return torch.sigmoid(self.logits(self.features(codes, query, mask, grid)))

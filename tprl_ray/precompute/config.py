@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -31,6 +32,9 @@ class PrecomputeConfig(RayConfig):
     out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
     backbone: BackboneConfig = BackboneConfig()
     pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
+    demonstrator: Literal["vispruner", "cdpruner"] = Field(
+        "vispruner", description="pruner whose nested keep-masks LfD imitates (cdpruner: question-aware)"
+    )
     demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
     shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")

@@ -31,7 +31,7 @@ from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.data.layout import Reject, Sample, read_split
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
-from tprl_ray.precompute.demonstrations import demonstration_masks
+from tprl_ray.precompute.demonstrations import DEMONSTRATORS, demonstration_masks
 from tprl_ray.precompute.schema import COLUMNS, SCHEMA_VERSION, reject_table, shard_table
 
 
@@ -48,6 +48,7 @@ class PrecomputeWorker:
 
         self.cfg = PrecomputeConfig.model_validate(cfg)
         self.backbone = load_backbone(self.cfg.backbone)
+        self.demonstrator = DEMONSTRATORS[self.cfg.demonstrator]()
         self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False, rejects=[])}
 
     def text_problem(self, sample: Sample) -> str:
@@ -90,6 +91,10 @@ class PrecomputeWorker:
         rows = []
         for k, (i, s, j) in enumerate(zip(ok, samples, index)):
             features, attention = visual.features[j], visual.attention[j]
+            query = self.backbone.query_embedding(s.text)
+            masks = demonstration_masks(
+                self.demonstrator, visual.llm_tokens[j], features, attention, query, self.cfg.demo_schedule
+            )
             rows.append(
                 {
                     "sample_id": s.question_id,
@@ -103,10 +108,10 @@ class PrecomputeWorker:
                     "grid_cols": visual.grids[j][1],
                     "features": features.half().cpu().numpy(),
                     "attention": attention.float().cpu().numpy(),
-                    "query": self.backbone.query_embedding(s.text).float().cpu().numpy(),
+                    "query": query.float().cpu().numpy(),
                     "full_logp": float(logp[k]),
                     "full_correct": bool(correct[k]),
-                    "demo_masks": demonstration_masks(features, attention, self.cfg.demo_schedule).cpu().numpy(),
+                    "demo_masks": masks.cpu().numpy(),
                 }
             )
         failed = [
@@ -157,12 +162,13 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | N
         "model": cfg.backbone.path,
         "data": str(cfg.data),
         "demo_schedule": cfg.demo_schedule,
+        "demonstrator": cfg.demonstrator,
         "shard_size": cfg.shard_size,
         "sample_ids_sha256": ids,
     }
     path = cfg.out / "manifest.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {"demonstrator": "vispruner", **json.loads(path.read_text())}  # the one before the setting
         refuse_other_settings({k: old.get(k) for k in identity}, identity, cfg.out, "precompute")
     atomic_write_bytes(path, json.dumps({**identity, **(extra or {})}, indent=2).encode())
 

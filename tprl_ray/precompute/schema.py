@@ -28,8 +28,8 @@ query         fixed_shape_tensor<float32>[d]         query embedding (mean of th
                                                      LLM input embeddings)
 full_logp     float32                                mean answer log-likelihood, every token kept
 full_correct  bool                                   greedy decoding reproduces the answer
-demo_masks    fixed_shape_tensor<uint8>[S, N]        VisPruner keep-masks over original indices,
-                                                     nested step by step
+demo_masks    fixed_shape_tensor<uint8>[S, N]        the demonstrator's keep-masks over original
+                                                     indices, nested step by step
 ============  =====================================  ===========================================
 
 Schema metadata: ``tprl.schema_version``, ``tprl.demo_schedule`` (JSON list of pruned fractions per
@@ -43,9 +43,11 @@ dataset).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 TENSORS = {"features": np.float16, "attention": np.float32, "query": np.float32, "demo_masks": np.uint8}
@@ -108,3 +110,17 @@ def reject_table(rejects: list[dict]) -> pa.Table:
 def tensor(column: pa.ChunkedArray) -> np.ndarray:
     """A fixed-shape tensor column as one ``[rows, *shape]`` numpy array."""
     return column.combine_chunks().to_numpy_ndarray()
+
+
+def token_grid(data: Path) -> tuple[int, int]:
+    """The one token grid ``(rows, cols)`` of every shard of the precompute dataset ``data``."""
+    shards = sorted((Path(data) / "shards").glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
+    grids = set()
+    for shard in shards:
+        table = pq.read_table(shard, columns=["grid_rows", "grid_cols"])
+        grids |= set(zip(table["grid_rows"].to_pylist(), table["grid_cols"].to_pylist()))
+    if len(grids) != 1:
+        raise ValueError(f"{data}: the policy needs one token grid, the shards have {sorted(grids)}")
+    return next(iter(grids))

@@ -39,13 +39,14 @@ class LearnedPruner(Pruner):
         return encoder + 2.0 * policy["d_query"] * d + attention + 2.0 * n * (2 * d * hidden + d)
 
     @torch.no_grad()
-    def keep_probabilities(self, features: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def keep_logits(self, features: torch.Tensor, query: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Each token's keep logit (``sigmoid`` of it is the keep probability)."""
         d_v = self.encoder.dims["d_v"]
         if features.shape[-1] != d_v:
             raise ValueError(f"features are {features.shape[-1]}-wide but the autoencoder expects {d_v}-wide ones")
         codes = self.encoder.encode(features.float().cpu())[None]
         mask = torch.ones(codes.shape[:2], dtype=torch.bool)
-        return self.policy.keep_probabilities(codes, query.float().cpu()[None], mask)[0]
+        return self.policy.logits(self.policy.features(codes, query.float().cpu()[None], mask, tuple(grid)))[0]
 
     def tau(self, budget: float | int, n: int) -> float | None:
         """The keep threshold for ``budget`` of ``n`` tokens (None: top-k)."""
@@ -55,11 +56,14 @@ class LearnedPruner(Pruner):
         if batch.queries is None:
             raise ValueError("the learned pruner needs the query embeddings (PruneBatch.queries)")
         out = []
-        for features, query in zip(batch.features, batch.queries):
-            p = self.keep_probabilities(features, query)
-            tau = self.tau(budget, p.numel())
-            keep = (p > tau).nonzero()[:, 0] if tau is not None else p.topk(budget_tokens(budget, p.numel())).indices
-            out.append((keep if keep.numel() else p.argmax()[None]).to(features.device))
+        for features, query, grid in zip(batch.features, batch.queries, batch.grids):
+            logits = self.keep_logits(features, query, grid)
+            tau = self.tau(budget, logits.numel())
+            if tau is None:  # top-k by logit: no ties where the probabilities saturate at 1
+                keep = logits.topk(budget_tokens(budget, logits.numel())).indices
+            else:
+                keep = (torch.sigmoid(logits) > tau).nonzero()[:, 0]
+            out.append((keep if keep.numel() else logits.argmax()[None]).to(features.device))
         return out
 
 
@@ -78,6 +82,8 @@ class TprlPruner(LearnedPruner):
         if "keep_quantiles" not in self.card:
             raise ValueError(f"{directory}: policy.json has no tau calibration (not a `tprl train ppo` export)")
 
-    def tau(self, budget: float | int, n: int) -> float:
+    def tau(self, budget: float | int, n: int) -> float | None:
+        if self.card.get("regime") == "budget":  # trained to rank at a given budget: top-k
+            return None
         fraction = budget if isinstance(budget, float) else budget_tokens(budget, n) / n
         return tau_for_budget(self.card["keep_quantiles"], fraction)

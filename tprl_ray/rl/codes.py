@@ -2,8 +2,9 @@
 
 A pass over a precompute dataset writes ``OUT/codes/shard-NNNNN.parquet`` (one per precompute shard,
 atomically) with ``sample_id``, ``codes`` (``fixed_shape_tensor<float16>[N, d_latent]``), ``query``,
-``full_logp`` and ``full_correct``. Shards are tagged with the autoencoder's checksum, so a re-run
-skips the shards already encoded with the same autoencoder and redoes the others. The environment
+``full_logp``, ``full_correct`` and the token grid (``grid_rows``, ``grid_cols``). Shards are tagged
+with the autoencoder's checksum, so a re-run skips the shards already encoded with the same
+autoencoder and redoes the others. The environment
 holds only these codes; the features stay with the scorer.
 """
 
@@ -24,10 +25,14 @@ from tprl_ray.artifacts.export import load_exported
 from tprl_ray.precompute.schema import tensor
 
 CHECKSUM_KEY = b"tprl.autoencoder_sha256"
+CODES_VERSION = b"2"  # 2: the token grid columns
+PASSED = ("sample_id", "query", "full_logp", "full_correct", "grid_rows", "grid_cols")
 
 
 def autoencoder_checksum(directory: Path) -> str:
-    return hashlib.sha256((Path(directory) / "autoencoder.safetensors").read_bytes()).hexdigest()
+    """The tag of shards encoded with this autoencoder (and this codes layout)."""
+    weights = (Path(directory) / "autoencoder.safetensors").read_bytes()
+    return hashlib.sha256(CODES_VERSION + weights).hexdigest()
 
 
 def write_codes(data: Path, autoencoder: Path, out: Path, progress: bool = True) -> Path:
@@ -43,10 +48,10 @@ def write_codes(data: Path, autoencoder: Path, out: Path, progress: bool = True)
         target = Path(out) / shard.name
         if target.is_file() and (pq.read_schema(target).metadata or {}).get(CHECKSUM_KEY) == checksum:
             continue
-        table = pq.read_table(shard, columns=["sample_id", "features", "query", "full_logp", "full_correct"])
+        table = pq.read_table(shard, columns=["features", *PASSED])
         with torch.no_grad():
             codes = encoder.encode(torch.from_numpy(tensor(table["features"]).astype(np.float32)))
-        columns = {name: table[name] for name in ("sample_id", "query", "full_logp", "full_correct")}
+        columns = {name: table[name] for name in PASSED}
         columns["codes"] = pa.FixedShapeTensorArray.from_numpy_ndarray(codes.numpy().astype(np.float16))
         write_parquet(pa.table(columns).replace_schema_metadata({CHECKSUM_KEY: checksum}), target)
     return Path(out)
@@ -55,13 +60,14 @@ def write_codes(data: Path, autoencoder: Path, out: Path, progress: bool = True)
 @dataclass
 class Codes:
     """A codes dataset in memory: ``ids[M]``, ``codes[M, N, d_l]`` (fp16), ``query[M, d_q]``,
-    ``full_logp[M]``, ``full_correct[M]``."""
+    ``full_logp[M]``, ``full_correct[M]`` and the token grid ``(rows, cols)`` of the ``N`` tokens."""
 
     ids: np.ndarray
     codes: np.ndarray
     query: np.ndarray
     full_logp: np.ndarray
     full_correct: np.ndarray
+    grid: tuple[int, int]
 
     @classmethod
     def load(cls, directory: Path) -> Codes:
@@ -75,4 +81,5 @@ class Codes:
             tensor(table["query"]).astype(np.float32),
             table["full_logp"].to_numpy().astype(np.float32),
             table["full_correct"].to_numpy(zero_copy_only=False).astype(bool),
+            (int(table["grid_rows"][0].as_py()), int(table["grid_cols"][0].as_py())),
         )

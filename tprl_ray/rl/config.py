@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,18 +14,42 @@ from tprl_ray.service.config import ScorerConfig
 class EnvConfig(Section):
     """The MDP (defaults: docs/design.md §1.2)."""
 
-    t_max: int = Field(3, ge=1, description="steps per episode")
+    regime: Literal["discount", "budget"] = Field(
+        "budget",
+        description="discount: the paper's t_max steps, keep probabilities discounted by lambda_disc ** t; "
+        "budget: one step per episode keeping a target fraction drawn from budget_range (in the "
+        "observation), the regime the pruner is used in",
+    )
+    budget_range: tuple[float, float] = Field((0.08, 0.4), description="regime=budget: target kept fractions")
+    t_max: int = Field(3, ge=1, description="regime=discount: steps per episode")
     alpha: float = Field(1.0, description="weight of the score difference")
-    beta: float = Field(0.1, description="weight of the pruned fraction")
+    beta: float = Field(0.0, description="weight of the pruned fraction (the paper's 0.1 with regime=discount)")
     reward: Literal["sample", "batch", "group"] = Field(
         "group",
         description="per-sample reward, the mean over the sub-envs of a step (the paper's), or "
         "group-relative: each reward minus its group's leave-one-out mean (GRPO-style)",
     )
     group_size: int = Field(8, ge=2, description="reward=group: sub-envs playing the same sample")
+    count_neutral: bool = Field(
+        True,
+        description="regime=budget, reward=group: take out of the reward the part that the sampled kept "
+        "count's deviation from the group's explains (a linear fit per step)",
+    )
     score: Literal["logprob", "accuracy"] = Field(
         "logprob", description="Score: mean answer log-likelihood, or greedy-correct (0/1)"
     )
+
+    @model_validator(mode="after")
+    def _budget_range(self):
+        low, high = self.budget_range
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"budget_range {self.budget_range} must satisfy 0 < low <= high <= 1")
+        return self
+
+    @property
+    def steps(self) -> int:
+        """Steps per episode."""
+        return 1 if self.regime == "budget" else self.t_max
 
     def check_envs(self, num_envs: int, what: str = "sub-envs") -> None:
         """reward=group plays whole groups: ``num_envs`` must be a multiple of ``group_size``."""
@@ -33,8 +57,22 @@ class EnvConfig(Section):
             raise ValueError(f"reward=group: {what} ({num_envs}) must be a multiple of group_size ({self.group_size})")
 
 
+# The paper's PPO recipe (docs/design.md §1.5), where this project's defaults differ: `--preset paper`.
+PAPER_PPO: dict[str, Any] = {
+    "env.regime": "discount",
+    "env.t_max": 3,
+    "env.beta": 0.1,
+    "env.reward": "batch",
+    "lambda_disc": 0.5,
+    "entropy_coef": 0.01,
+    "critic": True,
+}
+
+
 class PpoConfig(RunConfig):
     """`tprl train ppo` (defaults: docs/design.md §1.5; 60 iterations, the demo's)."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": PAPER_PPO}
 
     data: Path = Field(Path("runs/precompute/train"), description="precompute dataset to train on")
     val_data: Path | None = Field(None, description="precompute dataset to calibrate tau on (default: data)")
@@ -48,8 +86,13 @@ class PpoConfig(RunConfig):
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip: float = 0.2
+    critic: bool = Field(
+        True,
+        description="learn the value head as GAE's baseline; False: the advantage is the return itself "
+        "(with reward=group, GRPO's leave-one-out baseline)",
+    )
     vf_coef: float = 0.5
-    entropy_coef: float = 0.01
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus (the paper's 0.01)")
     lr: float = Field(3e-4, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     epochs: int = Field(4, ge=1, description="PPO epochs per iteration")

@@ -1,19 +1,22 @@
 """The pruning MDP of docs/design.md §1.2 as a natively vectorized gymnasium env (one scorer call per step).
 
-Each sub-env plays one sample for ``t_max`` steps. State: the frozen codes of all ``N`` tokens, the
-query embedding, the keep mask over original indices (tokens with ``mask = 0`` have left the state)
-and the step ``t``. Action: one keep bit per token (bits of dropped tokens are ignored). If a step
-would drop every token, the env keeps one of the previous step's tokens at random. Reward at step
-``t`` (``K`` = kept count, ``Score`` = the scorer's ``logprob`` or ``accuracy`` with the kept tokens,
-``Score(H_0)`` from precompute)::
+Each sub-env plays one sample for ``t_max`` steps (``regime="discount"``), or for one step at a
+target kept fraction ``b`` drawn from ``budget_range`` when the episode starts (``regime="budget"``;
+``b`` is in the observation and the policy's sampling keeps ``b * N`` tokens in expectation). State:
+the frozen codes of all ``N`` tokens, the query embedding, the keep mask over original indices
+(tokens with ``mask = 0`` have left the state) and the step ``t``. Action: one keep bit per token
+(bits of dropped tokens are ignored). If a step would drop every token, the env keeps one of the
+previous step's tokens at random. Reward at step ``t`` (``K`` = kept count, ``Score`` = the
+scorer's ``logprob`` or ``accuracy`` with the kept tokens, ``Score(H_0)`` from precompute)::
 
     r_t = alpha * (Score_t - Score_{t-1}) + beta * (1 - K_t / K_{t-1})
 
 group-relative (``reward="group"``, the default, GRPO-style): consecutive groups of ``group_size``
 sub-envs play the same sample and each gets its reward minus the mean reward of the others in its
-group, a leave-one-out baseline that takes the question's difficulty out of the advantage; per
+group (and the same ``b``), a leave-one-out baseline that takes the question's difficulty out of
+the advantage (``count_neutral`` also fits out the part explained by the kept count); per
 sample (``reward="sample"``); or both terms averaged over the sub-envs of the step
-(``reward="batch"``, the paper's mini-batch mean). Episodes end after ``t_max`` steps; the next
+(``reward="batch"``, the paper's mini-batch mean). Episodes end after their steps; the next
 ``step`` resets that sub-env (gymnasium's NEXT_STEP autoreset). Observations hold codes and masks
 only; the scorer is called with sample ids and masks. Metrics: :mod:`tprl_ray.rl.telemetry`.
 """
@@ -47,7 +50,8 @@ class PruningVectorEnv(gym.vector.VectorEnv):
                 "codes": spaces.Box(-np.inf, np.inf, (n, d_latent), np.float32),
                 "query": spaces.Box(-np.inf, np.inf, codes.query.shape[1:], np.float32),
                 "mask": spaces.Box(0.0, 1.0, (n,), np.float32),
-                "step": spaces.Box(0.0, float(cfg.t_max), (1,), np.float32),
+                "step": spaces.Box(0.0, float(cfg.steps), (1,), np.float32),
+                **({"budget": spaces.Box(0.0, 1.0, (1,), np.float32)} if cfg.regime == "budget" else {}),
             }
         )
         self.single_action_space = spaces.MultiBinary(n)
@@ -58,6 +62,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.mask = np.ones((num_envs, n), dtype=bool)
         self.t = np.zeros(num_envs, dtype=np.int64)
         self.prev_score = np.zeros(num_envs, dtype=np.float32)
+        self.budget = np.zeros(num_envs, dtype=np.float32)
         self.done = np.zeros(num_envs, dtype=bool)
         self.telemetry = EnvTelemetry(num_envs)
 
@@ -69,9 +74,14 @@ class PruningVectorEnv(gym.vector.VectorEnv):
     def _start(self, envs: np.ndarray) -> None:
         if self.cfg.reward == "group":  # all sub-envs restart together (every episode lasts t_max steps)
             draws = self.rng.integers(0, len(self.data.ids), size=self.num_envs // self.cfg.group_size)
-            self.index[envs] = draws[envs // self.cfg.group_size]
+            budgets = self.rng.uniform(*self.cfg.budget_range, size=len(draws))
+            self.index[envs], self.budget[envs] = (
+                draws[envs // self.cfg.group_size],
+                budgets[envs // self.cfg.group_size],
+            )
         else:
             self.index[envs] = self.rng.integers(0, len(self.data.ids), size=len(envs))
+            self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(envs))
         self.mask[envs] = True
         self.t[envs] = 0
         self.prev_score[envs] = self._full_score(self.index[envs])
@@ -84,6 +94,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             "query": self.data.query[self.index],
             "mask": self.mask.astype(np.float32),
             "step": self.t[:, None].astype(np.float32),
+            **({"budget": self.budget[:, None].copy()} if self.cfg.regime == "budget" else {}),
         }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -117,10 +128,19 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             gain, pruned = np.full_like(gain, gain.mean()), np.full_like(pruned, pruned.mean())
         elif self.cfg.reward == "group":
             gain, pruned = self._relative(envs, gain), self._relative(envs, pruned)
+            if self.cfg.count_neutral and self.cfg.regime == "budget":
+                gain = self._count_neutral(envs, gain, after.sum(axis=1).astype(np.float64))
         self.mask[envs], self.prev_score[envs] = after, score
         self.t[envs] += 1
-        self.done[envs] = self.t[envs] >= self.cfg.t_max
+        self.done[envs] = self.t[envs] >= self.cfg.steps
         return (self.cfg.alpha * gain + self.cfg.beta * pruned).astype(np.float32)
+
+    def _count_neutral(self, envs: np.ndarray, gain: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """``gain`` less its least-squares fit (through 0) on the relative kept count: more tokens than
+        the group's, by sampling noise around ``b * N``, earn nothing."""
+        count = self._relative(envs, kept)
+        spread = float(count @ count)
+        return gain if spread == 0.0 else gain - float(gain @ count) / spread * count
 
     def _relative(self, envs: np.ndarray, x: np.ndarray) -> np.ndarray:
         """``x`` minus the mean of the other sub-envs of its group (the groups of ``envs`` are whole)."""

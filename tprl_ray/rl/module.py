@@ -53,6 +53,23 @@ def sampling_logits(
     return torch.where(mask, logits, torch.full_like(logits, DROPPED_LOGIT))
 
 
+def budget_logits(keep_logits: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Logits of ``sigmoid(keep_logits + c)`` for kept tokens, with the per-row shift ``c`` (no
+    gradient) that makes the expected kept count ``budget * kept`` (``budget`` ``[B]``); dropped tokens
+    get :data:`DROPPED_LOGIT`."""
+    with torch.no_grad():
+        target = budget * mask.sum(dim=1)
+        # c = low keeps (almost) nothing, c = high (almost) everything, whatever the logits' scale
+        low = -keep_logits.masked_fill(~mask, -torch.inf).amax(dim=1) - 30.0
+        high = -keep_logits.masked_fill(~mask, torch.inf).amin(dim=1) + 30.0
+        for _ in range(60):  # bisection: the expected count is increasing in c
+            mid = (low + high) / 2
+            below = (torch.sigmoid(keep_logits + mid[:, None]) * mask).sum(dim=1) < target
+            low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    logits = keep_logits + ((low + high) / 2)[:, None]
+    return torch.where(mask, logits, torch.full_like(logits, DROPPED_LOGIT))
+
+
 class PruningModule(TorchRLModule, ValueFunctionAPI):
     """PPO's policy and value function: :class:`PolicyValueNet` built from ``model_config["dims"]``,
     initialised from ``model_config["init"]`` (a directory with ``policy.safetensors``, e.g. the LfD
@@ -63,31 +80,37 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
 
         self.net = PolicyValueNet(**self.model_config["dims"])
         self.lambda_disc = float(self.model_config["lambda_disc"])
+        self.grid = tuple(self.model_config["grid"])
         init = self.model_config.get("init")
         if init:
             self.net.load_state_dict(load_file(str(Path(init) / "policy.safetensors")))
 
     def _state(self, batch: dict) -> tuple[torch.Tensor, ...]:
         obs = batch[Columns.OBS]
-        return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5, obs["step"][:, 0].float()
+        return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5
+
+    def _sampling(self, batch: dict, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        obs = batch[Columns.OBS]
+        if "budget" in obs:
+            return budget_logits(self.net.logits(f), mask, obs["budget"][:, 0].float())
+        return sampling_logits(self.net.logits(f), mask, obs["step"][:, 0].float(), self.lambda_disc)
 
     def _forward(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask, step = self._state(batch)
-        f = self.net.features(codes, query, mask)
-        return {Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc)}
+        codes, query, mask = self._state(batch)
+        f = self.net.features(codes, query, mask, self.grid)
+        return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask)}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask, step = self._state(batch)
-        f = self.net.features(codes, query, mask)
-        return {
-            Columns.ACTION_DIST_INPUTS: sampling_logits(self.net.logits(f), mask, step, self.lambda_disc),
-            Columns.EMBEDDINGS: self.net.pool(f, mask),
-        }
+        codes, query, mask = self._state(batch)
+        f = self.net.features(codes, query, mask, self.grid)
+        return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask), Columns.EMBEDDINGS: self.net.pool(f, mask)}
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.model_config.get("critic", True):  # no critic: GAE's advantages are the returns
+            return torch.zeros(batch[Columns.OBS]["mask"].shape[0], device=batch[Columns.OBS]["mask"].device)
         if embeddings is None:
-            codes, query, mask, _ = self._state(batch)
-            embeddings = self.net.pool(self.net.features(codes, query, mask), mask)
+            codes, query, mask = self._state(batch)
+            embeddings = self.net.pool(self.net.features(codes, query, mask, self.grid), mask)
         return self.net.value(embeddings)
 
     def get_train_action_dist_cls(self):

@@ -112,6 +112,8 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
                 model_config={
                     "dims": dims,
                     "lambda_disc": cfg.lambda_disc,
+                    "critic": cfg.critic,
+                    "grid": codes.grid,
                     "init": str(cfg.init.resolve()) if cfg.init else None,
                 },
             )
@@ -121,6 +123,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
             gamma=cfg.gamma,
             lambda_=cfg.gae_lambda,
             clip_param=cfg.clip,
+            use_critic=cfg.critic,
             vf_loss_coeff=cfg.vf_coef,
             entropy_coeff=cfg.entropy_coef,
             use_kl_loss=False,
@@ -213,7 +216,8 @@ def calibration(net, codes: Codes) -> list[float]:
         for start in range(0, len(codes.ids), 256):
             c = torch.from_numpy(codes.codes[start : start + 256].astype(np.float32))
             q = torch.from_numpy(codes.query[start : start + 256])
-            probabilities.append(net.keep_probabilities(c, q, torch.ones(c.shape[:2], dtype=torch.bool)).flatten())
+            mask = torch.ones(c.shape[:2], dtype=torch.bool)
+            probabilities.append(net.keep_probabilities(c, q, mask, codes.grid).flatten())
     return np.quantile(torch.cat(probabilities).numpy(), np.linspace(0, 1, 1001)).tolist()
 
 
@@ -232,6 +236,7 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
             "data": str(cfg.data),
             "iterations": len(history),
             "init": str(cfg.init),
+            "regime": cfg.env.regime,
             "metrics": history[-1],
             "keep_quantiles": quantiles,
             "tau": taus,

@@ -41,6 +41,7 @@ class LfdConfig(TrainStageConfig):
     epochs: int = Field(5, ge=1)
     autoencoder: Path = Field(Path("runs/train/autoencoder"), description="directory of the trained autoencoder")
     attention: bool = Field(True, description="False: the MLP-only ablation")
+    positions: bool = Field(False, description="add each token's place in its grid to its code (Fourier features)")
     heads: int = Field(4, ge=1)
     hidden: int = Field(256, ge=1)
 

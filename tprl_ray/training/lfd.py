@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from tprl_ray.artifacts.export import copy_export, load_exported
+from tprl_ray.precompute.schema import token_grid
 from tprl_ray.training.common import (
     all_reduce_sum,
     check_width,
@@ -44,8 +45,14 @@ def lfd_loop(config: dict) -> None:
     encoder, _ = load_exported(TokenAutoencoder, Path(config["autoencoder"]), "autoencoder")
     encoder.requires_grad_(False).to(ray.train.torch.get_device())
     policy = PolicyValueNet(
-        config["d_latent"], config["d_query"], config["heads"], config["hidden"], config["attention"]
+        config["d_latent"],
+        config["d_query"],
+        config["heads"],
+        config["hidden"],
+        config["attention"],
+        config["positions"],
     )
+    grid = tuple(config["grid"])
     model = ray.train.torch.prepare_model(policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
     state, bare = restore(model, optimizer)
@@ -55,7 +62,7 @@ def lfd_loop(config: dict) -> None:
         loss, hits = 0.0, torch.zeros(3)
         examples = step_examples(batch["demo_masks"])
         for state_mask, labels in examples:
-            logits, values = model(codes, batch["query"], state_mask)  # through DDP: gradients are averaged
+            logits, values = model(codes, batch["query"], state_mask, grid)  # through DDP: gradients are averaged
             # PPO trains the value head later; its zero-weighted term keeps DDP's gradient buckets complete
             bce = F.binary_cross_entropy_with_logits(logits[state_mask], labels[state_mask])
             loss = loss + bce + 0.0 * values.sum()
@@ -101,6 +108,8 @@ def train_lfd(cfg: LfdConfig) -> dict:
         "heads": cfg.heads,
         "hidden": cfg.hidden,
         "attention": cfg.attention,
+        "positions": cfg.positions,
+        "grid": token_grid(cfg.data),
         "lr": cfg.lr,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
@@ -111,7 +120,7 @@ def train_lfd(cfg: LfdConfig) -> dict:
     return export_run(
         cfg,
         result,
-        PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention),
+        PolicyValueNet(dims["d_latent"], d_query, cfg.heads, cfg.hidden, cfg.attention, cfg.positions),
         "policy",
         "tprl-lfd",
     )
