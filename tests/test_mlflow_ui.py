@@ -88,9 +88,10 @@ def test_ui_lists_the_pipeline_run_and_its_stage_runs(mlflow_ui):
         assert f" {run.info.run_name} " in page and "Parent run pipeline" in page, run.info.run_name
 
 
-def test_ui_shows_the_registered_pruner_with_its_tau_table(mlflow_ui):
+def test_ui_shows_the_registered_pruner_with_its_selection_rule(mlflow_ui):
     url, out, profile = mlflow_ui
     model = page_text(f"{url}/#/models/tprl-pruner", profile)
     assert "Registered Models tprl-pruner" in model and "Version 1" in model
     version = page_text(f"{url}/#/models/tprl-pruner/versions/1", profile)
-    assert "Source Run : ppo" in version and "budget tau 0.2500" in version and "tau:0.2500" in version
+    assert "Source Run : ppo" in version and "selection" in version and "top-k" in version
+    assert "Keeps the top round(b * N) tokens by keep logit" in version

@@ -221,7 +221,8 @@ def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
 
             threading.Timer(0.5, kill).start()
 
-    result = train_ppo(small_run(ppo_inputs, tmp_path / "ppo", 3), on_iteration=kill_soon)
+    paper = small_run(ppo_inputs, tmp_path / "ppo", 3).model_copy(update={"env": PAPER_ENV})  # thresholded
+    result = train_ppo(paper, on_iteration=kill_soon)
     assert killed and result["iterations"] == 3
     history = json.loads((tmp_path / "ppo" / "checkpoints" / "iter-00003" / "progress.json").read_text())["history"]
     assert len(history) == 3
@@ -229,7 +230,8 @@ def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
         for key in ("policy_loss", "vf_loss", "entropy"):
             assert math.isfinite(metrics[key])
     card = json.loads((tmp_path / "ppo" / "policy.json").read_text())
-    assert card["iterations"] == 3 and len(card["keep_quantiles"]) == 1001
+    assert card["iterations"] == 3 and card["regime"] == "discount" and len(card["keep_quantiles"]) == 1001
+    assert set(card["tau"]) == {f"{b:.4f}" for b in paper.budgets}
 
 
 def test_training_resumes_from_its_checkpoint(ppo_inputs, tmp_path):

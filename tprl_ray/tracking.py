@@ -83,7 +83,8 @@ def pipeline_run(
 
 def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
     """Log ``files`` as the active run's ``pruner`` artifact and register them as a new version of
-    the model ``name``, tagged ``tau:<budget>`` and described by the tau-per-budget table."""
+    the model ``name``: tagged ``tau:<budget>`` and described by the tau-per-budget table for a
+    thresholded policy (``taus``), else tagged ``selection: top-k``."""
     import mlflow
 
     run = mlflow.active_run()
@@ -91,12 +92,13 @@ def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
         mlflow.log_artifact(str(path), artifact_path="pruner")
     client = mlflow.MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="TPRL visual-token pruner: one policy pass, keep p > tau")
-    table = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
+        client.create_registered_model(name, description="TPRL visual-token pruner: one policy pass over the tokens")
+    if taus:
+        tags = {f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}
+        description = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
+    else:
+        tags = {"selection": "top-k"}
+        description = "Keeps the top round(b * N) tokens by keep logit, for any kept fraction b."
     return client.create_model_version(
-        name,
-        f"runs:/{run.info.run_id}/pruner",
-        run_id=run.info.run_id,
-        tags={f"tau:{b}": f"{t:.6g}" for b, t in taus.items()},
-        description=table,
+        name, f"runs:/{run.info.run_id}/pruner", run_id=run.info.run_id, tags=tags, description=description
     )

@@ -1,10 +1,11 @@
 """The learned pruners (LfD and TPRL policies) used one-shot, as at inference (docs/design.md §1.6).
 
 One policy pass over the frozen autoencoder codes of all tokens and the question's query
-embedding gives each token a keep probability. ``lfd`` keeps the top ``budget`` tokens, or with
-``threshold`` set, every token with ``p > threshold``; ``tprl`` keeps every token with ``p > tau``,
-``tau`` calibrated on validation data so that the *average* kept fraction is the budget (the count
-varies per question). At least one token is always kept.
+embedding gives each token a keep logit. ``lfd`` keeps the top ``budget`` tokens by logit, or with
+``threshold`` set, every token with ``p > threshold``. ``tprl`` trained in the ``budget`` regime
+keeps the top ``budget`` tokens too; trained in the ``discount`` regime it keeps every token with
+``p > tau``, ``tau`` calibrated on validation data so that the *average* kept fraction is the
+budget (the count varies per question). At least one token is always kept.
 """
 
 from __future__ import annotations
@@ -79,11 +80,11 @@ class TprlPruner(LearnedPruner):
 
     def __init__(self, directory: str | Path):
         super().__init__(directory)
-        if "keep_quantiles" not in self.card:
+        if self.card.get("regime") != "budget" and "keep_quantiles" not in self.card:
             raise ValueError(f"{directory}: policy.json has no tau calibration (not a `tprl train ppo` export)")
 
     def tau(self, budget: float | int, n: int) -> float | None:
-        if self.card.get("regime") == "budget":  # trained to rank at a given budget: top-k
+        if self.card.get("regime") == "budget":  # trained at the budget it is used at: top-k
             return None
         fraction = budget if isinstance(budget, float) else budget_tokens(budget, n) / n
         return tau_for_budget(self.card["keep_quantiles"], fraction)

@@ -6,8 +6,9 @@ scorer pool (ids and masks, batched across runners). Every PPO hyperparameter of
 explicitly. Each iteration logs curated metrics to MLflow; every ``checkpoint_every`` iterations the
 algorithm is saved atomically under ``out/checkpoints`` and a re-run with the same ``out`` resumes
 from the newest one (other settings are refused). At the end the policy is exported as
-``out/policy.*`` next to its autoencoder, with keep-probability quantiles on the validation set that
-calibrate the threshold ``tau`` to any average budget (the ``tprl`` pruner).
+``out/policy.*`` next to its autoencoder; a ``discount``-regime policy also gets keep-probability
+quantiles on the validation set that calibrate the threshold ``tau`` to any average budget (a
+``budget``-regime policy keeps its top ``b * N`` tokens; both are the ``tprl`` pruner).
 """
 
 from __future__ import annotations
@@ -225,23 +226,13 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
     from tprl_ray.pruners.lfd import tau_for_budget
 
     copy_export(cfg.autoencoder_dir(), cfg.out, "autoencoder")
-    quantiles = calibration(net, val_codes)
-    taus = {f"{b:.4f}": tau_for_budget(quantiles, b) for b in cfg.budgets}
-    export(
-        net,
-        net.state_dict(),
-        cfg.out,
-        "policy",
-        {
-            "data": str(cfg.data),
-            "iterations": len(history),
-            "init": str(cfg.init),
-            "regime": cfg.env.regime,
-            "metrics": history[-1],
-            "keep_quantiles": quantiles,
-            "tau": taus,
-        },
-    )
+    card = {"data": str(cfg.data), "iterations": len(history), "init": str(cfg.init), "regime": cfg.env.regime}
+    taus = {}
+    if cfg.env.regime == "discount":  # thresholded at inference; a budget policy keeps its top b * N
+        quantiles = calibration(net, val_codes)
+        taus = {f"{b:.4f}": tau_for_budget(quantiles, b) for b in cfg.budgets}
+        card |= {"keep_quantiles": quantiles, "tau": taus}
+    export(net, net.state_dict(), cfg.out, "policy", {**card, "metrics": history[-1]})
     return taus
 
 
