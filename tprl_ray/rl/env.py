@@ -72,16 +72,13 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         return self.data.full_correct[index].astype(np.float32)
 
     def _start(self, envs: np.ndarray) -> None:
-        if self.cfg.reward == "group":  # all sub-envs restart together (every episode lasts t_max steps)
-            draws = self.rng.integers(0, len(self.data.ids), size=self.num_envs // self.cfg.group_size)
-            budgets = self.rng.uniform(*self.cfg.budget_range, size=len(draws))
-            self.index[envs], self.budget[envs] = (
-                draws[envs // self.cfg.group_size],
-                budgets[envs // self.cfg.group_size],
-            )
-        else:
-            self.index[envs] = self.rng.integers(0, len(self.data.ids), size=len(envs))
-            self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(envs))
+        # reward=group: all sub-envs restart together (every episode lasts the same steps), a draw per group
+        group = self.cfg.group_size if self.cfg.reward == "group" else 1
+        slot = np.arange(len(envs)) // group
+        draws = self.rng.integers(0, len(self.data.ids), size=len(envs) // group)
+        self.index[envs] = draws[slot]
+        if self.cfg.regime == "budget":
+            self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(draws))[slot]
         self.mask[envs] = True
         self.t[envs] = 0
         self.prev_score[envs] = self._full_score(self.index[envs])

@@ -1,11 +1,12 @@
 """The RLlib side of the policy: a per-token Bernoulli action distribution and the RLModule.
 
 Observations (see :mod:`tprl_ray.rl.env`) are ``codes [B, N, d_l]``, ``query [B, d_q]``, ``mask [B, N]``
-(tokens still kept) and ``step [B, 1]`` (``t``). The module runs :class:`PolicyValueNet` over the kept
-tokens and turns each keep probability ``p_i`` into the sampling probability of docs/design.md §1.5,
-``lambda_disc ** t * p_i``; tokens already dropped get a keep probability of zero. The action
-distribution's inputs are those probabilities as logits, so RLlib's PPO loss, entropy and KL all see
-the discounted, masked policy.
+(tokens still kept), ``step [B, 1]`` (``t``) and, in the budget regime, ``budget [B, 1]`` (``b``). The
+module runs :class:`PolicyValueNet` over the kept tokens and turns each keep logit ``l_i`` into the
+sampling probability of docs/design.md §1.5: ``sigmoid(l_i + c)`` with the shift that keeps ``b * N``
+tokens in expectation (budget regime), or ``lambda_disc ** t * sigmoid(l_i)`` (discount regime);
+tokens already dropped get a keep probability of zero. The action distribution's inputs are those
+probabilities as logits, so RLlib's PPO loss, entropy and KL all see the policy that was sampled.
 """
 
 from __future__ import annotations
