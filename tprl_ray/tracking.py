@@ -2,7 +2,7 @@
 
 A pipeline run (:func:`pipeline_run`) is a parent run; every stage started inside it logs a child
 run into the pipeline's experiment, whatever experiment the stage would use on its own. The trained
-pruner is registered as a model version with its tau-per-budget table (:func:`register_pruner`).
+pruner is registered as a model version with its selection rule (:func:`register_pruner`).
 """
 
 from __future__ import annotations
