@@ -72,12 +72,13 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         return self.data.full_correct[index].astype(np.float32)
 
     def _start(self, envs: np.ndarray) -> None:
-        # reward=group: all sub-envs restart together (every episode lasts the same steps), a draw per group
-        group = self.cfg.group_size if self.cfg.reward == "group" else 1
-        slot = np.arange(len(envs)) // group
-        draws = self.rng.integers(0, len(self.data.ids), size=len(envs) // group)
+        if self.cfg.reward == "group":  # all sub-envs restart together (every episode lasts the same steps)
+            draws = self.rng.integers(0, len(self.data.ids), size=self.num_envs // self.cfg.group_size)
+            slot = envs // self.cfg.group_size
+        else:
+            draws, slot = self.rng.integers(0, len(self.data.ids), size=len(envs)), np.arange(len(envs))
         self.index[envs] = draws[slot]
-        if self.cfg.regime == "budget":
+        if self.cfg.regime == "budget":  # the discount regime draws no budgets: its random stream is unchanged
             self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(draws))[slot]
         self.mask[envs] = True
         self.t[envs] = 0
