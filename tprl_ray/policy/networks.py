@@ -107,7 +107,12 @@ class PolicyValueNet(nn.Module):
         f = self.features(codes, query, mask, grid)
         return self.logits(f), self.value(self.pool(f, mask))
 
+    def keep_logits(
+        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return self.logits(self.features(codes, query, mask, grid))
+
     def keep_probabilities(
         self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        return torch.sigmoid(self.logits(self.features(codes, query, mask, grid)))
+        return torch.sigmoid(self.keep_logits(codes, query, mask, grid))

@@ -47,7 +47,7 @@ class LearnedPruner(Pruner):
             raise ValueError(f"features are {features.shape[-1]}-wide but the autoencoder expects {d_v}-wide ones")
         codes = self.encoder.encode(features.float().cpu())[None]
         mask = torch.ones(codes.shape[:2], dtype=torch.bool)
-        return self.policy.logits(self.policy.features(codes, query.float().cpu()[None], mask, tuple(grid)))[0]
+        return self.policy.keep_logits(codes, query.float().cpu()[None], mask, tuple(grid))[0]
 
     def tau(self, budget: float | int, n: int) -> float | None:
         """The keep threshold for ``budget`` of ``n`` tokens (None: top-k)."""
@@ -80,11 +80,12 @@ class TprlPruner(LearnedPruner):
 
     def __init__(self, directory: str | Path):
         super().__init__(directory)
-        if self.card.get("regime") != "budget" and "keep_quantiles" not in self.card:
+        self.top_k = self.card.get("regime") == "budget"  # trained at the budget it is used at
+        if not self.top_k and "keep_quantiles" not in self.card:
             raise ValueError(f"{directory}: policy.json has no tau calibration (not a `tprl train ppo` export)")
 
     def tau(self, budget: float | int, n: int) -> float | None:
-        if self.card.get("regime") == "budget":  # trained at the budget it is used at: top-k
+        if self.top_k:
             return None
         fraction = budget if isinstance(budget, float) else budget_tokens(budget, n) / n
         return tau_for_budget(self.card["keep_quantiles"], fraction)

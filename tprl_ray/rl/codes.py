@@ -4,8 +4,8 @@ A pass over a precompute dataset writes ``OUT/codes/shard-NNNNN.parquet`` (one p
 atomically) with ``sample_id``, ``codes`` (``fixed_shape_tensor<float16>[N, d_latent]``), ``query``,
 ``full_logp``, ``full_correct`` and the token grid (``grid_rows``, ``grid_cols``). Shards are tagged
 with the autoencoder's checksum, so a re-run skips the shards already encoded with the same
-autoencoder and redoes the others. The environment
-holds only these codes; the features stay with the scorer.
+autoencoder and redoes the others. The environment holds only these codes; the features stay with
+the scorer.
 """
 
 from __future__ import annotations

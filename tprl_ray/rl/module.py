@@ -81,6 +81,7 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
 
         self.net = PolicyValueNet(**self.model_config["dims"])
         self.lambda_disc = float(self.model_config["lambda_disc"])
+        self.critic = bool(self.model_config.get("critic", True))
         self.grid = tuple(self.model_config["grid"])
         init = self.model_config.get("init")
         if init:
@@ -91,10 +92,10 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5
 
     def _sampling(self, batch: dict, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        obs = batch[Columns.OBS]
+        obs, logits = batch[Columns.OBS], self.net.logits(f)
         if "budget" in obs:
-            return budget_logits(self.net.logits(f), mask, obs["budget"][:, 0].float())
-        return sampling_logits(self.net.logits(f), mask, obs["step"][:, 0].float(), self.lambda_disc)
+            return budget_logits(logits, mask, obs["budget"][:, 0].float())
+        return sampling_logits(logits, mask, obs["step"][:, 0].float(), self.lambda_disc)
 
     def _forward(self, batch: dict, **kwargs) -> dict:
         codes, query, mask = self._state(batch)
@@ -107,7 +108,7 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask), Columns.EMBEDDINGS: self.net.pool(f, mask)}
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.model_config.get("critic", True):  # no critic: GAE's advantages are the returns
+        if not self.critic:  # no critic: GAE's advantages are the returns
             return torch.zeros(batch[Columns.OBS]["mask"].shape[0], device=batch[Columns.OBS]["mask"].device)
         if embeddings is None:
             codes, query, mask = self._state(batch)
