@@ -71,9 +71,11 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a private test head; the CLI would ot
 
 @contextlib.contextmanager
 def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
-    """A Ray head on 127.0.0.1 with its own ports and temp dir, in its own process group; yields its
-    GCS address. Stopped by SIGTERM to `ray start`, then SIGKILL to that group (never `ray stop`, which stops
-    every Ray on the host)."""
+    """A Ray head with its own ports and temp dir, in its own process group, every process listening on 127.0.0.1
+    only; yields its GCS address. Stopped by SIGTERM to `ray start`, then SIGKILL to that group (never `ray stop`,
+    which stops every Ray on the host)."""
+    from tprl_ray.ray_setup import loopback  # imported here: collecting the tests imports no Ray
+
     port = port or free_port()
     own = [
         f"--{name}={free_port()}"
@@ -98,23 +100,28 @@ def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None, port
         *own,
         *args,
     ]
-    head = subprocess.Popen(
-        cmd,
-        env={**os.environ, **RAY_ENV, **(env or {})},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        # SIGTERM to `ray start` alone: it drains the node through its GCS (1 s), then stops its processes. SIGTERM
-        # to the whole group stops the GCS first, and the drain waits 30 s for it.
-        head.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
+    # The dashboard's and the autoscaler's metrics servers: fixed ports unless set (44227, 44217), maybe held.
+    metrics = {name: str(free_port()) for name in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")}
+    # Ray's single-node switch, for the head (its environment) and for this process while the head runs: else a
+    # driver here, or a `ray job submit` run from here, turns 127.0.0.1 into the host's external address.
+    with loopback():
+        head = subprocess.Popen(
+            cmd,
+            env={**os.environ, **RAY_ENV, **metrics, **(env or {})},
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            # SIGTERM to `ray start` alone: it drains the node through its GCS (1 s), then stops its processes.
+            # SIGTERM to the whole group stops the GCS first, and the drain waits 30 s for it.
+            head.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                head.wait(60)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
 
 
 SMALL_PIPELINE = {

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tprl_ray.data.digits import CATEGORIES
+from tprl_ray.data.config import CATEGORIES
 from tprl_ray.data.layout import DataError, read_split
 
 

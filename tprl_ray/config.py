@@ -49,12 +49,23 @@ def known_name(kind: str, value: str, known) -> str:
     return value
 
 
+def check_budgets(budgets: list[float], counts: bool = True) -> list[float]:
+    """Each budget a kept fraction in (0, 1] or, with ``counts``, a whole number of kept tokens above 1
+    (for field validators: a ValueError naming the first bad one)."""
+    for b in budgets:
+        if 0 < b <= 1 or (counts and b > 1 and float(b).is_integer()):
+            continue
+        kinds = "a kept fraction in (0, 1] nor a whole token count" if counts else "a kept fraction in (0, 1]"
+        raise ValueError(f"budget {b} is {'neither ' if counts else 'not '}{kinds}")
+    return budgets
+
+
 def first_error(exc: ValidationError) -> str:
     """``Model.field.sub: message`` of a validation error's first problem (``Model: message`` for the
     model as a whole)."""
     first = exc.errors()[0]
     where = ".".join([exc.title, *map(str, first["loc"])])
-    return f"{where}: {first['msg']}"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 class Section(BaseModel):
@@ -152,6 +163,12 @@ class BackboneConfig(Section):
         "auto", description="LLaVA prompts: 'auto' is the model card's format for tprl-trained models, else vicuna_v1"
     )
     pad_to_square: bool = Field(True, description="LLaVA: pad images to a square with the mean colour first")
+    max_question_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="questions with more tokens are rejected (None: what fits the model's context beside "
+        "its visual tokens, the answer and 64 tokens of prompt template)",
+    )
 
     def resolved_path(self) -> Path | str:
         """The shipped checkpoint's directory for ``embedded``, else ``path``."""

@@ -3,16 +3,23 @@
 A pipeline run (:func:`pipeline_run`) is a parent run; every stage started inside it logs a child
 run into the pipeline's experiment, whatever experiment the stage would use on its own. The trained
 pruner is registered as a model version with its selection rule (:func:`register_pruner`).
+
+Each run's id is recorded in its output directory (``.mlflow-run-<run name>``). A process killed
+mid-run leaves its run ``RUNNING``: the next run of that name into that directory marks it ``KILLED``.
+A run that continues an unfinished one (killed or ``FAILED``) is tagged ``tprl.resumed_from`` with its id.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 PARENT_RUN = "TPRL_MLFLOW_PARENT_RUN"
+RESUMED_FROM = "tprl.resumed_from"
+RESUMED_BY = "tprl.resumed_by"
 
 
 def tracking_uri(out_dir: str | Path, uri: str | None = None) -> str:
@@ -39,12 +46,48 @@ def _start(out_dir: Path, experiment: str, run_name: str, uri: str):
     )
 
 
+def run_file(out_dir: Path, run_name: str) -> Path:
+    """Where the id of the latest run ``run_name`` into ``out_dir`` is recorded."""
+    return out_dir / f".mlflow-run-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_name)}"
+
+
+def unfinished_run(path: Path) -> str | None:
+    """The run recorded in ``path`` if it did not finish (a ``RUNNING`` one is dead: marked ``KILLED``)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not path.is_file():
+        return None
+    run_id, client = path.read_text().strip(), MlflowClient()
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:  # not in this store
+        return None
+    if status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+    return None if status == "FINISHED" else run_id
+
+
+def record_run(path: Path, run_id: str, previous: str | None) -> None:
+    """Record ``run_id`` in ``path`` (atomically) and link it with the unfinished run it continues."""
+    import mlflow
+
+    tmp = path.with_name(f".{path.name}.tprl-{os.getpid()}.tmp")  # tracking may not import artifacts (layers)
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    if previous:
+        mlflow.set_tags(
+            {RESUMED_FROM: previous, "mlflow.note.content": f"Continues run {previous}, which did not finish."}
+        )
+        mlflow.MlflowClient().set_tag(previous, RESUMED_BY, run_id)
+
+
 @contextlib.contextmanager
 def mlflow_run(
     out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None, params: dict | None = None
 ) -> Iterator:
     """Open an MLflow run (a child run inside :func:`pipeline_run`); artifacts of a local store live
-    in ``<out_dir>/mlruns``.
+    in ``<out_dir>/mlruns``. An unfinished earlier run of ``run_name`` into ``out_dir`` is closed and linked.
 
     ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; the user's value (or its
     absence) is restored afterwards, so a later run in this process picks its own store again.
@@ -56,8 +99,11 @@ def mlflow_run(
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(out_dir, uri)
     mlflow.set_tracking_uri(uri)
+    recorded = run_file(out_dir, run_name)
     try:
+        previous = unfinished_run(recorded)
         with _start(out_dir, experiment, run_name, uri) as run:
+            record_run(recorded, run.info.run_id, previous)
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             yield run

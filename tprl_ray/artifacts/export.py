@@ -21,16 +21,32 @@ def export(module, state: dict, out: Path, name: str, card: dict) -> None:
     atomic_write_bytes(out / f"{name}.json", json.dumps({"dims": module.dims, **card}, indent=2).encode())
 
 
+def check_export(directory: Path, name: str) -> None:
+    """A one-line FileNotFoundError unless ``directory`` holds both files of the export ``name``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: {name} directory not found")
+    missing = [f for f in (f"{name}.json", f"{name}.safetensors") if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: no {' or '.join(missing)} (not a complete {name} export; train it first)"
+        )
+
+
 def load_exported(cls, directory: Path, name: str):
-    """A module saved by :func:`export`, in eval mode, and its card."""
+    """A module saved by :func:`export`, in eval mode, and its card; a one-line FileNotFoundError or
+    ValueError naming the directory when the export is missing, incomplete or not ``cls``'s."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    card_path = Path(directory) / f"{name}.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{directory}: no {name}.json (train it first)")
-    card = json.loads(card_path.read_text())
-    module = cls(**card["dims"])
-    module.load_state_dict(load_file(str(Path(directory) / f"{name}.safetensors")))
+    directory = Path(directory)
+    check_export(directory, name)
+    try:
+        card = json.loads((directory / f"{name}.json").read_text())
+        module = cls(**card["dims"])
+        module.load_state_dict(load_file(str(directory / f"{name}.safetensors")))
+    except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise ValueError(f"{directory}: {name} export does not load ({str(exc).splitlines()[0]})") from None
     return module.eval(), card
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import LlavaConfig, PretrainedConfig, Qwen2_5_VLConfig
 
 from tprl_ray.backbones.base import Backbone, BackboneError
-from tprl_ray.backbones.llava import LlavaBackbone, llava_vision_flops
+from tprl_ray.backbones.llava import LlavaBackbone, llava_patches, llava_vision_flops
 from tprl_ray.backbones.qwen import QwenBackbone, qwen_vision_flops
 from tprl_ray.config import BackboneConfig
 
@@ -35,18 +35,20 @@ def _load_qwen(path: str | Path, cfg: BackboneConfig) -> Backbone:
 @dataclass(frozen=True)
 class Family:
     """A model family: ``load(path, cfg)`` gives its adapter; ``vision_flops(config, full_tokens, kept)``
-    gives (FLOPs of the vision side, patches, LLM visual tokens before pruning)."""
+    gives (FLOPs of the vision side, patches, LLM visual tokens before pruning); ``fixed_tokens(config)``
+    the LLM visual tokens of every image (None where they depend on the image's size)."""
 
     label: str
     model_type: str
     config_class: type[PretrainedConfig]
     load: Callable[[str | Path, BackboneConfig], Backbone]
     vision_flops: Callable[[PretrainedConfig, int | None, int], tuple[int, int, int]]
+    fixed_tokens: Callable[[PretrainedConfig], int | None]
 
 
 FAMILIES = (
-    Family("LLaVA-1.5", "llava", LlavaConfig, _load_llava, llava_vision_flops),
-    Family("Qwen2.5-VL", "qwen2_5_vl", Qwen2_5_VLConfig, _load_qwen, qwen_vision_flops),
+    Family("LLaVA-1.5", "llava", LlavaConfig, _load_llava, llava_vision_flops, llava_patches),
+    Family("Qwen2.5-VL", "qwen2_5_vl", Qwen2_5_VLConfig, _load_qwen, qwen_vision_flops, lambda config: None),
 )
 
 

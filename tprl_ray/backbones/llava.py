@@ -119,13 +119,18 @@ class LlavaBackbone(Backbone):
         return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def llava_patches(config: LlavaConfig) -> int:
+    """Patches (= LLM visual tokens) per image: the fixed image size over the patch size, squared."""
+    return (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+
+
 def llava_vision_flops(config: LlavaConfig, full_tokens: int | None, kept: int) -> tuple[int, int, int]:
     """(FLOPs of CLIP + projector on the whole image, patches, LLM visual tokens): the formula of
     :mod:`tprl_ray.evaluation.efficiency`. The fixed image size gives the patch count (``full_tokens``,
     if given, must match it)."""
     v, d = config.vision_config, config.text_config.hidden_size
     p, dv, mv = v.patch_size, v.hidden_size, v.intermediate_size
-    patches = (v.image_size // p) ** 2
+    patches = llava_patches(config)
     if full_tokens not in (None, patches):
         raise ValueError(f"LLaVA encodes {patches} patches per image, not full_visual_tokens={full_tokens}")
     n = patches + 1  # + CLS

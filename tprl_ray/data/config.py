@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from tprl_ray.config import Command, StageConfig
 
 GRID = 4  # cells per side of a board
+CATEGORIES = ("read", "exist", "count", "where")  # question kinds
 
 
 class DigitsConfig(StageConfig):

@@ -25,13 +25,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
-from tprl_ray.data.config import GRID, DigitsConfig
+from tprl_ray.data.config import CATEGORIES, GRID, DigitsConfig
 from tprl_ray.data.layout import Sample, write_split
 
 CELL = 24
 IMAGE_SIZE = GRID * CELL
 DIGIT_SIZE = 20
-CATEGORIES = ("read", "exist", "count", "where")
 CELL_NAMES = tuple(f"{'abcd'[c]}{r + 1}" for r in range(GRID) for c in range(GRID))
 DIGIT_POOLS = ("train", "test")
 SCHEMA_VERSION = 2  # 2: each question records the cells it is about ("cells")

@@ -65,8 +65,14 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -80,6 +86,16 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]
                 raise DataError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
             rows.append((lineno, row))
     return rows
+
+
+def _unique_ids(path: Path, rows: list[tuple[int, dict]]) -> None:
+    """Raise :class:`DataError` at the first question id seen twice in ``rows``."""
+    first: dict[str, int] = {}
+    for lineno, row in rows:
+        qid = str(row["question_id"])
+        if qid in first:
+            raise DataError(f"{path}:{lineno}: duplicate question_id {qid!r} (first at line {first[qid]})")
+        first[qid] = lineno
 
 
 @dataclass(frozen=True)
@@ -100,16 +116,22 @@ def read_split(
     """Read and validate a split; ``categories`` restricts the allowed question categories.
 
     By default any bad question raises :class:`DataError`. With a ``rejects`` list, a question
-    without an answer (or, when checking images, with an unreadable image) is appended there with
-    its reason and left out; problems with the files themselves still raise.
+    without an answer or text (or, when checking images, with an unreadable image) is appended there with
+    its reason and left out; problems with the files themselves (encoding, JSON, a duplicate id, an
+    empty split, an unknown category) still raise.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: data directory not found")
     qpath, apath = split_dir / "questions.jsonl", split_dir / "answers.jsonl"
     questions = _read_jsonl(qpath, ("question_id", "image", "text", "category"))
+    if not questions:
+        raise DataError(f"{qpath}: no questions")
+    _unique_ids(qpath, questions)
+    answer_rows = _read_jsonl(apath, ("question_id", "answer"))
+    _unique_ids(apath, answer_rows)
     answers = {}
-    for _, row in _read_jsonl(apath, ("question_id", "answer")):
+    for _, row in answer_rows:
         answer = row["answer"]
         answers[str(row["question_id"])] = [str(a) for a in answer] if isinstance(answer, list) else str(answer)
     samples, checked = [], set()
@@ -123,6 +145,8 @@ def read_split(
         try:
             if qid not in answers:
                 raise DataError(f"{qpath}:{lineno}: question {qid} has no answer in {apath.name}")
+            if not str(row["text"]).strip():
+                raise DataError(f"{qpath}:{lineno}: question {qid} has an empty text")
             if check_images and row["image"] not in checked:
                 check_image(split_dir / "images" / row["image"], where=f"{qpath}:{lineno}")
                 checked.add(row["image"])

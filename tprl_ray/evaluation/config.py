@@ -15,6 +15,7 @@ from tprl_ray.config import (
     PoolConfig,
     RunConfig,
     StageConfig,
+    check_budgets,
     known_name,
 )
 from tprl_ray.evaluation.metrics import BENCHMARKS
@@ -32,7 +33,14 @@ class EvalConfig(RunConfig):
     data: Path = Field(Path("runs/demo/data/test"), description="split directory in the LLaVA layout")
     benchmark: BenchmarkName = Field("digits", description=f"scorer: {', '.join(BENCHMARKS)}")
     pruners: list[str] = Field(["random"], min_length=1, description=f"any of {', '.join(PRUNERS)} (a,b,c)")
-    budgets: list[float] = Field([0.25], min_length=1, description="kept fractions (<= 1) or kept token counts (> 1)")
+    budgets: list[float] = Field(
+        [0.25], min_length=1, description="kept fractions in (0, 1] or whole kept token counts (> 1)"
+    )
+    cap_budgets: bool = Field(
+        False,
+        description="a token count above the model's visual tokens keeps them all (the row records the "
+        "effective budget); by default it is refused",
+    )
     policies: dict[str, Path] = Field(
         {},
         description="directories of the learned pruners, e.g. tprl=runs/ppo "
@@ -60,10 +68,8 @@ class EvalConfig(RunConfig):
 
     @field_validator("budgets")
     @classmethod
-    def _positive(cls, value: list[float]) -> list[float]:
-        if any(b <= 0 for b in value):
-            raise ValueError(f"budgets {value} must be > 0")
-        return value
+    def _budgets(cls, value: list[float]) -> list[float]:
+        return check_budgets(value)
 
 
 def budget_value(budget: float) -> float | int:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
-from tprl_ray.data.layout import read_split
+from tprl_ray.artifacts.outputs import check_writable
+from tprl_ray.config import ConfigError
+from tprl_ray.data.layout import DataError, Reject, Sample, read_split
 from tprl_ray.evaluation.config import EvalConfig, budget_value, setting_label
+from tprl_ray.evaluation.metrics import BENCHMARK_CATEGORIES
 from tprl_ray.evaluation.predict import Setting, predict, summarize
 from tprl_ray.evaluation.report import format_table, report_row
 from tprl_ray.pruners.registry import build_pruner
@@ -71,7 +75,8 @@ class Predictor:
 
 
 def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
-    """Every setting's prediction for every question, from the actor pool."""
+    """Every setting's prediction for every question, from the actor pool. A dead actor (process
+    killed, node lost) is restarted and the chunks it held run again (Ray Data's defaults, pinned here)."""
     import ray
 
     from tprl_ray.ray_setup import gpus_per_actor, init_ray
@@ -85,27 +90,79 @@ def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
         compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
         num_cpus=cfg.pool.cpus,
         num_gpus=gpus_per_actor(cfg.pool.gpus),
+        max_restarts=-1,
+        max_task_retries=-1,
     ).take_all()
 
 
+@dataclass
+class Checked:
+    """What :func:`check_inputs` found: the questions to answer, those rejected, the words outside the
+    vocabulary, every setting (its pruner loaded) and each capped budget's effective token count."""
+
+    samples: list[Sample]
+    rejects: list[Reject]
+    vocabulary: dict
+    settings: list[Setting]
+    effective: dict[float, int]
+
+
+def check_inputs(cfg: EvalConfig) -> Checked:
+    """Everything checked in the driver before Ray starts: the output directory, the split (categories
+    of the benchmark, images), question lengths, budgets against the model's visual tokens and the
+    learned pruners' directories against the model."""
+    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
+    from tprl_ray.pruners.lfd import LearnedPruner
+
+    check_writable(cfg.out.parent)
+    model = ModelInputs.load(cfg.backbone)
+    samples = read_split(cfg.data, categories=BENCHMARK_CATEGORIES.get(cfg.benchmark))
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    samples, rejects = model.within_length(samples, model.question_cap(cfg.backbone, cfg.max_new_tokens))
+    if not samples:
+        raise DataError(f"{cfg.data}: every question is rejected, e.g. {rejects[0].reason}")
+    effective = {}
+    for b in cfg.budgets:
+        if model.visual_tokens is not None and b > model.visual_tokens:
+            if not cfg.cap_budgets:
+                raise ConfigError(
+                    f"budget {b:g} is above the {model.visual_tokens} visual tokens of {model.path} "
+                    "(--cap-budgets true keeps them all)"
+                )
+            effective[b] = model.visual_tokens
+    chosen = settings(cfg)
+    for _, pruner, _ in chosen:
+        if isinstance(pruner, LearnedPruner):
+            pruner.check_widths(model.feature_width, model.embedding_width)
+    vocabulary = {cfg.data.name: model.vocabulary(samples)}
+    for split, counts in vocabulary.items():
+        if warning := vocabulary_warning(split, counts):
+            print(f"[eval] {warning}")
+    for reject in rejects:
+        print(f"[eval] rejected: {reject.reason}")
+    return Checked(samples, rejects, vocabulary, chosen, effective)
+
+
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
-    """The report (rows with scores, relative scores, tokens, FLOPs and KV cache) and each setting's records."""
+    """The report (rows with scores, relative scores, tokens, FLOPs and KV cache; the rejected questions
+    and the words outside the vocabulary) and each setting's records."""
     from transformers import AutoConfig
 
     from tprl_ray.evaluation.efficiency import pruned_efficiency
     from tprl_ray.pruners.base import budget_tokens
 
-    samples = read_split(cfg.data)  # validates everything (images included) before any actor starts
-    if cfg.limit:
-        samples = samples[: cfg.limit]
+    checked = check_inputs(cfg)
+    samples, chosen = checked.samples, checked.settings
     chunks = [
         [s.question_id for s in samples[i : i + cfg.pool.batch_size]]
         for i in range(0, len(samples), cfg.pool.batch_size)
     ]
     by_setting: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in predictions(cfg, chunks):
+        if row["question_id"] in by_setting[row["setting"]]:
+            raise RuntimeError(f"{row['setting']}: more than one prediction for question {row['question_id']!r}")
         by_setting[row["setting"]][row["question_id"]] = row
-    chosen = settings(cfg)
     records = {}
     for label, _, _ in chosen:
         rows = by_setting[label]
@@ -132,16 +189,17 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
     rows = []
     for label, pruner, budget in chosen:
         cost = pruned_efficiency(config, pruner, full_tokens, budget_tokens(budget, full_tokens), text_tokens)
-        rows.append(
-            report_row(
-                label,
-                pruner.name,
-                budget,
-                summaries[label],
-                base,
-                {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6},
-            )
+        row = report_row(
+            label,
+            pruner.name,
+            budget,
+            summaries[label],
+            base,
+            {"flops": cost.flops, "kv_cache_mb": cost.kv_cache_bytes / 1e6},
         )
+        if label != "none_100" and budget in checked.effective:
+            row["effective_budget"] = checked.effective[budget]
+        rows.append(row)
     report = {
         "benchmark": cfg.benchmark,
         "model": str(cfg.backbone.resolved_path()),
@@ -149,6 +207,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
         "n": len(samples),
         "text_tokens": text_tokens,
         "rows": rows,
+        "rejects": [{"question_id": r.question_id, "reason": r.reason} for r in checked.rejects],
+        "vocabulary": checked.vocabulary,
     }
     return report, records
 

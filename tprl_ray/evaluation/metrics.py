@@ -20,6 +20,7 @@ import re
 from collections import defaultdict
 
 from tprl_ray.config import known_name
+from tprl_ray.data.config import CATEGORIES as DIGITS_CATEGORIES
 
 BENCHMARKS = ("digits", "vqav2", "gqa", "pope", "mme", "mmbench", "seed", "scienceqa")
 
@@ -40,6 +41,12 @@ MME_SUBTASKS = {
         "OCR",
     ),
     "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}
+
+# The question categories a benchmark's scorer knows (the others take any category).
+BENCHMARK_CATEGORIES = {
+    "digits": DIGITS_CATEGORIES,
+    "mme": tuple(subtask for subtasks in MME_SUBTASKS.values() for subtask in subtasks),
 }
 
 

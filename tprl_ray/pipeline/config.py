@@ -20,6 +20,7 @@ from tprl_ray.config import (
     PoolConfig,
     RunConfig,
     StageConfig,
+    check_budgets,
     first_error,
     known_name,
 )
@@ -94,6 +95,11 @@ class PipelineConfig(RunConfig):
 
     wired: ClassVar[frozenset[str]] = frozenset(WIRED)
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {f"ppo.{k}": v for k, v in PAPER_PPO.items()}}
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list[float]) -> list[float]:
+        return check_budgets(value, counts=False)
 
     @field_validator("pruners")
     @classmethod

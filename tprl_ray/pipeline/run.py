@@ -16,12 +16,14 @@ import json
 from pathlib import Path
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
+from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.backbones.base import BackboneError
 from tprl_ray.config import EMBEDDED_MODEL
 from tprl_ray.data.config import DigitsConfig
 from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
-from tprl_ray.data.layout import DataError
+from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.evaluation.engine import run_eval
+from tprl_ray.evaluation.metrics import BENCHMARK_CATEGORIES
 from tprl_ray.evaluation.report import format_table, mean_report, pareto_plot
 from tprl_ray.pipeline.config import PipelineConfig, stage_configs
 from tprl_ray.tracking import pipeline_run, tracking_uri
@@ -67,6 +69,33 @@ def prepare_model(cfg: PipelineConfig, data: Path) -> Path:
     return path
 
 
+def check_splits(cfg: PipelineConfig, data: Path) -> dict[str, list]:
+    """Each split read as its stage will read it, before any stage runs: the test split as the
+    evaluation does, and the train and val questions the precompute reads (returned)."""
+    read_split(data / "test", categories=BENCHMARK_CATEGORIES.get(cfg.benchmark))
+    return {
+        split: read_split(data / split, check_images=False, rejects=[])[: cfg.train_questions or None]
+        for split in ("train", "val")
+    }
+
+
+def check_inputs(splits: dict[str, list], stages: dict) -> dict:
+    """What the stages would refuse against the model, before the first computes: the evaluation's
+    inputs (but the policies this run trains); the words outside the model's vocabulary, per split."""
+    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
+    from tprl_ray.evaluation.engine import check_inputs as check_evaluation
+
+    evaluation = stages["evaluation"]
+    untrained = [n for n in evaluation.pruners if n not in evaluation.policies]
+    test = check_evaluation(evaluation.model_copy(update={"pruners": untrained, "policies": {}})).vocabulary
+    model = ModelInputs.load(evaluation.backbone)
+    vocabulary = {split: model.vocabulary(samples) for split, samples in splits.items()}
+    for split, counts in vocabulary.items():
+        if warning := vocabulary_warning(split, counts):
+            print(f"[pipeline] {warning}")
+    return {**vocabulary, **test}
+
+
 def train_policies(stages: dict) -> None:
     """Precompute, autoencoder, LfD and PPO into the pipeline's output directory."""
     from tprl_ray.precompute.job import run_precompute
@@ -89,9 +118,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every stage as a child run of one MLflow pipeline run; writes ``report.json`` and ``pareto.png``."""
     import mlflow
 
+    check_writable(cfg.out)
+    data = prepare_data(cfg)
+    splits = check_splits(cfg, data)
     with pipeline_run(cfg.out, cfg.experiment, "pipeline", cfg.mlflow_uri, params=cfg.flat()):
-        data = prepare_data(cfg)
         model = prepare_model(cfg, data)
+        vocabulary = check_inputs(splits, stage_configs(cfg, data, model))
         reports = []
         for seed in cfg.seeds or [None]:
             if seed is not None:
@@ -103,8 +135,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         report = reports[0]
         if cfg.seeds:  # the per-seed reports stay in out/seed-N
             report = mean_report(reports, cfg.seeds)
-            atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
-            mlflow.log_artifact(str(cfg.out / "report.json"))
+        report["vocabulary"] = vocabulary
+        atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
+        mlflow.log_artifact(str(cfg.out / "report.json"))
         pareto_plot(report, cfg.out / "pareto.png")
         mlflow.log_artifact(str(cfg.out / "pareto.png"))
     print(format_table(report))

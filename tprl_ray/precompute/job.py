@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tprl_ray.artifacts.atomic import atomic_write_bytes, write_parquet
+from tprl_ray.artifacts.atomic import atomic_write_bytes, remove_leftovers, write_parquet
+from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.data.layout import Reject, Sample, read_split
 from tprl_ray.precompute.config import PrecomputeConfig
@@ -176,16 +177,28 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | N
 def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "ray") -> dict:
     """Compute every pending shard; ``engine="local"`` runs the same steps in this process without Ray
     (the baseline of `tprl bench precompute`)."""
+    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
+
     started = time.time()
+    check_writable(cfg.out)
+    for directory in (cfg.out, cfg.out / "shards", cfg.out / "rejects"):  # what a killed run left half-written
+        remove_leftovers(directory)
     unanswered: list[Reject] = []
     samples = read_split(cfg.data, check_images=False, rejects=unanswered)
     if cfg.limit:
         samples = samples[: cfg.limit]
+    model = ModelInputs.load(cfg.backbone)
+    answer_tokens = max(model.question_tokens(reference_answer(s.answer)) for s in samples) if samples else 0
+    samples, too_long = model.within_length(samples, model.question_cap(cfg.backbone, answer_tokens))
+    vocabulary = model.vocabulary(samples)
+    if warning := vocabulary_warning(cfg.data.name, vocabulary):
+        print(f"[precompute] {warning}")
     write_manifest(cfg, samples)
-    write_parquet(
-        reject_table([{"sample_id": r.question_id, "image": r.image, "reason": r.reason} for r in unanswered]),
-        cfg.out / "rejects" / "unanswered.parquet",
-    )
+    for name, rejects in (("unanswered", unanswered), ("too_long", too_long)):
+        write_parquet(
+            reject_table([{"sample_id": r.question_id, "image": r.image, "reason": r.reason} for r in rejects]),
+            cfg.out / "rejects" / f"{name}.parquet",
+        )
     shards = [samples[i : i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
     pending = [k for k in range(len(shards)) if not shard_paths(cfg.out, k)[1].is_file()]
     items = [{"sample_id": s.question_id, "shard": k, "image": s.image} for k in pending for s in shards[k]]
@@ -194,10 +207,12 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         rows = ray_rows(cfg, items, progress) if engine == "ray" else local_rows(cfg, items)
         first_row = collect_shards(cfg, rows, {k: len(shards[k]) for k in pending}, progress)
     counts = dataset_counts(cfg.out, len(shards))
-    write_manifest(cfg, samples, {"shards": len(shards), **counts, "unanswered": len(unanswered)})
+    left_out = {"unanswered": len(unanswered), "too_long": len(too_long)}
+    write_manifest(cfg, samples, {"shards": len(shards), **counts, **left_out, "vocabulary": vocabulary})
     return {
         **counts,
-        "unanswered": len(unanswered),
+        **left_out,
+        "vocabulary": vocabulary,
         "shards": len(shards),
         "shards_computed": len(pending),
         "shards_skipped": len(shards) - len(pending),

@@ -5,6 +5,8 @@ Layout of ``OUT/``::
     manifest.json               schema version, the config that produced it, counts
     shards/shard-00000.parquet  one row per (image, question); absent if every question was rejected
     rejects/shard-00000.parquet questions left out of that shard, with the reason (possibly none)
+    rejects/unanswered.parquet  questions the driver left out: without an answer or text,
+    rejects/too_long.parquet    or over the question-token cap (backbone.max_question_tokens)
 
 Each file is written atomically (temporary name, then rename); a shard is complete once its rejects
 file exists (it is written last), and a re-run skips complete shards.

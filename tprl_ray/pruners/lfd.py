@@ -27,8 +27,14 @@ class LearnedPruner(Pruner):
         from tprl_ray.policy.autoencoder import TokenAutoencoder
         from tprl_ray.policy.networks import PolicyValueNet
 
-        self.encoder, self.autoencoder_card = load_exported(TokenAutoencoder, Path(directory), "autoencoder")
-        self.policy, self.card = load_exported(PolicyValueNet, Path(directory), "policy")
+        self.directory = Path(directory)
+        self.encoder, self.autoencoder_card = load_exported(TokenAutoencoder, self.directory, "autoencoder")
+        self.policy, self.card = load_exported(PolicyValueNet, self.directory, "policy")
+        if self.policy.dims["d_latent"] != self.encoder.dims["d_latent"]:
+            raise ValueError(
+                f"{self.directory}: the policy reads {self.policy.dims['d_latent']}-wide codes, "
+                f"its autoencoder writes {self.encoder.dims['d_latent']}-wide ones"
+            )
         self.threshold = threshold
 
     def flops(self, n: int, kept: int, d_llm: int, d_v: int, text_tokens: int = 0) -> float:
@@ -38,6 +44,15 @@ class LearnedPruner(Pruner):
         encoder = 2.0 * n * (ae["d_v"] * ae["hidden"] + ae["hidden"] * ae["d_latent"])
         attention = 2.0 * (n + 1) * 4 * d * d + 2.0 * 2 * (n + 1) ** 2 * d if policy["attention"] else 0.0
         return encoder + 2.0 * policy["d_query"] * d + attention + 2.0 * n * (2 * d * hidden + d)
+
+    def check_widths(self, feature_width: int, embedding_width: int) -> None:
+        """Refuse a model whose vision features or LLM embeddings are not the widths this pruner was trained on."""
+        d_v, d_query = self.encoder.dims["d_v"], self.policy.dims["d_query"]
+        if (d_v, d_query) != (feature_width, embedding_width):
+            raise ValueError(
+                f"{self.name} pruner of {self.directory} was trained on {d_v}-wide vision features and "
+                f"{d_query}-wide embeddings; this model has {feature_width} and {embedding_width}"
+            )
 
     @torch.no_grad()
     def keep_logits(self, features: torch.Tensor, query: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from tprl_ray.config import PAPER_BUDGETS, Command, RunConfig, Section
+from tprl_ray.config import PAPER_BUDGETS, Command, RunConfig, Section, check_budgets
 from tprl_ray.service.config import ScorerConfig
 
 
@@ -105,10 +105,18 @@ class PpoConfig(RunConfig):
     heads: int = Field(4, ge=1)
     hidden: int = Field(256, ge=1)
     checkpoint_every: int = Field(5, ge=1)
+    stall_timeout_s: float = Field(
+        600, gt=0, description="stop with an error after this long without an env step (a lost node takes minutes)"
+    )
     budgets: list[float] = Field(PAPER_BUDGETS, description="budgets whose tau the card lists")
     registered_model: str | None = Field(
         "tprl-pruner", description="MLflow model the export is registered as (None: not registered)"
     )
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list[float]) -> list[float]:
+        return check_budgets(value, counts=False)
 
     @model_validator(mode="after")
     def _needs_an_autoencoder(self):

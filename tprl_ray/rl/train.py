@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tprl_ray.artifacts.export import copy_export, export
+from tprl_ray.artifacts.atomic import remove_leftovers
+from tprl_ray.artifacts.export import check_export, copy_export, export
+from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.config import EnvConfig, PpoConfig
@@ -30,7 +32,6 @@ from tprl_ray.service.scorer import APP
 
 ENV_NAME = "tprl-pruning"
 PROGRESS = "progress.json"
-STALLED_ITERATIONS = 3
 
 
 def make_env(config: dict):
@@ -104,6 +105,8 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
             rollout_fragment_length="auto",
             sample_timeout_s=1800,
         )
+        # Ray restarts a dead env runner (process killed, node lost); RLlib samples it again once it answers
+        .fault_tolerance(restart_failed_env_runners=True)
         .learners(num_learners=0)
         .rl_module(
             rl_module_spec=RLModuleSpec(
@@ -158,13 +161,21 @@ def curated(result: dict, seconds: float) -> dict:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+# settings a resumed run may change
+UNCHECKED = (
+    "iterations",
+    "checkpoint_every",
+    "stall_timeout_s",
+    "budgets",
+    "registered_model",
+    "ray_address",
+    "mlflow_uri",
+)
+
+
 def settings(cfg: PpoConfig) -> dict:
     """What must not change when a run resumes."""
-    return {
-        k: v
-        for k, v in json.loads(cfg.model_dump_json()).items()
-        if k not in ("iterations", "checkpoint_every", "budgets", "registered_model", "ray_address", "mlflow_uri")
-    }
+    return {k: v for k, v in json.loads(cfg.model_dump_json()).items() if k not in UNCHECKED}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -237,8 +248,9 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
 
 
 def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
-    """Train (or resume) up to ``cfg.iterations``; export and log. ``on_iteration(i, metrics)`` is
-    called after each iteration (tests use it to disturb the run)."""
+    """Train (or resume) up to ``cfg.iterations``; export and log. Leftovers of a killed run are removed
+    first; an iteration that sampled nothing (its env runners died) is run again. ``on_iteration(i,
+    metrics)`` is called after each iteration (tests use it to disturb the run)."""
     import mlflow
     from ray import serve
 
@@ -247,7 +259,16 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
     from tprl_ray.service.scorer import start_scorer
     from tprl_ray.tracking import mlflow_run, register_pruner
 
-    resumable_history(cfg)  # refuse early, before anything starts
+    check_writable(cfg.out)  # refuse early, before anything starts
+    check_export(cfg.autoencoder_dir(), "autoencoder")
+    if cfg.init is not None:
+        check_export(cfg.init, "policy")
+    resumable_history(cfg)
+    removed = remove_leftovers(cfg.out / "checkpoints", [".tmp-*"])  # what a killed save_checkpoint left
+    for directory in (cfg.out, cfg.out / "codes", cfg.out / "codes-val"):
+        removed += remove_leftovers(directory)
+    if removed:
+        print(f"[ppo] removed leftovers of a killed run: {', '.join(removed)}")
     codes_dir, val_dir = prepare_codes(cfg)
     init_ray(cfg.ray_address)
     print(f"[ppo] starting {cfg.scorer.pool.size} scorer replica(s)")
@@ -257,16 +278,20 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
         algo = build_algo(cfg, codes_dir)
         history = resume(algo, cfg)
         with mlflow_run(cfg.out, "tprl-ppo", "ppo", cfg.mlflow_uri, params=cfg.flat()):
-            idle = 0
-            for i in range(len(history), cfg.iterations):
+            sampled_at = time.monotonic()
+            while (i := len(history)) < cfg.iterations:
                 start = time.perf_counter()
                 metrics = curated(algo.train(), time.perf_counter() - start)
-                idle = 0 if metrics.get("env_steps_per_s") else idle + 1
-                if idle == STALLED_ITERATIONS:  # RLlib would go on learning from nothing
-                    raise RuntimeError(
-                        f"no env steps sampled in {idle} iterations in a row: the env runners fail "
-                        "(their worker logs under the Ray session's logs/ say why)"
-                    )
+                if not metrics.get("env_steps_per_s", 0) > 0:  # 0 or NaN: every env runner failed
+                    if time.monotonic() - sampled_at > cfg.stall_timeout_s:  # RLlib would learn from nothing
+                        raise RuntimeError(
+                            f"no env steps sampled in {cfg.stall_timeout_s:g} s: the env runners fail "
+                            "(their worker logs under the Ray session's logs/ say why)"
+                        )
+                    print(f"[ppo] iteration {i + 1} sampled nothing (a dead env runner restarts?); running it again")
+                    time.sleep(1)
+                    continue
+                sampled_at = time.monotonic()
                 history.append(metrics)
                 mlflow.log_metrics(metrics, step=i + 1)
                 record_iteration(metrics, i + 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tprl_ray.training.common import all_reduce_sum, datasets, end_epoch, export_run, feature_width, fit, restore
+from tprl_ray.training.common import all_reduce_sum, end_epoch, export_run, feature_width, fit, restore
 from tprl_ray.training.config import AutoencoderConfig
 
 
@@ -73,7 +73,7 @@ def train_autoencoder(cfg: AutoencoderConfig) -> dict:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
     }
-    result = fit(autoencoder_loop, loop_config, cfg, "autoencoder", datasets(cfg, ["features"]))
+    result = fit(autoencoder_loop, loop_config, cfg, "autoencoder", ["features"])
     return export_run(cfg, result, TokenAutoencoder(d_v, cfg.latent, cfg.hidden), "autoencoder", "tprl-autoencoder")
 
 

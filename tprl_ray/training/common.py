@@ -9,17 +9,21 @@ exports the weights as safetensors with a JSON card and logs the history to MLfl
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
+from tprl_ray.artifacts.atomic import remove_leftovers
 from tprl_ray.artifacts.export import export
+from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.training.config import TrainStageConfig
 
 STATE = "state.pt"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints a run resumes from
 
 
 def feature_width(data: Path, column: str = "features") -> int:
@@ -58,23 +62,27 @@ def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
     return {"train": read(cfg.data, keep=False), "val": read(cfg.data, keep=True)}
 
 
-def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
-    """Run ``loop`` on ``cfg.workers`` Ray Train workers. Ray Train (v2) restores the run named ``name``
-    under ``out/ray_train`` from its checkpoint manager's snapshot, so ``ray.train.get_checkpoint()``
-    in the workers is the newest checkpoint of an earlier run, if any."""
+def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, columns: list[str]):
+    """Run ``loop`` on ``cfg.workers`` Ray Train workers over the :func:`datasets` of ``columns``. Ray
+    Train (v2) restores the run named ``name`` under ``out/ray_train`` from its checkpoint manager's
+    snapshot, so ``ray.train.get_checkpoint()`` in the workers is the newest checkpoint of an earlier
+    run, if any. The output directory and the resumed run are checked before Ray starts."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tprl_ray.ray_setup import init_ray
 
-    init_ray(cfg.ray_address)
+    check_writable(cfg.out)
     storage = cfg.out.resolve() / "ray_train"
+    if removed := remove_leftovers(cfg.out) + remove_unlisted_checkpoints(storage / name):
+        print(f"[train] removed leftovers of a killed run: {', '.join(removed)}")
     check_resumable(storage / name, loop_config)
+    init_ray(cfg.ray_address)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        datasets=data,
+        datasets=datasets(cfg, columns),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -88,6 +96,19 @@ def fit(loop, loop_config: dict, cfg: TrainStageConfig, name: str, data: dict):
 def settings(loop_config: dict) -> dict:
     """What must not change when a run resumes (everything but the epoch count)."""
     return {k: v for k, v in loop_config.items() if k != "epochs"}
+
+
+def remove_unlisted_checkpoints(run_dir: Path) -> list[str]:
+    """Remove the checkpoint folders of ``run_dir`` that Ray Train's snapshot does not list (a killed
+    run's half-copied or unregistered ones; Ray Train never resumes from them); none if it does not parse."""
+    snapshot = run_dir / SNAPSHOT
+    try:
+        state = json.loads(snapshot.read_text()) if snapshot.is_file() else {}
+        results = [*state.get("checkpoint_results", []), *state.get("pending_training_results", [])]
+        listed = {r["checkpoint_dir_name"] for r in results}
+    except (ValueError, KeyError, TypeError):
+        return []
+    return remove_leftovers(run_dir, ("checkpoint_*",), keep={SNAPSHOT, *listed})
 
 
 def check_resumable(run_dir: Path, loop_config: dict) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tprl_ray.artifacts.export import copy_export, load_exported
+from tprl_ray.artifacts.export import check_export, copy_export, load_exported
 from tprl_ray.precompute.schema import token_grid
 from tprl_ray.training.common import (
     all_reduce_sum,
     check_width,
-    datasets,
     end_epoch,
     export_run,
     feature_width,
@@ -93,10 +92,8 @@ def train_lfd(cfg: LfdConfig) -> dict:
     """Fit (or resume), export the policy beside a copy of its autoencoder and log the run."""
     from tprl_ray.policy.networks import PolicyValueNet
 
-    card_path = cfg.autoencoder / "autoencoder.json"
-    if not card_path.is_file():
-        raise FileNotFoundError(f"{cfg.autoencoder}: no autoencoder.json (run tprl train autoencoder first)")
-    dims = json.loads(card_path.read_text())["dims"]
+    check_export(cfg.autoencoder, "autoencoder")
+    dims = json.loads((cfg.autoencoder / "autoencoder.json").read_text())["dims"]
     check_width(cfg.data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
     if cfg.val_data is not None:
         check_width(cfg.val_data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
@@ -115,7 +112,7 @@ def train_lfd(cfg: LfdConfig) -> dict:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
     }
-    result = fit(lfd_loop, loop_config, cfg, "lfd", datasets(cfg, ["features", "query", "demo_masks"]))
+    result = fit(lfd_loop, loop_config, cfg, "lfd", ["features", "query", "demo_masks"])
     copy_export(cfg.autoencoder, cfg.out, "autoencoder")
     return export_run(
         cfg,
