@@ -132,6 +132,7 @@ SMALL_PIPELINE = {
     "autoencoder": {"epochs": 1},
     "lfd": {"epochs": 1},
     "ppo": {"iterations": 1},
+    "trajectories": 2,
 }
 
 

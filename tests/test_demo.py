@@ -80,8 +80,14 @@ def test_run_is_in_mlflow(demo):
     out, report = demo
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tprl").experiment_id])}
-    assert set(runs) == {"pipeline", "evaluation"}
+    assert set(runs) == {"pipeline", "evaluation", "trajectories"}
     assert runs["evaluation"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
+    assert runs["trajectories"].data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
+    logged = {a.path for a in client.list_artifacts(runs["trajectories"].info.run_id, "trajectories")}
+    figures = sorted((out / "trajectories").glob("*.png"))
+    assert len(figures) == 8 and logged == {f"trajectories/{f.name}" for f in figures} | {
+        "trajectories/trajectories.json"
+    }
     assert runs["pipeline"].data.params["policy"] == "shipped"
     metrics = runs["evaluation"].data.metrics
     assert metrics["none_100.accuracy"] == pytest.approx(report["rows"][0]["accuracy"])

@@ -24,6 +24,9 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
     ):
         assert (out / path).is_file(), path
     assert json.loads((out / "ppo" / "policy.json").read_text())["init"] == str(out / "lfd")
+    trajectories = json.loads((out / "trajectories" / "trajectories.json").read_text())
+    assert [len(step["kept"]) for step in trajectories[0]["steps"]] == [64, 16]  # the PPO policy at 25%
+    assert len(list((out / "trajectories").glob("*.png"))) == 2
 
 
 def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
@@ -33,7 +36,7 @@ def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"autoencoder", "lfd", "ppo", "evaluation"} and len(runs) == 5
+    assert set(children) == {"autoencoder", "lfd", "ppo", "evaluation", "trajectories"} and len(runs) == 6
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["ppo"].data.params["train_batch_size"] == "768"
     report = json.loads((out / "report.json").read_text())

@@ -8,7 +8,9 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from tprl_ray.config import (
+    EMBEDDED_LFD,
     EMBEDDED_MODEL,
+    PAPER_BUDGETS,
     PAPER_CONFIGS,
     BackboneConfig,
     Command,
@@ -104,6 +106,29 @@ class ReportConfig(StageConfig):
     mlflow_uri: str | None = None
 
 
+class VizConfig(StageConfig):
+    """`tprl viz`: trajectory figures of a learned pruner, one PNG per question (in this process)."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    data: Path = Field(Path("runs/demo/data/test"), description="split directory in the LLaVA layout")
+    policy: Path = Field(
+        EMBEDDED_LFD, description="a learned pruner's directory (`tprl train ppo` or `tprl train lfd` output)"
+    )
+    budgets: list[float] = Field(
+        PAPER_BUDGETS, min_length=1, description="kept fraction after each step T = 1, 2, ... (sorted descending)"
+    )
+    questions: list[str] = Field([], description="question ids (none: `count` questions, the categories in turn)")
+    count: int = Field(8, ge=1, description="questions to draw when none are named")
+    out: Path = Field(Path("runs/viz"), description="directory of the PNGs and trajectories.json")
+    max_new_tokens: int = Field(8, ge=1)
+    mlflow_uri: str | None = Field(None, description="tracking URI (default: sqlite under the output directory)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list[float]) -> list[float]:
+        return sorted(check_budgets(value, counts=False), reverse=True)
+
+
 COMMANDS = (
     Command(
         ("eval",),
@@ -119,5 +144,11 @@ COMMANDS = (
     ),
     Command(
         ("report",), ReportConfig, "tprl_ray.evaluation.report:command", "one table and a Pareto plot from reports"
+    ),
+    Command(
+        ("viz",),
+        VizConfig,
+        "tprl_ray.evaluation.trajectory:command",
+        "trajectory figures: the tokens a learned pruner keeps at each step, one PNG per question",
     ),
 )

@@ -76,7 +76,8 @@ class Predictor:
 
 def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
     """Every setting's prediction for every question, from the actor pool. A dead actor (process
-    killed, node lost) is restarted and the chunks it held run again (Ray Data's defaults, pinned here)."""
+    killed, node lost) is restarted and the chunks it held run again (Ray Data's actor pool does both
+    by default; ``tests/test_faults.py`` kills one)."""
     import ray
 
     from tprl_ray.ray_setup import gpus_per_actor, init_ray
@@ -90,8 +91,6 @@ def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
         compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
         num_cpus=cfg.pool.cpus,
         num_gpus=gpus_per_actor(cfg.pool.gpus),
-        max_restarts=-1,
-        max_task_retries=-1,
     ).take_all()
 
 

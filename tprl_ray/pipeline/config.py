@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tprl_ray.config import (
+    EMBEDDED_LFD,
     PAPER_BUDGETS,
     BackboneConfig,
     Command,
@@ -24,7 +25,7 @@ from tprl_ray.config import (
     first_error,
     known_name,
 )
-from tprl_ray.evaluation.config import BenchmarkName, EvalConfig
+from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, VizConfig
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
@@ -92,6 +93,9 @@ class PipelineConfig(RunConfig):
     ppo: PpoConfig = PpoConfig()
     evaluation: PoolConfig = Field(PoolConfig(cpus=2, batch_size=64), description="the evaluation's actor pool")
     experiment: str = Field("tprl", description="MLflow experiment of the pipeline run and its stage runs")
+    trajectories: int = Field(
+        8, ge=0, description="test questions whose pruning steps `tprl viz` draws at the end (0: none)"
+    )
 
     wired: ClassVar[frozenset[str]] = frozenset(WIRED)
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {f"ppo.{k}": v for k, v in PAPER_PPO.items()}}
@@ -187,6 +191,15 @@ def stage_configs(
         pool=cfg.evaluation,
         seed=seed,
         ray_address=cfg.ray_address,
+        mlflow_uri=uri,
+    )
+    stages["viz"] = VizConfig(
+        backbone=backbone,
+        data=data / "test",
+        policy=out / "ppo" if cfg.policy == "train" else EMBEDDED_LFD,
+        budgets=cfg.budgets,
+        count=max(1, cfg.trajectories),
+        out=out / "trajectories",
         mlflow_uri=uri,
     )
     return stages

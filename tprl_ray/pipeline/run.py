@@ -5,7 +5,8 @@ Builds the digits benchmark and obtains the tiny LLaVA (the shipped checkpoint, 
 val splits (Ray Data), the autoencoder and the LfD policy (Ray Train), PPO against the scorer
 service (RLlib, Ray Serve). Finally the evaluation engine runs the held-out test split unpruned and
 with every pruner at every budget (``lfd`` and ``tprl`` are the policies just trained): a table with
-each setting's FLOPs and KV cache, ``OUT/report.json`` and the Pareto plot ``OUT/pareto.png``. One
+each setting's FLOPs and KV cache, ``OUT/report.json``, the Pareto plot ``OUT/pareto.png`` and the
+trajectory figures of the pruner (``OUT/trajectories``, :mod:`tprl_ray.evaluation.trajectory`). One
 MLflow parent run holds every stage as a child run (sqlite ``OUT/mlflow.db`` by default); PPO
 registers the pruner as a model version. A re-run with the same ``OUT`` resumes or skips finished stages.
 """
@@ -25,6 +26,7 @@ from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.evaluation.engine import run_eval
 from tprl_ray.evaluation.metrics import BENCHMARK_CATEGORIES
 from tprl_ray.evaluation.report import format_table, mean_report, pareto_plot
+from tprl_ray.evaluation.trajectory import run_viz
 from tprl_ray.pipeline.config import PipelineConfig, stage_configs
 from tprl_ray.tracking import pipeline_run, tracking_uri
 
@@ -132,6 +134,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             if cfg.policy == "train":
                 train_policies(stages)
             reports.append(run_eval(stages["evaluation"]))
+            if cfg.trajectories:
+                print(f"[pipeline] trajectory figures: {stages['viz'].out}")
+                run_viz(stages["viz"])
         report = reports[0]
         if cfg.seeds:  # the per-seed reports stay in out/seed-N
             report = mean_report(reports, cfg.seeds)

@@ -55,13 +55,16 @@ class LearnedPruner(Pruner):
             )
 
     @torch.no_grad()
-    def keep_logits(self, features: torch.Tensor, query: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Each token's keep logit (``sigmoid`` of it is the keep probability)."""
+    def keep_logits(
+        self, features: torch.Tensor, query: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each token's keep logit (``sigmoid`` of it is the keep probability), given the tokens still
+        kept (``mask`` ``[N]`` bool; default: all of them)."""
         d_v = self.encoder.dims["d_v"]
         if features.shape[-1] != d_v:
             raise ValueError(f"features are {features.shape[-1]}-wide but the autoencoder expects {d_v}-wide ones")
         codes = self.encoder.encode(features.float().cpu())[None]
-        mask = torch.ones(codes.shape[:2], dtype=torch.bool)
+        mask = torch.ones(codes.shape[:2], dtype=torch.bool) if mask is None else mask.cpu()[None]
         return self.policy.keep_logits(codes, query.float().cpu()[None], mask, tuple(grid))[0]
 
     def tau(self, budget: float | int, n: int) -> float | None:
