@@ -54,7 +54,7 @@ def test_budgets_that_are_no_fraction_or_token_count_or_exceed_the_model(capsys,
     assert not (tmp_path / "r.json").exists()
 
 
-def test_a_budget_over_the_model_is_refused_for_the_pipeline_and_ppo_too(capsys):
+def test_pipeline_and_ppo_budgets_are_kept_fractions(capsys):
     assert main(["pipeline", "--budgets", "0.25,65"]) == 2
     assert main(["train", "ppo", "--budgets", "1.5"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -235,3 +235,10 @@ def test_training_stages_check_their_paths_before_ray(capsys, precomputed, tmp_p
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"tprl: error: {message}") and len(err.splitlines()) == 1, err
         assert not ray.is_initialized()
+
+
+def test_a_config_file_that_is_not_utf8_is_refused(capsys, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b'seed: 1\nout: "r\xe9"\n')
+    assert main(["data", "digits", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == f"tprl: error: {config}: not UTF-8 (byte 0xe9 at offset 15)"

@@ -11,6 +11,8 @@ import ray
 from conftest import free_port
 from test_ppo import ppo_inputs, small_run  # noqa: F401  (the PPO tests' tiny data and LfD init)
 
+from tprl_ray.ray_setup import loopback
+
 DASHBOARDS = sorted((Path(__file__).parents[1] / "dashboards").glob("*.json"))
 GPU_ONLY = {"ray_node_gpus_utilization", "ray_node_gram_used"}  # exported only by nodes that have GPUs
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset"}
@@ -126,14 +128,14 @@ def test_every_queried_series_is_exported(ppo_inputs, tmp_path):  # noqa: F811
     from tprl_ray.rl.train import train_ppo
 
     port, wanted, scraped = free_port(), queried([load(p) for p in DASHBOARDS]), []
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-        _metrics_export_port=port,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
+    with loopback():  # as init_ray starts a Ray: every server on 127.0.0.1
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=port,
+            _system_config={"metrics_report_interval_ms": 1000},
+        )
 
     def problems(series: list[tuple[str, dict, float]]) -> list[str]:
         """Missing series, or counts that disagree (env steps: ours, RLlib's, scored samples)."""

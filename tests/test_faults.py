@@ -212,3 +212,36 @@ def test_a_ray_train_stage_resumes_past_what_a_killed_run_left(precomputed, tmp_
     half_written.write_text("{")
     assert train_autoencoder(cfg.model_copy(update={"epochs": 2}))["epochs"] == 2
     assert not cut.exists() and not half_written.exists()
+
+
+def test_a_ppo_checkpoint_saved_before_a_setting_existed_still_resumes(tmp_path):
+    import pytest
+
+    from tprl_ray.rl.config import PpoConfig
+    from tprl_ray.rl.train import resumable_history, settings
+
+    cfg = PpoConfig(data=tmp_path / "codes", init=tmp_path / "lfd", out=tmp_path / "ppo")
+    stored = settings(cfg)
+    del stored["scorer"]["backbone"]["max_question_tokens"]  # added after the run was saved
+    checkpoint = cfg.out / "checkpoints" / "iter-00001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text(json.dumps({"history": [{"episode_return": 1.0}], "settings": stored}))
+    assert resumable_history(cfg) == [{"episode_return": 1.0}]
+    stored["scorer"]["backbone"]["dtype"] = "float16"  # a setting that did change is still refused
+    (checkpoint / "progress.json").write_text(json.dumps({"history": [], "settings": stored}))
+    with pytest.raises(ValueError, match="with other scorer"):
+        resumable_history(cfg)
+
+
+def test_a_dead_run_deleted_in_the_ui_is_neither_closed_nor_linked(tmp_path):
+    from tprl_ray.tracking import mlflow_run
+
+    with mlflow_run(tmp_path, "tprl-test", "stage") as first:
+        pass
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.update_run(first.info.run_id, status="RUNNING")  # what a kill leaves
+    client.delete_run(first.info.run_id)
+    with mlflow_run(tmp_path, "tprl-test", "stage") as second:
+        pass
+    assert RESUMED_FROM not in client.get_run(second.info.run_id).data.tags
+    assert (tmp_path / ".mlflow-run-stage").read_text() == second.info.run_id

@@ -98,12 +98,15 @@ class StageConfig(Section):
             if not path.is_file():
                 raise ConfigError(f"{path}: config file not found")
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except UnicodeDecodeError as exc:
+                byte = exc.object[exc.start]
+                raise ConfigError(f"{path}: not UTF-8 (byte {byte:#04x} at offset {exc.start})") from None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level")
-            _merge(data, loaded)
+            deep_merge(data, loaded)
         for key, value in (overrides or {}).items():
             _set_dotted(data, key, value)
         try:
@@ -175,11 +178,11 @@ class BackboneConfig(Section):
         return EMBEDDED_MODEL if self.path == "embedded" else self.path
 
 
-def _merge(data: dict[str, Any], new: dict[str, Any]) -> None:
+def deep_merge(data: dict[str, Any], new: dict[str, Any]) -> None:
     """``new`` into ``data``, nested mappings merged key by key."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
-            _merge(data[key], value)
+            deep_merge(data[key], value)
         else:
             data[key] = value
 

@@ -1,6 +1,6 @@
 """Joining or starting Ray: the cluster of ``ray job submit``, or a Ray of this process's own whose every process
-(GCS, raylet, workers, this driver, the dashboard and runtime-env agents, the monitors, the dashboard) listens on
-127.0.0.1 only."""
+(GCS, raylet, workers, this driver, the dashboard and runtime-env agents, the monitors and the dashboard) listens
+on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def loopback() -> Iterator[None]:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """``address``: None joins the cluster this process runs in (``RAY_ADDRESS``, or the last ``ray start`` here) or
-    else starts one; ``"local"`` always starts a private one (no dashboard); anything else is a cluster address.
+    else starts one; ``"local"`` always starts a private one (no dashboard UI); anything else is a cluster address.
     A Ray started here listens on 127.0.0.1 only; one joined is left as it is."""
     if ray.is_initialized():
         return

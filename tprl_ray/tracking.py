@@ -60,12 +60,14 @@ def unfinished_run(path: Path) -> str | None:
         return None
     run_id, client = path.read_text().strip(), MlflowClient()
     try:
-        status = client.get_run(run_id).info.status
-    except MlflowException:  # not in this store
+        info = client.get_run(run_id).info
+        if info.lifecycle_stage == "deleted":  # deleted in the UI: nothing to close or link
+            return None
+        if info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except MlflowException:  # not in this store (any more)
         return None
-    if status == "RUNNING":
-        client.set_terminated(run_id, "KILLED")
-    return None if status == "FINISHED" else run_id
+    return None if info.status == "FINISHED" else run_id
 
 
 def record_run(path: Path, run_id: str, previous: str | None) -> None:

@@ -4,6 +4,7 @@ and the widths a learned pruner must match."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -57,11 +58,15 @@ class ModelInputs:
     def question_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def within_length(self, samples: list[Sample], cap: int) -> tuple[list[Sample], list[Reject]]:
-        """The samples whose question has at most ``cap`` tokens, and a reject for each other one."""
+    def within_length(
+        self, samples: list[Sample], cfg: BackboneConfig, answer_tokens: int | Callable[[Sample], int]
+    ) -> tuple[list[Sample], list[Reject]]:
+        """The samples whose question fits :meth:`question_cap` beside ``answer_tokens`` (a count, or
+        one per sample), and a reject for each other one."""
         kept, rejects = [], []
         for s in samples:
             n = self.question_tokens(s.text)
+            cap = self.question_cap(cfg, answer_tokens(s) if callable(answer_tokens) else answer_tokens)
             if n > cap:
                 reason = (
                     f"question {s.question_id} has {n} tokens, over the cap of {cap} (backbone.max_question_tokens)"

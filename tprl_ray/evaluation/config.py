@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from tprl_ray.config import (
     EMBEDDED_LFD,
@@ -117,7 +117,9 @@ class VizConfig(StageConfig):
     budgets: list[float] = Field(
         PAPER_BUDGETS, min_length=1, description="kept fraction after each step T = 1, 2, ... (sorted descending)"
     )
-    questions: list[str] = Field([], description="question ids (none: `count` questions, the categories in turn)")
+    questions: list[Annotated[str, BeforeValidator(str)]] = Field(
+        [], description="question ids (none: `count` questions, the categories in turn)"
+    )
     count: int = Field(8, ge=1, description="questions to draw when none are named")
     out: Path = Field(Path("runs/viz"), description="directory of the PNGs and trajectories.json")
     max_new_tokens: int = Field(8, ge=1)

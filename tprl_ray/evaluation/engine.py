@@ -118,7 +118,7 @@ def check_inputs(cfg: EvalConfig) -> Checked:
     samples = read_split(cfg.data, categories=BENCHMARK_CATEGORIES.get(cfg.benchmark))
     if cfg.limit:
         samples = samples[: cfg.limit]
-    samples, rejects = model.within_length(samples, model.question_cap(cfg.backbone, cfg.max_new_tokens))
+    samples, rejects = model.within_length(samples, cfg.backbone, cfg.max_new_tokens)
     if not samples:
         raise DataError(f"{cfg.data}: every question is rejected, e.g. {rejects[0].reason}")
     effective = {}

@@ -75,14 +75,17 @@ def dimmed(image: Image.Image, kept: list[int], grid: tuple[int, int]) -> np.nda
     return pixels.round().astype(np.uint8)
 
 
-def shown_image(split_dir: Path, name: str, grid: tuple[int, int]) -> Image.Image:
-    """The image as the tokens cover it: padded to a square with its mean colour for a square grid."""
+def shown_image(split_dir: Path, name: str, grid: tuple[int, int], pad_to_square: bool) -> Image.Image:
+    """The image as a square grid of tokens covers it (LLaVA): padded to a square with its mean colour,
+    or centre-cropped to one, as the processor does; any other grid covers the whole image."""
     image = load_image(split_dir, name)
-    if grid[0] == grid[1] and image.width != image.height:
-        side = max(image.size)
-        mean = tuple(int(c) for c in np.asarray(image).reshape(-1, 3).mean(axis=0))
-        image = ImageOps.pad(image, (side, side), color=mean)
-    return image
+    if grid[0] != grid[1] or image.width == image.height:
+        return image
+    side = max(image.size) if pad_to_square else min(image.size)
+    if not pad_to_square:
+        return ImageOps.fit(image, (side, side))
+    mean = tuple(int(c) for c in np.asarray(image).reshape(-1, 3).mean(axis=0))
+    return ImageOps.pad(image, (side, side), color=mean)
 
 
 def figure(record: dict, image: Image.Image, path: Path) -> None:
@@ -145,8 +148,10 @@ def run_viz(cfg: VizConfig) -> list[Path]:
     from tprl_ray.tracking import mlflow_run
 
     check_writable(cfg.out)
-    samples = chosen(read_split(cfg.data), cfg)
     model = ModelInputs.load(cfg.backbone)
+    samples, rejects = model.within_length(chosen(read_split(cfg.data), cfg), cfg.backbone, cfg.max_new_tokens)
+    if rejects:
+        raise DataError(f"{cfg.data}: {rejects[0].reason}")
     pruner = LearnedPruner(cfg.policy)
     pruner.check_widths(model.feature_width, model.embedding_width)
     backbone = load_backbone(cfg.backbone)
@@ -154,7 +159,8 @@ def run_viz(cfg: VizConfig) -> list[Path]:
     for sample in tqdm(samples, desc="viz", unit="question"):
         record = trajectory(backbone, pruner, cfg.data, sample, cfg)
         path = cfg.out / f"{sample.question_id}.png"
-        figure(record, shown_image(cfg.data, sample.image, tuple(record["grid"])), path)
+        image = shown_image(cfg.data, sample.image, tuple(record["grid"]), cfg.backbone.pad_to_square)
+        figure(record, image, path)
         records.append(record)
         paths.append(path)
     atomic_write_bytes(cfg.out / "trajectories.json", json.dumps(records, indent=2).encode())

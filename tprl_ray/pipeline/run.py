@@ -81,16 +81,20 @@ def check_splits(cfg: PipelineConfig, data: Path) -> dict[str, list]:
     }
 
 
-def check_inputs(splits: dict[str, list], stages: dict) -> dict:
+def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> dict:
     """What the stages would refuse against the model, before the first computes: the evaluation's
-    inputs (but the policies this run trains); the words outside the model's vocabulary, per split."""
+    inputs and the trajectory figures' policy (but the policies this run trains); the words outside the
+    model's vocabulary, per split."""
     from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
     from tprl_ray.evaluation.engine import check_inputs as check_evaluation
+    from tprl_ray.pruners.lfd import LearnedPruner
 
     evaluation = stages["evaluation"]
     untrained = [n for n in evaluation.pruners if n not in evaluation.policies]
     test = check_evaluation(evaluation.model_copy(update={"pruners": untrained, "policies": {}})).vocabulary
     model = ModelInputs.load(evaluation.backbone)
+    if cfg.trajectories and cfg.policy == "shipped":
+        LearnedPruner(stages["viz"].policy).check_widths(model.feature_width, model.embedding_width)
     vocabulary = {split: model.vocabulary(samples) for split, samples in splits.items()}
     for split, counts in vocabulary.items():
         if warning := vocabulary_warning(split, counts):
@@ -123,9 +127,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     check_writable(cfg.out)
     data = prepare_data(cfg)
     splits = check_splits(cfg, data)
-    with pipeline_run(cfg.out, cfg.experiment, "pipeline", cfg.mlflow_uri, params=cfg.flat()):
+    model = vocabulary = None
+    if cfg.backbone.path != "train":  # else training the model is the first stage, checked after it
         model = prepare_model(cfg, data)
-        vocabulary = check_inputs(splits, stage_configs(cfg, data, model))
+        vocabulary = check_inputs(cfg, splits, stage_configs(cfg, data, model))
+    with pipeline_run(cfg.out, cfg.experiment, "pipeline", cfg.mlflow_uri, params=cfg.flat()):
+        if model is None:
+            model = prepare_model(cfg, data)
+            vocabulary = check_inputs(cfg, splits, stage_configs(cfg, data, model))
         reports = []
         for seed in cfg.seeds or [None]:
             if seed is not None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tprl_ray.artifacts.atomic import atomic_write_bytes, remove_leftovers, write_parquet
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
-from tprl_ray.data.layout import Reject, Sample, read_split
+from tprl_ray.data.layout import DataError, Reject, Sample, read_split
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
 from tprl_ray.precompute.demonstrations import DEMONSTRATORS, demonstration_masks
@@ -188,8 +188,12 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
     if cfg.limit:
         samples = samples[: cfg.limit]
     model = ModelInputs.load(cfg.backbone)
-    answer_tokens = max(model.question_tokens(reference_answer(s.answer)) for s in samples) if samples else 0
-    samples, too_long = model.within_length(samples, model.question_cap(cfg.backbone, answer_tokens))
+    samples, too_long = model.within_length(
+        samples, cfg.backbone, lambda s: model.question_tokens(reference_answer(s.answer))
+    )
+    if not samples:
+        example = f", e.g. {(unanswered + too_long)[0].reason}" if unanswered + too_long else ""
+        raise DataError(f"{cfg.data}: no question is left to precompute{example}")
     vocabulary = model.vocabulary(samples)
     if warning := vocabulary_warning(cfg.data.name, vocabulary):
         print(f"[precompute] {warning}")

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from tprl_ray.artifacts.atomic import remove_leftovers
 from tprl_ray.artifacts.export import check_export, copy_export, export
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
+from tprl_ray.config import deep_merge, first_error
 from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.config import EnvConfig, PpoConfig
 from tprl_ray.service.scorer import APP
@@ -202,7 +204,14 @@ def resumable_history(cfg: PpoConfig) -> list[dict]:
     if checkpoint is None:
         return []
     progress = json.loads((checkpoint / PROGRESS).read_text())
-    refuse_other_settings(progress["settings"], settings(cfg), cfg.out, "PPO run trained")
+    # the stored settings with today's defaults for fields added since (a run saved before one resumes)
+    stored = json.loads(cfg.model_dump_json())
+    deep_merge(stored, progress["settings"])
+    try:
+        before = settings(PpoConfig.model_validate(stored))
+    except ValidationError as exc:
+        raise ValueError(f"{checkpoint}: saved with settings this version cannot read ({first_error(exc)})") from None
+    refuse_other_settings(before, settings(cfg), cfg.out, "PPO run trained")
     return progress["history"]
 
 
