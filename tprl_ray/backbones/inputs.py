@@ -98,13 +98,14 @@ class ModelInputs:
             "examples": [w for w, bad in unknown.items() if bad][:EXAMPLES],
         }
 
-
-def vocabulary_warning(split: str, counts: dict) -> str | None:
-    """One line for a split whose questions hold words outside the vocabulary (None if they hold none)."""
-    if not counts["unknown_words"]:
-        return None
-    return (
-        f"warning: {counts['questions_with_unknown_words']} of {counts['questions']} {split} question(s) hold "
-        f"{counts['unknown_words']} word(s) outside the model's vocabulary (e.g. {', '.join(counts['examples'])}); "
-        "the model reads them as unknown tokens"
-    )
+    def unknown_words(self, split: str, samples: list[Sample], stage: str) -> dict:
+        """:meth:`vocabulary` of ``split``'s ``samples``, and a warning line (``[stage] warning: ...``)
+        when they hold a word outside the vocabulary."""
+        counts = self.vocabulary(samples)
+        if counts["unknown_words"]:
+            print(
+                f"[{stage}] warning: {counts['questions_with_unknown_words']} of {counts['questions']} {split} "
+                f"question(s) hold {counts['unknown_words']} word(s) outside the model's vocabulary (e.g. "
+                f"{', '.join(counts['examples'])}); the model reads them as unknown tokens"
+            )
+        return counts

@@ -20,6 +20,7 @@ import numpy as np
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.artifacts.outputs import check_writable
+from tprl_ray.backbones.inputs import ModelInputs
 from tprl_ray.config import ConfigError
 from tprl_ray.data.layout import DataError, Reject, Sample, read_split
 from tprl_ray.evaluation.config import EvalConfig, budget_value, setting_label
@@ -96,9 +97,11 @@ def predictions(cfg: EvalConfig, chunks: list[list[str]]) -> list[dict]:
 
 @dataclass
 class Checked:
-    """What :func:`check_inputs` found: the questions to answer, those rejected, the words outside the
-    vocabulary, every setting (its pruner loaded) and each capped budget's effective token count."""
+    """What :func:`check_inputs` found: the model's input limits, the questions to answer, those rejected,
+    the words outside the vocabulary, every setting (its pruner loaded) and each capped budget's
+    effective token count."""
 
+    model: ModelInputs
     samples: list[Sample]
     rejects: list[Reject]
     vocabulary: dict
@@ -110,7 +113,6 @@ def check_inputs(cfg: EvalConfig) -> Checked:
     """Everything checked in the driver before Ray starts: the output directory, the split (categories
     of the benchmark, images), question lengths, budgets against the model's visual tokens and the
     learned pruners' directories against the model."""
-    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
     from tprl_ray.pruners.lfd import LearnedPruner
 
     check_writable(cfg.out.parent)
@@ -134,13 +136,10 @@ def check_inputs(cfg: EvalConfig) -> Checked:
     for _, pruner, _ in chosen:
         if isinstance(pruner, LearnedPruner):
             pruner.check_widths(model.feature_width, model.embedding_width)
-    vocabulary = {cfg.data.name: model.vocabulary(samples)}
-    for split, counts in vocabulary.items():
-        if warning := vocabulary_warning(split, counts):
-            print(f"[eval] {warning}")
+    vocabulary = {cfg.data.name: model.unknown_words(cfg.data.name, samples, "eval")}
     for reject in rejects:
         print(f"[eval] rejected: {reject.reason}")
-    return Checked(samples, rejects, vocabulary, chosen, effective)
+    return Checked(model, samples, rejects, vocabulary, chosen, effective)
 
 
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:

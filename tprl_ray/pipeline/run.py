@@ -85,21 +85,17 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
     """What the stages would refuse against the model, before the first computes: the evaluation's
     inputs and the trajectory figures' policy (but the policies this run trains); the words outside the
     model's vocabulary, per split."""
-    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
     from tprl_ray.evaluation.engine import check_inputs as check_evaluation
     from tprl_ray.pruners.lfd import LearnedPruner
 
     evaluation = stages["evaluation"]
     untrained = [n for n in evaluation.pruners if n not in evaluation.policies]
-    test = check_evaluation(evaluation.model_copy(update={"pruners": untrained, "policies": {}})).vocabulary
-    model = ModelInputs.load(evaluation.backbone)
+    checked = check_evaluation(evaluation.model_copy(update={"pruners": untrained, "policies": {}}))
+    model = checked.model
     if cfg.trajectories and cfg.policy == "shipped":
         LearnedPruner(stages["viz"].policy).check_widths(model.feature_width, model.embedding_width)
-    vocabulary = {split: model.vocabulary(samples) for split, samples in splits.items()}
-    for split, counts in vocabulary.items():
-        if warning := vocabulary_warning(split, counts):
-            print(f"[pipeline] {warning}")
-    return {**vocabulary, **test}
+    vocabulary = {split: model.unknown_words(split, samples, "pipeline") for split, samples in splits.items()}
+    return {**vocabulary, **checked.vocabulary}
 
 
 def train_policies(stages: dict) -> None:

@@ -177,7 +177,7 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | N
 def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "ray") -> dict:
     """Compute every pending shard; ``engine="local"`` runs the same steps in this process without Ray
     (the baseline of `tprl bench precompute`)."""
-    from tprl_ray.backbones.inputs import ModelInputs, vocabulary_warning
+    from tprl_ray.backbones.inputs import ModelInputs
 
     started = time.time()
     check_writable(cfg.out)
@@ -194,9 +194,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
     if not samples:
         example = f", e.g. {(unanswered + too_long)[0].reason}" if unanswered + too_long else ""
         raise DataError(f"{cfg.data}: no question is left to precompute{example}")
-    vocabulary = model.vocabulary(samples)
-    if warning := vocabulary_warning(cfg.data.name, vocabulary):
-        print(f"[precompute] {warning}")
+    vocabulary = model.unknown_words(cfg.data.name, samples, "precompute")
     write_manifest(cfg, samples)
     for name, rejects in (("unanswered", unanswered), ("too_long", too_long)):
         write_parquet(
