@@ -160,6 +160,9 @@ class BackboneConfig(Section):
 
     backend: Literal["hf"] = Field("hf", description="hf: transformers model classes")
     path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
+    adapter: Path | None = Field(
+        None, description="a LoRA adapter directory (`tprl train llm`) merged into the model at load"
+    )
     dtype: Dtype = "float32"
     device: str = Field("auto", description="torch device: 'auto' (CUDA when present), 'cpu', 'cuda:0', ...")
     prompt_format: Literal["auto", "vicuna_v1", "chat_template"] = Field(
@@ -271,6 +274,7 @@ def add_config_args(
             add_config_args(parser, kind, f"{prefix}{name}.", hidden)
             continue
         default = field.get_default(call_default_factory=True)
+        switch = {"nargs": "?", "const": True} if field.annotation is bool else {}  # `--quick` alone: true
         parser.add_argument(
             f"--{prefix}{name.replace('_', '-')}",
             dest=f"cfg__{prefix}{name}",
@@ -278,6 +282,7 @@ def add_config_args(
             metavar="V",
             type=lambda raw, kind=kind: parse_flag(raw, kind),
             help=f"{field.description or name} (default: {default})",
+            **switch,
         )
 
 

@@ -120,13 +120,32 @@ def mlflow_run(
 def pipeline_run(
     out_dir: str | Path, experiment: str, run_name: str, uri: str | None = None, params: dict | None = None
 ) -> Iterator:
-    """The parent run of a pipeline: stages run inside it log child runs into ``experiment``."""
+    """The parent run of a pipeline: stages run inside it log child runs into ``experiment``. Inside
+    another parent run it is a child run of that one, and the parent of the stages run inside it."""
+    outer = os.environ.get(PARENT_RUN)
     with mlflow_run(out_dir, experiment, run_name, uri, params) as run:
         os.environ[PARENT_RUN] = run.info.run_id
         try:
             yield run
         finally:
-            os.environ.pop(PARENT_RUN, None)
+            if outer is None:
+                os.environ.pop(PARENT_RUN, None)
+            else:
+                os.environ[PARENT_RUN] = outer
+
+
+def register_model(name: str, artifact_path: str, description: str, tags: dict[str, str], about: str):
+    """Register the active run's artifact ``artifact_path`` as a new version of the model ``name``
+    (``description``, ``tags``); a new model is created with the description ``about``."""
+    import mlflow
+
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description=about)
+    return client.create_model_version(
+        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id, tags=tags, description=description
+    )
 
 
 def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
@@ -135,18 +154,13 @@ def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
     thresholded policy (``taus``), else tagged ``selection: top-k``."""
     import mlflow
 
-    run = mlflow.active_run()
     for path in files:
         mlflow.log_artifact(str(path), artifact_path="pruner")
-    client = mlflow.MlflowClient()
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="TPRL visual-token pruner: one policy pass over the tokens")
     if taus:
         tags = {f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}
         description = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
     else:
         tags = {"selection": "top-k"}
         description = "Keeps the top round(b * N) tokens by keep logit, for any kept fraction b."
-    return client.create_model_version(
-        name, f"runs:/{run.info.run_id}/pruner", run_id=run.info.run_id, tags=tags, description=description
-    )
+    about = "TPRL visual-token pruner: one policy pass over the tokens"
+    return register_model(name, "pruner", description, tags, about)

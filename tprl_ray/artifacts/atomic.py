@@ -28,6 +28,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_dir(path: Path, write) -> None:
+    """``write(tmp)`` fills a temporary directory beside ``path``, which then replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tprl-", suffix=".tmp"))
+    old = tmp.with_name(f".{path.name}.tprl-old.tmp")
+    try:
+        tmp.chmod(0o755)
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_parquet(table, path: Path) -> None:
     """A pyarrow table as one Parquet file, atomically."""
     import pyarrow.parquet as pq

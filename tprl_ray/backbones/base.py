@@ -226,13 +226,29 @@ class Backbone:
         embeds = embeds * mask[..., None]
         return LlmBatch(embeds, mask, self.position_ids(rows, mask), targets, visual_mask)
 
-    def logits(self, batch: LlmBatch, **kwargs):
-        return self.model(
+    def logits(self, batch: LlmBatch, model=None, **kwargs):
+        """The forward over ``batch`` by ``model`` (default: this backbone's; a DDP-wrapped one in training)."""
+        return (model or self.model)(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             **kwargs,
         )
+
+    def target_logits(self, batch: LlmBatch, model=None):
+        """Logits at every teacher-forced target of ``batch`` (``[T, V]``, float) with each target's row,
+        token id and whether it is an answer token (every target but a row's final end of turn)."""
+        # left padding puts every answer at the end of its row: project only those positions
+        width = batch.inputs_embeds.shape[1]
+        tail = width - min(p for tgt in batch.targets for p, _ in tgt)
+        logits = self.logits(batch, model, logits_to_keep=tail).logits
+        row = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt], device=self.device)
+        pos = torch.tensor([p - (width - tail) for tgt in batch.targets for p, _ in tgt], device=self.device)
+        tok = torch.tensor([t for tgt in batch.targets for _, t in tgt], device=self.device)
+        is_answer = torch.tensor(
+            [j < len(tgt) - 1 for tgt in batch.targets for j in range(len(tgt))], device=self.device
+        )
+        return logits[row, pos].float(), row, tok, is_answer
 
     # ---- scoring and decoding ------------------------------------------------------------
     @torch.no_grad()
@@ -247,19 +263,9 @@ class Backbone:
         """Per sample: mean log-likelihood of the answer tokens, and whether greedy decoding
         reproduces the answer (every answer token and the end of turn are the argmax)."""
         batch = self.build_inputs(questions, tokens, keep, answers, grids)
-        # left padding puts every answer at the end of its row: project only those positions
-        width = batch.inputs_embeds.shape[1]
-        tail = width - min(p for tgt in batch.targets for p, _ in tgt)
-        logp = torch.log_softmax(self.logits(batch, logits_to_keep=tail).logits.float(), dim=-1)
-        row = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt], device=self.device)
-        pos = torch.tensor([p - (width - tail) for tgt in batch.targets for p, _ in tgt], device=self.device)
-        tok = torch.tensor([t for tgt in batch.targets for _, t in tgt], device=self.device)
-        is_answer = torch.tensor(
-            [j < len(tgt) - 1 for tgt in batch.targets for j in range(len(tgt))], device=self.device
-        )  # every target but the final end of turn
-        picked = logp[row, pos]
+        picked, row, tok, is_answer = self.target_logits(batch)
         n = len(batch.targets)
-        token_logp = picked.gather(1, tok[:, None])[:, 0] * is_answer
+        token_logp = torch.log_softmax(picked, dim=-1).gather(1, tok[:, None])[:, 0] * is_answer
         mean_logp = torch.zeros(n, device=self.device).index_add_(0, row, token_logp) / torch.zeros(
             n, device=self.device
         ).index_add_(0, row, is_answer.float())

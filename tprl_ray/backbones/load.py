@@ -25,7 +25,22 @@ def load_hf(cfg: BackboneConfig) -> Backend:
         family = family_of(checkpoint_config(path))
     except BackboneError as exc:
         raise BackboneError(f"{path}: {exc}") from None
-    return family.load(path, cfg.model_copy(update={"device": resolve_device(cfg.device)}))
+    backbone = family.load(path, cfg.model_copy(update={"device": resolve_device(cfg.device)}))
+    if cfg.adapter is not None:
+        backbone.model = merge_adapter(backbone.model, cfg.adapter)
+    return backbone
+
+
+def merge_adapter(model, adapter: Path):
+    """``model`` with the peft LoRA adapter in ``adapter`` merged into its weights."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise BackboneError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json; tprl train llm --out)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise BackboneError(f"{adapter}: the adapter does not fit this model ({str(exc).splitlines()[0]})") from None
 
 
 BACKENDS: dict[str, Callable[[BackboneConfig], Backend]] = {"hf": load_hf}

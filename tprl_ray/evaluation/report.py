@@ -37,6 +37,22 @@ def report_row(label: str, pruner: str, budget: float, result: dict, base: dict,
     }
 
 
+def finetuned_rows(frozen: dict, tuned: dict) -> list[dict]:
+    """The rows of a fine-tuned model's report (labels ``<label>_ft``, pruners ``<pruner>+ft``) with
+    ``relative`` against the frozen model's unpruned accuracy, as the paper's Table 5 reports them."""
+    base = next(row for row in frozen["rows"] if row["pruner"] == "none")
+    return [
+        {
+            **row,
+            "label": f"{row['label']}_ft",
+            "pruner": f"{row['pruner']}+ft",
+            "relative": ratio(row["accuracy"], base["accuracy"]),
+            "relative_per_type": {c: ratio(v, base["per_type"].get(c, 0.0)) for c, v in row["per_type"].items()},
+        }
+        for row in tuned["rows"]
+    ]
+
+
 MEANS = ("avg_tokens", "accuracy", "relative", "flops", "kv_cache_mb")
 
 

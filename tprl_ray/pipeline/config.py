@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tprl_ray.config import (
     EMBEDDED_LFD,
@@ -30,15 +30,17 @@ from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
 from tprl_ray.rl.config import PAPER_PPO, PpoConfig
-from tprl_ray.training.config import AutoencoderConfig, LfdConfig
+from tprl_ray.training.config import AutoencoderConfig, LfdConfig, LlmConfig
 
-SECTIONS = ("precompute", "autoencoder", "lfd", "ppo")
+SECTIONS = ("precompute", "autoencoder", "lfd", "ppo", "llm")
 WIRED = {
     "data",
     "val_data",
     "out",
     "init",
     "autoencoder",
+    "policy",
+    "pruner",
     "limit",
     "seed",
     "budgets",
@@ -91,6 +93,12 @@ class PipelineConfig(RunConfig):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     lfd: LfdConfig = LfdConfig()
     ppo: PpoConfig = PpoConfig()
+    finetune: bool = Field(
+        False,
+        description="then fine-tune the language model on inputs the pruner pruned (tprl train llm) and "
+        "evaluate the fine-tuned model with that pruner beside the frozen one",
+    )
+    llm: LlmConfig = Field(LlmConfig(), description="the fine-tuning stage (with finetune)")
     evaluation: PoolConfig = Field(PoolConfig(cpus=2, batch_size=64), description="the evaluation's actor pool")
     experiment: str = Field("tprl", description="MLflow experiment of the pipeline run and its stage runs")
     trajectories: int = Field(
@@ -133,21 +141,21 @@ class PipelineConfig(RunConfig):
         return self
 
 
-def _wired(section: StageConfig, **fields) -> StageConfig:
+def with_fields(section: StageConfig, **fields) -> StageConfig:
     """``section`` with the pipeline's ``fields``, validated again."""
     return type(section).model_validate({**section.model_dump(), **fields})
 
 
 def stage_configs(
-    cfg: PipelineConfig, data: Path, model_path: Path | str, seed: int | None = None
+    cfg: PipelineConfig, data: Path, model_path: Path | str, seed: int | None = None, runs: Path | None = None
 ) -> dict[str, StageConfig]:
     """Each stage's config: its section with the pipeline's paths and shared settings. With a training
-    ``seed`` (``--seeds``), the training stages and the evaluation write under ``out/seed-N``; the
-    precompute is shared."""
+    ``seed`` (``--seeds``), the training stages and the evaluation write under ``out/seed-N`` (``runs/seed-N``
+    if given); the precompute is shared."""
     from tprl_ray.tracking import tracking_uri
 
     uri = tracking_uri(cfg.out, cfg.mlflow_uri)
-    out = cfg.out if seed is None else cfg.out / f"seed-{seed}"
+    out = cfg.out if seed is None else (runs or cfg.out) / f"seed-{seed}"
     seed = cfg.seed if seed is None else seed
     backbone = cfg.backbone.model_copy(update={"path": str(model_path)})
     common = dict(
@@ -158,7 +166,7 @@ def stage_configs(
         mlflow_uri=uri,
     )
     stages = {
-        f"precompute_{split}": _wired(
+        f"precompute_{split}": with_fields(
             cfg.precompute,
             data=data / split,
             out=cfg.out / "precompute" / split,
@@ -168,9 +176,9 @@ def stage_configs(
         )
         for split in ("train", "val")
     }
-    stages["autoencoder"] = _wired(cfg.autoencoder, out=out / "autoencoder", **common)
-    stages["lfd"] = _wired(cfg.lfd, out=out / "lfd", autoencoder=out / "autoencoder", **common)
-    stages["ppo"] = _wired(
+    stages["autoencoder"] = with_fields(cfg.autoencoder, out=out / "autoencoder", **common)
+    stages["lfd"] = with_fields(cfg.lfd, out=out / "lfd", autoencoder=out / "autoencoder", **common)
+    stages["ppo"] = with_fields(
         cfg.ppo,
         scorer=cfg.ppo.scorer.model_copy(update={"backbone": backbone}),
         init=out / "lfd",
@@ -193,6 +201,18 @@ def stage_configs(
         ray_address=cfg.ray_address,
         mlflow_uri=uri,
     )
+    pruner, policy = ("tprl", out / "ppo") if cfg.policy == "train" else ("lfd", EMBEDDED_LFD)
+    stages["llm"] = with_fields(cfg.llm, backbone=backbone, pruner=pruner, policy=policy, out=out / "llm", **common)
+    tuned = {"adapter": out / "llm" / "adapter"} if cfg.llm.method == "lora" else {"path": str(out / "llm" / "model")}
+    stages["evaluation_finetuned"] = EvalConfig.model_validate(
+        {
+            **stages["evaluation"].model_dump(),
+            "backbone": backbone.model_copy(update=tuned),
+            "pruners": [pruner],
+            "policies": {pruner: policy},
+            "out": out / "finetuned" / "report.json",
+        }
+    )
     stages["viz"] = VizConfig(
         backbone=backbone,
         data=data / "test",
@@ -205,11 +225,87 @@ def stage_configs(
     return stages
 
 
+ABLATIONS = ("method", "t_max", "architecture", "latent", "optimiser")
+SUITES = {"paper": ABLATIONS}
+# `--quick`: what it sets where the command line or the file does not (about an hour on 2 CPU cores)
+QUICK: dict[str, Any] = {
+    "seeds": [0, 1],
+    "t_max": [1, 3, 5],
+    "latent": [16, 64, 128],
+    "pipeline.train_questions": 3000,
+    "pipeline.eval_questions": 500,
+    "pipeline.autoencoder.epochs": 2,
+    "pipeline.lfd.epochs": 3,
+    "pipeline.ppo.iterations": 8,
+}
+
+
+class AblateConfig(RunConfig):
+    """`tprl ablate`: the paper's ablations, each setting trained and evaluated once per seed.
+
+    Every setting is the ``pipeline`` section with a few fields changed; the data, the model and the
+    precompute are shared, and so are the autoencoders and LfD policies that settings have in common.
+    """
+
+    out: Path = Field(Path("runs/ablate"), description="output directory")
+    suite: Literal["paper"] = Field("paper", description="paper: Tables 6-8, the latent sweep and the RL optimisers")
+    ablations: list[str] = Field([], description=f"only these ({', '.join(ABLATIONS)}; none: the whole suite)")
+    quick: bool = Field(False, description="fewer seeds, settings, questions and iterations (about an hour here)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds of every setting")
+    t_max: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="t_max: steps per episode compared")
+    latent: list[int] = Field([16, 32, 64, 128], min_length=1, description="latent: code sizes compared")
+    pipeline: PipelineConfig = Field(
+        PipelineConfig(trajectories=0), description="the settings every ablation starts from"
+    )
+
+    wired: ClassVar[frozenset[str]] = frozenset(WIRED | {"seeds", "pruners", "trajectories", "finetune"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quick(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("quick") in (True, "true"):
+            for key, value in QUICK.items():
+                node, *path, last = [data, *key.split(".")]
+                for part in path:
+                    node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node.setdefault(last, value)
+        return data
+
+    @field_validator("ablations")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        return [known_name("ablation", name, ABLATIONS) for name in names]
+
+    @field_validator("t_max", "latent")
+    @classmethod
+    def _positive(cls, values: list[int], info: ValidationInfo) -> list[int]:
+        if min(values) < 1:
+            raise ValueError(f"{info.field_name} values must be at least 1, got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _seeds(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
+        return self
+
+    def chosen(self) -> list[str]:
+        """The ablations to run, in the suite's order."""
+        return [name for name in SUITES[self.suite] if not self.ablations or name in self.ablations]
+
+
 COMMANDS = (
     Command(
         ("pipeline",),
         PipelineConfig,
         "tprl_ray.pipeline.run:command",
         "every stage, then every pruner evaluated (default: the embedded model and data)",
+    ),
+    Command(
+        ("ablate",),
+        AblateConfig,
+        "tprl_ray.pipeline.ablate:command",
+        "the paper's ablations (Tables 6-8, latent size, RL optimisers) over several seeds",
     ),
 )

@@ -6,7 +6,10 @@ val splits (Ray Data), the autoencoder and the LfD policy (Ray Train), PPO again
 service (RLlib, Ray Serve). Finally the evaluation engine runs the held-out test split unpruned and
 with every pruner at every budget (``lfd`` and ``tprl`` are the policies just trained): a table with
 each setting's FLOPs and KV cache, ``OUT/report.json``, the Pareto plot ``OUT/pareto.png`` and the
-trajectory figures of the pruner (``OUT/trajectories``, :mod:`tprl_ray.evaluation.trajectory`). One
+trajectory figures of the pruner (``OUT/trajectories``, :mod:`tprl_ray.evaluation.trajectory`). With
+``finetune`` the language model is then fine-tuned on inputs the pruner pruned (``OUT/llm``) and the
+test split evaluated again with it: its rows (``tprl+ft``) join the report, relative to the frozen
+unpruned model. One
 MLflow parent run holds every stage as a child run (sqlite ``OUT/mlflow.db`` by default); PPO
 registers the pruner as a model version. A re-run with the same ``OUT`` resumes or skips finished stages.
 """
@@ -25,7 +28,7 @@ from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
 from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.evaluation.engine import run_eval
 from tprl_ray.evaluation.metrics import BENCHMARK_CATEGORIES
-from tprl_ray.evaluation.report import format_table, mean_report, pareto_plot
+from tprl_ray.evaluation.report import finetuned_rows, format_table, mean_report, pareto_plot
 from tprl_ray.evaluation.trajectory import run_viz
 from tprl_ray.pipeline.config import PipelineConfig, stage_configs
 from tprl_ray.tracking import pipeline_run, tracking_uri
@@ -94,6 +97,10 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
     model = checked.model
     if cfg.trajectories and cfg.policy == "shipped":
         LearnedPruner(stages["viz"].policy).check_widths(model.feature_width, model.embedding_width)
+    if cfg.finetune:
+        from tprl_ray.training.llm import check_model
+
+        check_model(stages["llm"])
     vocabulary = {split: model.unknown_words(split, samples, "pipeline") for split, samples in splits.items()}
     return {**vocabulary, **checked.vocabulary}
 
@@ -138,7 +145,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             stages = stage_configs(cfg, data, model, seed)
             if cfg.policy == "train":
                 train_policies(stages)
-            reports.append(run_eval(stages["evaluation"]))
+            report = run_eval(stages["evaluation"])
+            if cfg.finetune:
+                from tprl_ray.training.llm import train_llm
+
+                print(f"[pipeline] language model fine-tuned on pruned inputs (Ray Train): {stages['llm'].out}")
+                train_llm(stages["llm"])
+                report["rows"] += finetuned_rows(report, run_eval(stages["evaluation_finetuned"]))
+            reports.append(report)
             if cfg.trajectories:
                 print(f"[pipeline] trajectory figures: {stages['viz'].out}")
                 run_viz(stages["viz"])

@@ -132,27 +132,53 @@ def save_state(state: dict, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, torch.nn.Module]:
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA adapter, a fine-tuned language model), by name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> tuple[dict, torch.nn.Module]:
     """From inside a worker: the state to continue from (epoch, history; weights and optimizer loaded
-    from the checkpoint Ray Train resumes from, if any) and the model without its DDP wrapper."""
+    from the checkpoint Ray Train resumes from, if any) and the model without its DDP wrapper. With
+    ``trainable_only`` the checkpoint holds only the :func:`trainable_state`."""
     import ray.train
 
     state = load_state(ray.train.get_checkpoint()) or {"epoch": 0, "history": []}
     bare = model.module if hasattr(model, "module") else model
     if "model" in state:
-        bare.load_state_dict(state["model"])
+        load_weights(bare, state["model"], trainable_only)
         optimizer.load_state_dict(state["optimizer"])
     return state, bare
 
 
+def load_weights(model: torch.nn.Module, weights: dict, trainable_only: bool = False) -> None:
+    """``weights`` into ``model``; with ``trainable_only``, exactly its trainable parameters."""
+    if not trainable_only:
+        model.load_state_dict(weights)
+        return
+    expected = set(trainable_state(model))
+    if set(weights) != expected:
+        raise ValueError(
+            f"checkpoint holds other trainable weights than the model: {sorted(set(weights) ^ expected)[:3]}"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
 def end_epoch(
-    state: dict, metrics: dict, bare: torch.nn.Module, optimizer: torch.optim.Optimizer, loop_config: dict
+    state: dict,
+    metrics: dict,
+    bare: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_config: dict,
+    trainable_only: bool = False,
 ) -> dict:
     """From inside a worker: append the epoch's metrics, report them and checkpoint; the new state."""
     state = {
         "epoch": state["epoch"] + 1,
         "history": state["history"] + [metrics],
-        "model": bare.state_dict(),
+        "model": trainable_state(bare) if trainable_only else bare.state_dict(),
         "optimizer": optimizer.state_dict(),
         "settings": settings(loop_config),
     }
@@ -178,7 +204,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], artifacts: list[Path]) -> None:
+def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], artifacts: list[Path], then=None) -> None:
+    """The run's metrics per epoch and its ``artifacts`` (files, or directories under their name) in
+    MLflow; ``then()`` runs inside the MLflow run last (a registration)."""
     import mlflow
 
     from tprl_ray.tracking import mlflow_run
@@ -187,7 +215,12 @@ def log_history(cfg: TrainStageConfig, experiment: str, history: list[dict], art
         for epoch, metrics in enumerate(history):
             mlflow.log_metrics(metrics, step=epoch)
         for path in artifacts:
-            mlflow.log_artifact(str(path))
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            else:
+                mlflow.log_artifact(str(path))
+        if then is not None:
+            then()
 
 
 def export_run(cfg: TrainStageConfig, result, module: torch.nn.Module, name: str, experiment: str) -> dict:
