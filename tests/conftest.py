@@ -152,7 +152,9 @@ def pipeline_job(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pipeline-job")
     config = out / "full.yaml"
-    config.write_text(yaml.safe_dump({**SMALL_PIPELINE, "out": str(out / "run")}))
+    # and the language model fine-tuned on pruned inputs, evaluated beside the frozen one
+    fine_tune = {"finetune": True, "llm": {"epochs": 1}}
+    config.write_text(yaml.safe_dump({**SMALL_PIPELINE, **fine_tune, "out": str(out / "run")}))
     dashboard = free_port()
     repo = Path(__file__).resolve().parent.parent
     with ray_head(

@@ -15,8 +15,9 @@ from tprl_ray.pipeline.config import AblateConfig
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory, small_pipeline):
     out = tmp_path_factory.mktemp("ablate")
-    pipeline = {**small_pipeline, "trajectories": 0, "ray_address": "local"}
-    cfg = AblateConfig.model_validate({"out": out, "ablations": ["method"], "seeds": [0, 1], "pipeline": pipeline})
+    pipeline = {k: v for k, v in small_pipeline.items() if k != "trajectories"}
+    fields = {"out": out, "ablations": ["method"], "seeds": [0, 1], "pipeline": pipeline, "ray_address": "local"}
+    cfg = AblateConfig.model_validate(fields)
     try:
         yield cfg, run_ablate(cfg)
     finally:
@@ -51,12 +52,14 @@ def test_method_ablation_trains_each_setting_per_seed_and_writes_table_plot_and_
     assert {r.info.run_name for r in stages} >= {"autoencoder", "ppo", "evaluation"}
 
 
-def test_a_rerun_reuses_every_finished_setting(ablated):
+def test_a_rerun_reuses_every_finished_setting_and_stage(ablated):
     cfg, results = ablated
-    exports = sorted((cfg.out / "runs").rglob("*.safetensors"))
+    exports = sorted(cfg.out.rglob("*.safetensors"))
     stamps = [p.stat().st_mtime_ns for p in exports]
+    (report,) = [p for p in (cfg.out / "runs").glob("*/seed-1/report.json") if (p.parent / "ppo").is_dir()][:1]
+    report.unlink()  # that seed is evaluated again, from the exports it trained
     assert run_ablate(cfg) == results
-    assert [p.stat().st_mtime_ns for p in exports] == stamps
+    assert [p.stat().st_mtime_ns for p in exports] == stamps and report.is_file()
 
 
 def test_quick_fills_what_is_not_given_and_bad_settings_are_refused():
@@ -70,3 +73,5 @@ def test_quick_fills_what_is_not_given_and_bad_settings_are_refused():
         AblateConfig.load(overrides={"ablations": ["tmax"]})
     with pytest.raises(ConfigError, match=r"seeds \[1, 1\] repeat a seed"):
         AblateConfig.load(overrides={"seeds": [1, 1]})
+    with pytest.raises(ConfigError, match=r"pipeline: \['seeds'\] are set by tprl ablate"):
+        AblateConfig.load(overrides={"pipeline.seeds": [0, 1]})

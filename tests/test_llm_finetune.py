@@ -13,6 +13,7 @@ from tprl_ray.backbones.base import BackboneError
 from tprl_ray.backbones.load import load_backbone
 from tprl_ray.config import EMBEDDED_LFD, BackboneConfig
 from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
+from tprl_ray.pipeline.config import PipelineConfig
 from tprl_ray.precompute.schema import tensor
 from tprl_ray.training.config import LlmConfig, LoraSettings
 from tprl_ray.training.llm import train_llm
@@ -77,8 +78,6 @@ def test_lora_fine_tune_trains_resumes_saves_and_the_adapter_loads_for_evaluatio
     before, after = scores(base, precomputed), scores(tuned, precomputed)
     assert (after - before).abs().max() > 0.05  # the adapter changes the model
     torch.testing.assert_close(scores(merged, precomputed), after, atol=1e-4, rtol=1e-4)
-    # the query embeddings the pruner reads are the frozen model's
-    torch.testing.assert_close(tuned.query_embedding("is there a 7 ?"), base.query_embedding("is there a 7 ?"))
 
     report = run_eval(
         EvalConfig(
@@ -97,13 +96,18 @@ def test_lora_fine_tune_trains_resumes_saves_and_the_adapter_loads_for_evaluatio
     versions = client.search_model_versions("name = 'tprl-llm'")
     assert len(versions) == 2 and {v.tags["method"] for v in versions} == {"lora"}
     assert client.get_run(versions[0].run_id).data.metrics["train_loss"] == pytest.approx(resumed["train_loss"])
+    stamp = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    assert train_llm(cfg.model_copy(update={"epochs": 3})) == resumed  # finished: neither exported nor registered again
+    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert len(client.search_model_versions("name = 'tprl-llm'")) == 2
 
     with pytest.raises(ValueError, match="trained with other lr"):
         train_llm(cfg.model_copy(update={"epochs": 4, "lr": 1e-3}))
 
 
 def test_full_fine_tune_saves_a_checkpoint_with_the_embeddings_frozen(precomputed, random_llava, tmp_path):
-    result = train_llm(config(precomputed, random_llava, tmp_path / "llm", epochs=1, method="full"))
+    cfg = config(precomputed, random_llava, tmp_path / "llm", epochs=1, method="full", gradient_checkpointing=True)
+    result = train_llm(cfg)
     model_dir = tmp_path / "llm" / "model"
     assert result["saved"] == [str(model_dir)] and not (tmp_path / "llm" / "adapter").exists()
     card = json.loads((model_dir / "tprl_model_card.json").read_text())
@@ -113,6 +117,8 @@ def test_full_fine_tune_saves_a_checkpoint_with_the_embeddings_frozen(precompute
     same = {n: torch.equal(p, dict(base.model.named_parameters())[n]) for n, p in tuned.model.named_parameters()}
     assert same["model.language_model.embed_tokens.weight"] and same["model.multi_modal_projector.linear_1.weight"]
     assert not same["model.language_model.layers.0.self_attn.q_proj.weight"]
+    # the query embeddings the pruner reads stay the frozen model's
+    torch.testing.assert_close(tuned.query_embedding("is there a 7 ?"), base.query_embedding("is there a 7 ?"))
 
 
 def test_models_and_targets_it_cannot_fine_tune_are_refused_before_ray(precomputed, random_llava, tmp_path):
@@ -125,4 +131,11 @@ def test_models_and_targets_it_cannot_fine_tune_are_refused_before_ray(precomput
         config(precomputed, random_llava, tmp_path / "c", budget_range=[0.4, 0.1])
     with pytest.raises(BackboneError, match="not a LoRA adapter directory"):
         load_backbone(BackboneConfig(path=str(random_llava), adapter=tmp_path, device="cpu"))
+    half = BackboneConfig(path=str(random_llava), dtype="float16")
+    with pytest.raises(ValueError, match="method full trains the weights themselves"):
+        train_llm(
+            config(precomputed, random_llava, tmp_path / "d", method="full").model_copy(update={"backbone": half})
+        )
+    with pytest.raises(ValueError, match="finetune needs policy: train"):
+        PipelineConfig(finetune=True, policy="shipped")
     assert not ray.is_initialized()

@@ -82,7 +82,7 @@ def test_ui_lists_the_pipeline_run_and_its_stage_runs(mlflow_ui):
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tprl").experiment_id
     runs = page_text(f"{url}/#/experiments/{experiment}/runs", profile)
-    assert "pipeline" in runs and "6 matching runs" in runs  # children fold under their parent
+    assert "pipeline" in runs and "8 matching runs" in runs  # children fold under their parent
     for run in client.search_runs([experiment], "tags.mlflow.parentRunId != ''"):
         page = page_text(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}", profile)
         assert f" {run.info.run_name} " in page and "Parent run pipeline" in page, run.info.run_name

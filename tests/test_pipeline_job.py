@@ -12,14 +12,19 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
     assert "succeeded" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     rows = {r["pruner"]: r for r in report["rows"]}
-    assert list(rows) == ["none", "vispruner", "lfd", "tprl"]
+    assert list(rows) == ["none", "vispruner", "lfd", "tprl", "none+ft", "tprl+ft"]
     assert rows["tprl"]["avg_tokens"] == 16.0  # trained in the budget regime: the top 16 of 64 tokens
+    # the fine-tuned model's rows are relative to the frozen model's unpruned accuracy
+    assert rows["tprl+ft"]["relative"] == rows["tprl+ft"]["accuracy"] / rows["none"]["accuracy"]
+    tuned = json.loads((out / "finetuned" / "report.json").read_text())
+    assert tuned["rows"][1]["accuracy"] == rows["tprl+ft"]["accuracy"] and rows["tprl+ft"]["avg_tokens"] == 16.0
     for path in (
         "precompute/train/manifest.json",
         "precompute/val/manifest.json",
         "autoencoder/autoencoder.safetensors",
         "lfd/policy.safetensors",
         "ppo/policy.safetensors",
+        "llm/adapter/adapter_model.safetensors",
         "pareto.png",
     ):
         assert (out / path).is_file(), path
@@ -36,7 +41,9 @@ def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"autoencoder", "lfd", "ppo", "evaluation", "trajectories"} and len(runs) == 6
+    stages = {"autoencoder", "lfd", "ppo", "evaluation", "llm", "evaluation-finetuned", "trajectories"}
+    assert set(children) == stages and len(runs) == 8
+    assert client.get_model_version("tprl-llm", "1").run_id == children["llm"].info.run_id
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["ppo"].data.params["train_batch_size"] == "768"
     report = json.loads((out / "report.json").read_text())

@@ -249,9 +249,9 @@ def add_config_args(
     parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "", hidden: frozenset[str] = frozenset()
 ) -> None:
     """Add ``--config``, ``--set`` and one flag per field of ``cls``: ``--field-name`` at the top level,
-    ``--section.field-name`` for fields of nested sections (but those the stage wires itself)."""
+    ``--section.field-name`` for fields of nested sections, but those in ``hidden`` and those that a
+    config above wires itself (its ``wired``)."""
     if not prefix:
-        hidden = getattr(cls, "wired", frozenset())
         parser.add_argument("--config", type=Path, help="YAML file with this stage's settings")
         parser.add_argument(
             "--set",
@@ -266,12 +266,13 @@ def add_config_args(
                 choices=sorted(cls.presets),
                 help="start from a named set of settings (paper: the paper's recipe); --config and flags apply on top",
             )
+    below = hidden | getattr(cls, "wired", frozenset())
     for name, field in cls.model_fields.items():
-        if prefix and name in hidden:
+        if name in hidden:
             continue
         kind = _kind(field.annotation)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
-            add_config_args(parser, kind, f"{prefix}{name}.", hidden)
+            add_config_args(parser, kind, f"{prefix}{name}.", below)
             continue
         default = field.get_default(call_default_factory=True)
         switch = {"nargs": "?", "const": True} if field.annotation is bool else {}  # `--quick` alone: true

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -28,6 +29,12 @@ def checkpoint_config(path):
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise BackboneError(f"{path}: not a loadable model checkpoint ({exc})") from None
+
+
+def check_adapter(adapter) -> None:
+    """A ``BackboneError`` unless ``adapter`` is a peft adapter directory."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise BackboneError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json; tprl train llm --out)")
 
 
 def load_model(model_class, config_class, family: str, path, dtype: str):
@@ -228,7 +235,7 @@ class Backbone:
 
     def logits(self, batch: LlmBatch, model=None, **kwargs):
         """The forward over ``batch`` by ``model`` (default: this backbone's; a DDP-wrapped one in training)."""
-        return (model or self.model)(
+        return (self.model if model is None else model)(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,

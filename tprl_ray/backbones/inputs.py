@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tprl_ray.backbones.base import BackboneError, checkpoint_config
+from tprl_ray.backbones.base import BackboneError, check_adapter, checkpoint_config
 from tprl_ray.backbones.families import family_of
 from tprl_ray.config import BackboneConfig
 from tprl_ray.data.layout import Reject, Sample
@@ -34,6 +34,8 @@ class ModelInputs:
     def load(cls, cfg: BackboneConfig) -> ModelInputs:
         path = cfg.resolved_path()
         config = checkpoint_config(path)
+        if cfg.adapter is not None:
+            check_adapter(cfg.adapter)
         try:
             family = family_of(config)
             tokenizer = AutoTokenizer.from_pretrained(path)

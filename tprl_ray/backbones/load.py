@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tprl_ray.backbones.backend import Backend
-from tprl_ray.backbones.base import BackboneError, checkpoint_config
+from tprl_ray.backbones.base import BackboneError, check_adapter, checkpoint_config
 from tprl_ray.backbones.families import family_of
 from tprl_ray.config import BackboneConfig
 
@@ -35,8 +35,7 @@ def merge_adapter(model, adapter: Path):
     """``model`` with the peft LoRA adapter in ``adapter`` merged into its weights."""
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise BackboneError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json; tprl train llm --out)")
+    check_adapter(adapter)
     try:
         return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     except (RuntimeError, ValueError, KeyError) as exc:

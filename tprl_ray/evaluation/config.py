@@ -52,6 +52,7 @@ class EvalConfig(RunConfig):
     limit: int = Field(0, ge=0, description="first N questions only (0: all)")
     max_new_tokens: int = Field(8, ge=1)
     pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
+    run_name: str = Field("evaluation", description="name of the MLflow run")
 
     @field_validator("pruners", "policies")
     @classmethod

@@ -200,7 +200,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
         rows.append(row)
     report = {
         "benchmark": cfg.benchmark,
-        "model": str(cfg.backbone.resolved_path()),
+        "model": str(cfg.backbone.resolved_path()) + (f" + {cfg.backbone.adapter}" if cfg.backbone.adapter else ""),
         "data": str(cfg.data),
         "n": len(samples),
         "text_tokens": text_tokens,
@@ -229,7 +229,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "".join(json.dumps({"setting": label, **r}) + "\n" for label, recs in records.items() for r in recs).encode(),
     )
     atomic_write_bytes(cfg.out, json.dumps(report, indent=2).encode())
-    with mlflow_run(cfg.out.parent, "tprl-eval", "evaluation", cfg.mlflow_uri, params=cfg.flat()):
+    with mlflow_run(cfg.out.parent, "tprl-eval", cfg.run_name, cfg.mlflow_uri, params=cfg.flat()):
         for row in report["rows"]:
             label = row["label"].replace("+", "-plus")  # MLflow names take no '+': prumerge-plus_25.accuracy
             mlflow.log_metrics({f"{label}.{key}": row[key] for key in LOGGED})

@@ -96,8 +96,13 @@ def setting_pipeline(cfg: AblateConfig, setting: Setting) -> PipelineConfig:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = value
-    deep_merge(data, {"out": str(cfg.out), "seeds": [], "trajectories": 0, "finetune": False})
+    wired = {"out": str(cfg.out), "seeds": [], "trajectories": 0, "finetune": False}
+    deep_merge(data, {**wired, "ray_address": cfg.ray_address, "mlflow_uri": cfg.mlflow_uri})
     return PipelineConfig.model_validate(data)
+
+
+# where a setting runs and how it is tracked: not part of what it trains
+UNTRAINED = {"out", "seed", "ray_address", "mlflow_uri", "experiment", "evaluation", "llm", "finetune", "trajectories"}
 
 
 class Runner:
@@ -108,11 +113,12 @@ class Runner:
         self.done: set[Path] = set()  # exports trained (or found) in this process
 
     def home(self, pipeline: PipelineConfig, setting: Setting) -> Path:
-        return self.cfg.out / "runs" / digest([pipeline.model_dump(mode="json"), setting.trains, setting.pruner])
+        trained = pipeline.model_dump(mode="json", exclude=UNTRAINED)
+        return self.cfg.out / "runs" / digest([trained, setting.trains, setting.pruner])
 
     def train(self, stage, function, export: str) -> None:
         """``function(stage)`` unless its export is there (the directory is keyed by the stage's config)."""
-        if stage.out in self.done or (stage.out / f"{export}.safetensors").is_file():
+        if stage.out in self.done or all((stage.out / f"{export}.{e}").is_file() for e in ("safetensors", "json")):
             self.done.add(stage.out)
             return
         function(stage)
@@ -134,10 +140,10 @@ class Runner:
         stages = stage_configs(pipeline, self.data, self.model, seed, runs=home)
         shared = self.cfg.out / "shared"
         ae = stages["autoencoder"]
-        ae_key = digest(ae.model_dump(mode="json", exclude={"out", "seed"}))
+        ae_key = digest(ae.model_dump(mode="json", exclude=UNTRAINED))
         ae = with_fields(ae, out=shared / f"autoencoder-{ae_key}" / f"seed-{seed}")
         lfd = stages["lfd"]
-        lfd_key = digest([ae_key, lfd.model_dump(mode="json", exclude={"out", "seed", "autoencoder"})])
+        lfd_key = digest([ae_key, lfd.model_dump(mode="json", exclude=UNTRAINED | {"autoencoder"})])
         lfd = with_fields(lfd, out=shared / f"lfd-{lfd_key}" / f"seed-{seed}", autoencoder=ae.out)
         policies = {}
         if setting.trains != "none":
@@ -199,12 +205,14 @@ def plot(ablation: str, results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(results) + 2), 3.6))
-    x = range(len(results))
-    for j, budget in enumerate(results[0]["budgets"]):
+    budgets = results[0]["budgets"]
+    for j, budget in enumerate(budgets):
+        shift = 0.08 * (j - (len(budgets) - 1) / 2)  # side by side, so that the error bars stay apart
         means = [r["relative"][j] for r in results]
         spread = [r["relative_std"][j] for r in results]
+        x = [i + shift for i in range(len(results))]
         ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=f"{budget:.1%} kept")
-    ax.set_xticks(list(x), [r["name"] for r in results], rotation=20, ha="right")
+    ax.set_xticks(range(len(results)), [r["name"] for r in results], rotation=20, ha="right")
     ax.set_ylabel("relative accuracy")
     ax.set_title(TITLES[ablation], fontsize=10)
     ax.grid(alpha=0.3)

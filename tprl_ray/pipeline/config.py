@@ -127,6 +127,8 @@ class PipelineConfig(RunConfig):
                 wired += [f"scorer.{k}" for k in sorted(WIRED & section.scorer.model_fields_set)]
             if wired:
                 raise ValueError(f"{name}: {wired} are set by the pipeline")
+        if self.finetune and self.policy == "shipped":
+            raise ValueError("finetune needs policy: train (the fine-tuning reads the precompute the training writes)")
         if self.policy == "shipped" and "tprl" in self.pruners:
             self.pruners = [n for n in self.pruners if n != "tprl"]
         if self.benchmark != "digits" and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
@@ -211,6 +213,7 @@ def stage_configs(
             "pruners": [pruner],
             "policies": {pruner: policy},
             "out": out / "finetuned" / "report.json",
+            "run_name": "evaluation-finetuned",
         }
     )
     stages["viz"] = VizConfig(
@@ -226,6 +229,8 @@ def stage_configs(
 
 
 ABLATIONS = ("method", "t_max", "architecture", "latent", "optimiser")
+# fields of the pipeline section that tprl ablate sets itself
+ABLATE_WIRED = ("out", "seeds", "pruners", "trajectories", "finetune", "llm", "ray_address", "mlflow_uri")
 SUITES = {"paper": ABLATIONS}
 # `--quick`: what it sets where the command line or the file does not (about an hour on 2 CPU cores)
 QUICK: dict[str, Any] = {
@@ -254,11 +259,9 @@ class AblateConfig(RunConfig):
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds of every setting")
     t_max: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="t_max: steps per episode compared")
     latent: list[int] = Field([16, 32, 64, 128], min_length=1, description="latent: code sizes compared")
-    pipeline: PipelineConfig = Field(
-        PipelineConfig(trajectories=0), description="the settings every ablation starts from"
-    )
+    pipeline: PipelineConfig = Field(PipelineConfig(), description="the settings every ablation starts from")
 
-    wired: ClassVar[frozenset[str]] = frozenset(WIRED | {"seeds", "pruners", "trajectories", "finetune"})
+    wired: ClassVar[frozenset[str]] = frozenset(ABLATE_WIRED)
 
     @model_validator(mode="before")
     @classmethod
@@ -288,6 +291,8 @@ class AblateConfig(RunConfig):
     def _seeds(self):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
+        if wired := sorted(set(ABLATE_WIRED) & self.pipeline.model_fields_set):
+            raise ValueError(f"pipeline: {wired} are set by tprl ablate")
         return self
 
     def chosen(self) -> list[str]:

@@ -152,6 +152,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 print(f"[pipeline] language model fine-tuned on pruned inputs (Ray Train): {stages['llm'].out}")
                 train_llm(stages["llm"])
                 report["rows"] += finetuned_rows(report, run_eval(stages["evaluation_finetuned"]))
+                atomic_write_bytes(stages["evaluation"].out, json.dumps(report, indent=2).encode())
             reports.append(report)
             if cfg.trajectories:
                 print(f"[pipeline] trajectory figures: {stages['viz'].out}")

@@ -72,7 +72,7 @@ class LlmConfig(TrainStageConfig):
         [0.08, 0.4], min_length=2, max_length=2, description="each batch keeps a fraction drawn from this range"
     )
     method: Literal["lora", "full"] = Field(
-        "lora", description="lora: a peft adapter; full: every language-model weight but the embeddings"
+        "lora", description="lora: a peft adapter; full: every language-model weight but the input embeddings"
     )
     lora: LoraSettings = LoraSettings()
     gradient_checkpointing: bool = Field(False, description="recompute the decoder's activations in backward")

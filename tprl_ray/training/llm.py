@@ -6,14 +6,17 @@ pruner's choice) and builds the LLM input exactly as scoring and generation do
 (:meth:`~tprl_ray.backbones.base.Backbone.build_inputs`: the stored features through the frozen
 projector, the kept tokens spliced into the prompt, the reference answer teacher-forced); the loss is
 the cross-entropy of the answer tokens and the end of turn. ``method: lora`` trains a peft LoRA
-adapter on the language model's linear layers (rank, alpha, targets by config; the dtype is the
-backbone's); ``full`` trains every language-model weight but the input embeddings, so the query
-embeddings the pruner reads stay the frozen model's. Checkpoints hold the trainable weights only.
+adapter on the language model's linear layers (rank, alpha, targets by config; the frozen weights in
+the backbone's dtype, the adapter in float32 as peft keeps it); ``full`` trains every language-model
+weight but the input embeddings (and an LM head tied to them), so the query embeddings the pruner
+reads stay the frozen model's; it refuses float16 weights (no master copy to update). Checkpoints
+hold the trainable weights only.
 
 Exports: ``OUT/adapter`` (peft ``save_pretrained``; ``--backbone.adapter OUT/adapter`` loads it),
 with ``merge`` also ``OUT/merged``, and for ``full`` ``OUT/model`` (checkpoint directories for
-``--backbone.path``, with the processor and the model card). The run logs them to MLflow and
-registers the first as a version of the model ``tprl-llm``.
+``--backbone.path``, with the processor and the model card), and ``OUT/llm.json`` (epochs, metrics,
+what was saved). The MLflow run logs the adapter (or the model) and registers it as a version of
+``tprl-llm``; merged weights stay on disk. A re-run of a finished run exports nothing again.
 """
 
 from __future__ import annotations
@@ -24,17 +27,27 @@ from pathlib import Path
 
 import torch
 
-from tprl_ray.artifacts.atomic import atomic_write_dir
+from tprl_ray.artifacts.atomic import atomic_write_bytes, atomic_write_dir
 from tprl_ray.artifacts.export import check_export
 from tprl_ray.backbones.base import BackboneError, checkpoint_config
 from tprl_ray.config import BackboneConfig
 from tprl_ray.precompute.schema import token_grid
 from tprl_ray.pruners.base import PruneBatch
-from tprl_ray.training.common import all_reduce_sum, end_epoch, fit, load_state, load_weights, log_history, restore
+from tprl_ray.training.common import (
+    all_reduce_sum,
+    check_width,
+    end_epoch,
+    fit,
+    load_state,
+    load_weights,
+    log_history,
+    restore,
+)
 from tprl_ray.training.config import LlmConfig
 
 REGISTERED_MODEL = "tprl-llm"
 COLUMNS = ["sample_id", "question", "answer", "features", "query"]
+VAL_STREAM = 2**40  # validation's budget stream: never one of the training streams
 
 
 def lora_pattern(targets: list[str]) -> str:
@@ -62,7 +75,10 @@ def trainable_model(config: dict, device: str):
         model = get_peft_model(model, adapter)
     else:
         backbone.language_model.requires_grad_(True)
-        backbone.language_model.get_input_embeddings().requires_grad_(False)
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if head.weight is not embeddings.weight:  # an untied LM head trains; a tied one is the embeddings
+            head.requires_grad_(True)
+        embeddings.requires_grad_(False)
     if config["gradient_checkpointing"]:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return backbone, model
@@ -123,7 +139,8 @@ def llm_loop(config: dict) -> None:
     for epoch in range(state["epoch"], config["epochs"]):
         bare.train()
         total, steps = 0.0, 0
-        for batch, budget in zip(batches("train"), budgets(low, high, (config["seed"] * 1000 + epoch) * 1000 + rank)):
+        drawn = budgets(low, high, (config["seed"] * 1000 + epoch) * 1000 + rank)
+        for batch, budget in zip(batches("train"), drawn):
             loss, _ = answer_loss(backbone, wrapped, pruner, batch, budget, grid)
             optimizer.zero_grad()
             loss.backward()
@@ -132,7 +149,7 @@ def llm_loop(config: dict) -> None:
         bare.eval()
         val = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, exact matches, samples
         with torch.no_grad():  # the same budgets every epoch
-            for batch, budget in zip(batches("val"), budgets(low, high, config["seed"] * 1000 + rank)):
+            for batch, budget in zip(batches("val"), budgets(low, high, VAL_STREAM + config["seed"] * 1000 + rank)):
                 loss, correct = answer_loss(backbone, wrapped, pruner, batch, budget, grid)
                 val += torch.tensor([loss.item(), 1.0, correct.sum().item(), correct.numel()], dtype=torch.float64)
         total, steps, val_loss, val_steps, exact, seen = all_reduce_sum([total, steps, *val.tolist()])
@@ -145,16 +162,28 @@ def llm_loop(config: dict) -> None:
 
 
 def check_model(cfg: LlmConfig) -> None:
-    """Refuse, before Ray starts, a model the stage cannot fine-tune and LoRA targets it does not have."""
+    """Refuse, before Ray starts, a model the stage cannot fine-tune (its family, its widths against the
+    data's and the pruner's, float16 full fine-tuning) and LoRA targets it does not have."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText, LlavaConfig
 
-    config = checkpoint_config(cfg.backbone.resolved_path())
+    from tprl_ray.pruners.registry import build_pruner
+
+    path = cfg.backbone.resolved_path()
+    config = checkpoint_config(path)
     if not isinstance(config, LlavaConfig):
         raise BackboneError(
-            f"{cfg.backbone.resolved_path()}: tprl train llm builds LLaVA inputs from the stored features; "
+            f"{path}: tprl train llm builds LLaVA inputs from the stored features; "
             f"{config.model_type!r} visual tokens need the image again"
         )
+    if cfg.method == "full" and cfg.backbone.dtype == "float16":
+        raise ValueError("method full trains the weights themselves: use dtype float32 or bfloat16, or method lora")
+    width = config.vision_config.hidden_size
+    for data in (cfg.data, cfg.val_data):
+        if data is not None:
+            check_width(data, width, f"the model {path}")
+            token_grid(data)
+    build_pruner(cfg.pruner, cfg.seed, cfg.policy).check_widths(width, config.text_config.hidden_size)
     if cfg.method == "lora":
         with init_empty_weights():
             names = [n for n, _ in AutoModelForImageTextToText.from_config(config).named_modules()]
@@ -177,7 +206,12 @@ def save_checkpoint(backbone, model, directory: Path, cfg: LlmConfig) -> None:
         card = json.loads(base_card.read_text()) if base_card.is_file() else {}
         card.update(
             prompt_format=backbone.prompt_format,
-            finetuned={"from": str(cfg.backbone.resolved_path()), "pruner": str(cfg.policy), "method": cfg.method},
+            finetuned={
+                "from": str(cfg.backbone.resolved_path()),
+                "pruner": cfg.pruner,
+                "policy": str(cfg.policy),
+                "method": cfg.method,
+            },
         )
         (tmp / "tprl_model_card.json").write_text(json.dumps(card, indent=2))
 
@@ -200,12 +234,10 @@ def export_llm(cfg: LlmConfig, loop_config: dict, state: dict) -> list[Path]:
 
 def train_llm(cfg: LlmConfig) -> dict:
     """Fit (or resume), save the adapter (or weights), log and register them in MLflow."""
-    from tprl_ray.pruners.registry import build_pruner
     from tprl_ray.tracking import register_model
 
     check_export(cfg.policy, "policy")
     check_model(cfg)
-    build_pruner(cfg.pruner, cfg.seed, cfg.policy)  # its files load
     loop_config = {
         "backbone": cfg.backbone.model_dump(mode="json"),
         "policy": str(cfg.policy.resolve()),
@@ -222,15 +254,23 @@ def train_llm(cfg: LlmConfig) -> dict:
     }
     result = fit(llm_loop, loop_config, cfg, "llm", COLUMNS)
     state = load_state(result.checkpoint)
+    card_path = cfg.out / "llm.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if card.get("epochs") == state["epoch"] and all(Path(p).is_dir() for p in card.get("saved", [])):
+        print(f"[llm] {cfg.out}: already trained and exported ({state['epoch']} epochs)")
+        return {**card["metrics"], "epochs": state["epoch"], "saved": card["saved"]}
     written = export_llm(cfg, loop_config, state)
+    card = {"epochs": state["epoch"], "metrics": state["history"][-1], "saved": [str(p) for p in written]}
+    atomic_write_bytes(card_path, json.dumps({**card, "settings": loop_config}, indent=2).encode())
 
     def register() -> None:
         description = f"{cfg.method} fine-tune of {cfg.backbone.resolved_path()} on inputs {cfg.policy} pruned"
         about = "A vision-language model fine-tuned on visual tokens a TPRL pruner kept"
         register_model(REGISTERED_MODEL, written[0].name, description, {"method": cfg.method}, about)
 
-    log_history(cfg, "tprl-llm", state["history"], written, then=register)
-    return {**state["history"][-1], "epochs": state["epoch"], "saved": [str(p) for p in written]}
+    # the adapter (or the fine-tuned model) is the registered artifact; merged weights stay on disk only
+    log_history(cfg, "tprl-llm", state["history"], [written[0], card_path], then=register)
+    return {**card["metrics"], "epochs": state["epoch"], "saved": card["saved"]}
 
 
 def command(cfg: LlmConfig) -> None:
