@@ -15,7 +15,7 @@ from tprl_ray.pipeline.config import AblateConfig
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory, small_pipeline):
     out = tmp_path_factory.mktemp("ablate")
-    pipeline = {k: v for k, v in small_pipeline.items() if k != "trajectories"}
+    pipeline = {k: v for k, v in small_pipeline.items() if k not in ("trajectories", "pruners")}  # ablate's own
     fields = {"out": out, "ablations": ["method"], "seeds": [0, 1], "pipeline": pipeline, "ray_address": "local"}
     cfg = AblateConfig.model_validate(fields)
     try:

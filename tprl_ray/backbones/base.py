@@ -225,7 +225,9 @@ class Backbone:
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         visual_mask = torch.tensor(is_visual, device=self.device)
         embeds = self.model.get_input_embeddings()(ids_t)
-        embeds[visual_mask] = torch.cat([row.visual for row in rows]).to(embeds.device, embeds.dtype)
+        visual = torch.cat([row.visual for row in rows]).to(embeds.device, embeds.dtype)
+        # out of place: in training the embeddings may be a leaf that requires grad (gradient checkpointing)
+        embeds = embeds.masked_scatter(visual_mask[..., None], visual)
         mask = (
             torch.arange(width, device=self.device)[None, :]
             >= torch.tensor([width - n for n in lengths], device=self.device)[:, None]

@@ -161,13 +161,12 @@ def llm_loop(config: dict) -> None:
         state = end_epoch(state, metrics, bare, optimizer, config, trainable_only=True)
 
 
-def check_model(cfg: LlmConfig) -> None:
-    """Refuse, before Ray starts, a model the stage cannot fine-tune (its family, its widths against the
-    data's and the pruner's, float16 full fine-tuning) and LoRA targets it does not have."""
+def check_model(cfg: LlmConfig):
+    """Refuse a model the stage cannot fine-tune (its family, float16 full fine-tuning) and LoRA
+    targets it does not have; its transformers config. Needs no trained stage (the pipeline checks
+    this before it trains)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText, LlavaConfig
-
-    from tprl_ray.pruners.registry import build_pruner
 
     path = cfg.backbone.resolved_path()
     config = checkpoint_config(path)
@@ -178,20 +177,28 @@ def check_model(cfg: LlmConfig) -> None:
         )
     if cfg.method == "full" and cfg.backbone.dtype == "float16":
         raise ValueError("method full trains the weights themselves: use dtype float32 or bfloat16, or method lora")
-    width = config.vision_config.hidden_size
-    for data in (cfg.data, cfg.val_data):
-        if data is not None:
-            check_width(data, width, f"the model {path}")
-            token_grid(data)
-    build_pruner(cfg.pruner, cfg.seed, cfg.policy).check_widths(width, config.text_config.hidden_size)
     if cfg.method == "lora":
         with init_empty_weights():
             names = [n for n, _ in AutoModelForImageTextToText.from_config(config).named_modules()]
         if not any(re.fullmatch(lora_pattern(cfg.lora.target_modules), n) for n in names):
             raise ValueError(
-                f"lora.target_modules {cfg.lora.target_modules} name no layer of the language model of "
-                f"{cfg.backbone.resolved_path()}"
+                f"lora.target_modules {cfg.lora.target_modules} name no layer of the language model of {path}"
             )
+    return config
+
+
+def check_inputs(cfg: LlmConfig) -> None:
+    """Refuse, before Ray starts, the model (:func:`check_model`), data or a pruner of other widths."""
+    from tprl_ray.pruners.registry import build_pruner
+
+    check_export(cfg.policy, "policy")
+    config = check_model(cfg)
+    width = config.vision_config.hidden_size
+    for data in (cfg.data, cfg.val_data):
+        if data is not None:
+            check_width(data, width, f"the model {cfg.backbone.resolved_path()}")
+            token_grid(data)
+    build_pruner(cfg.pruner, cfg.seed, cfg.policy).check_widths(width, config.text_config.hidden_size)
 
 
 def save_checkpoint(backbone, model, directory: Path, cfg: LlmConfig) -> None:
@@ -236,8 +243,7 @@ def train_llm(cfg: LlmConfig) -> dict:
     """Fit (or resume), save the adapter (or weights), log and register them in MLflow."""
     from tprl_ray.tracking import register_model
 
-    check_export(cfg.policy, "policy")
-    check_model(cfg)
+    check_inputs(cfg)
     loop_config = {
         "backbone": cfg.backbone.model_dump(mode="json"),
         "policy": str(cfg.policy.resolve()),
