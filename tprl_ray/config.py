@@ -92,7 +92,7 @@ class StageConfig(Section):
             if preset not in cls.presets:
                 raise ConfigError(f"unknown preset {preset!r} (available: {', '.join(cls.presets) or 'none'})")
             for key, value in cls.presets[preset].items():
-                _set_dotted(data, key, value)
+                set_dotted(data, key, value)
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -108,7 +108,7 @@ class StageConfig(Section):
                 raise ConfigError(f"{path}: expected a mapping at the top level")
             deep_merge(data, loaded)
         for key, value in (overrides or {}).items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -190,7 +190,8 @@ def deep_merge(data: dict[str, Any], new: dict[str, Any]) -> None:
             data[key] = value
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``key`` 'a.b.c', creating the mappings on the way."""
     parts = key.split(".")
     node = data
     for part in parts[:-1]:

@@ -57,6 +57,13 @@ def load_model(model_class, config_class, family: str, path, dtype: str):
 Grid = tuple[int, int]
 
 
+def all_argmax(logits: torch.Tensor, row: torch.Tensor, tok: torch.Tensor, n: int) -> torch.Tensor:
+    """Per sample of ``n``: whether each of its targets (``row``, token ``tok``) is the argmax of ``logits``
+    (greedy decoding reproduces the answer)."""
+    wrong = torch.zeros(n, device=logits.device).index_add_(0, row, (logits.argmax(-1) != tok).float())
+    return wrong == 0
+
+
 @dataclass
 class VisualTokens:
     """What a backbone's vision side yields for a batch of images.
@@ -278,8 +285,7 @@ class Backbone:
         mean_logp = torch.zeros(n, device=self.device).index_add_(0, row, token_logp) / torch.zeros(
             n, device=self.device
         ).index_add_(0, row, is_answer.float())
-        wrong = torch.zeros(n, device=self.device).index_add_(0, row, (picked.argmax(-1) != tok).float())
-        return mean_logp.cpu(), (wrong == 0).cpu()
+        return mean_logp.cpu(), all_argmax(picked, row, tok, n).cpu()
 
     @torch.no_grad()
     def generate(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.evaluation.config import ReportConfig
+from tprl_ray.evaluation.figures import pyplot, save_png
 from tprl_ray.pruners.registry import REFERENCES
 
 
@@ -19,18 +20,27 @@ def ratio(value: float, reference: float) -> float:
     return value / reference if reference else 0.0
 
 
+def relative_scores(result: dict, base: dict) -> dict:
+    """``relative`` accuracy and ``relative_per_type`` of a summary (or row) ``result`` against ``base``."""
+    return {
+        "relative": ratio(result["accuracy"], base["accuracy"]),
+        "relative_per_type": {c: ratio(v, base["per_type"].get(c, 0.0)) for c, v in result["per_type"].items()},
+    }
+
+
 def report_row(label: str, pruner: str, budget: float, result: dict, base: dict, cost: dict) -> dict:
     """One setting's row: its summary (:func:`tprl_ray.evaluation.predict.summarize`), ``relative`` scores
     against the unpruned summary ``base``, and ``cost`` (``flops``, ``kv_cache_mb``)."""
+    scores = relative_scores(result, base)
     return {
         "label": label,
         "pruner": pruner,
         "budget": budget,
         "avg_tokens": result["avg_tokens"],
         "accuracy": result["accuracy"],
-        "relative": ratio(result["accuracy"], base["accuracy"]),
+        "relative": scores["relative"],
         "per_type": result["per_type"],
-        "relative_per_type": {c: ratio(v, base["per_type"].get(c, 0.0)) for c, v in result["per_type"].items()},
+        "relative_per_type": scores["relative_per_type"],
         "n": result["n"],
         **cost,
         "metrics": result["metrics"],
@@ -42,13 +52,7 @@ def finetuned_rows(frozen: dict, tuned: dict) -> list[dict]:
     ``relative`` against the frozen model's unpruned accuracy, as the paper's Table 5 reports them."""
     base = next(row for row in frozen["rows"] if row["pruner"] == "none")
     return [
-        {
-            **row,
-            "label": f"{row['label']}_ft",
-            "pruner": f"{row['pruner']}+ft",
-            "relative": ratio(row["accuracy"], base["accuracy"]),
-            "relative_per_type": {c: ratio(v, base["per_type"].get(c, 0.0)) for c, v in row["per_type"].items()},
-        }
+        {**row, "label": f"{row['label']}_ft", "pruner": f"{row['pruner']}+ft", **relative_scores(row, base)}
         for row in tuned["rows"]
     ]
 
@@ -129,13 +133,7 @@ def pareto_plot(report: dict, path: Path) -> None:
     FLOPs per sample: one series per pruner, each panel's Pareto front of the methods dashed, reference
     rows (``oracle``) dotted grey. In-LLM pruners see different token counts per layer, so the FLOPs
     panel is the fairer one for them."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["rows"]
     axes_keys = [("avg_tokens", "average visual tokens per LLM layer")]
     if all("flops" in r for r in rows):
@@ -157,10 +155,7 @@ def pareto_plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{report['benchmark']}: {Path(str(report['model'])).name}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, bbox_inches="tight")
 
 
 def merge_reports(paths: list[Path]) -> dict:

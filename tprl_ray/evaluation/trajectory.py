@@ -21,6 +21,7 @@ from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.backbones.backend import Backend
 from tprl_ray.data.layout import DataError, Sample, load_image, read_split
 from tprl_ray.evaluation.config import VizConfig
+from tprl_ray.evaluation.figures import pyplot, save_png
 from tprl_ray.evaluation.predict import prune_batch
 from tprl_ray.precompute.job import reference_answer
 from tprl_ray.pruners.base import budget_tokens
@@ -90,14 +91,9 @@ def shown_image(split_dir: Path, name: str, grid: tuple[int, int], pad_to_square
 
 def figure(record: dict, image: Image.Image, path: Path) -> None:
     """One PNG: a panel per step, the kept tokens bright, the question and the reference answer above."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps, grid = record["steps"], tuple(record["grid"])
     n = grid[0] * grid[1]
-    fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 3.3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(steps), figsize=(2.6 * len(steps), 3.3), squeeze=False)
     for ax, step in zip(axes[0], steps):
         ax.imshow(dimmed(image, step["kept"], grid), interpolation="nearest")
         ax.set_xticks([])
@@ -112,9 +108,7 @@ def figure(record: dict, image: Image.Image, path: Path) -> None:
         )
     fig.suptitle(f"{record['question']}   (answer: {record['answer']})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def chosen(samples: list[Sample], cfg: VizConfig) -> list[Sample]:

@@ -23,7 +23,6 @@ is not run again. Writes ``OUT/<ablation>.md`` (relative accuracy, mean ± std o
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from typing import Any
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.artifacts.outputs import check_writable
-from tprl_ray.config import deep_merge
-from tprl_ray.evaluation.config import EvalConfig
+from tprl_ray.config import deep_merge, set_dotted
 from tprl_ray.evaluation.engine import run_eval
+from tprl_ray.evaluation.figures import pyplot, save_png
 from tprl_ray.evaluation.report import mean_report
 from tprl_ray.pipeline.config import AblateConfig, PipelineConfig, stage_configs, with_fields
 from tprl_ray.pipeline.run import check_inputs, check_splits, prepare_data, prepare_model
@@ -91,11 +90,7 @@ def setting_pipeline(cfg: AblateConfig, setting: Setting) -> PipelineConfig:
     """The pipeline section with the setting's changes, writing under ``cfg.out``."""
     data = cfg.pipeline.model_dump(mode="json", exclude_unset=True)  # the sections' wired fields stay unset
     for key, value in setting.changes:
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_dotted(data, key, value)
     wired = {"out": str(cfg.out), "seeds": [], "trajectories": 0, "finetune": False}
     deep_merge(data, {**wired, "ray_address": cfg.ray_address, "mlflow_uri": cfg.mlflow_uri})
     return PipelineConfig.model_validate(data)
@@ -110,19 +105,16 @@ class Runner:
 
     def __init__(self, cfg: AblateConfig, data: Path, model: Path):
         self.cfg, self.data, self.model = cfg, data, model
-        self.done: set[Path] = set()  # exports trained (or found) in this process
 
     def home(self, pipeline: PipelineConfig, setting: Setting) -> Path:
         trained = pipeline.model_dump(mode="json", exclude=UNTRAINED)
         return self.cfg.out / "runs" / digest([trained, setting.trains, setting.pruner])
 
-    def train(self, stage, function, export: str) -> None:
+    @staticmethod
+    def train(stage, function, export: str) -> None:
         """``function(stage)`` unless its export is there (the directory is keyed by the stage's config)."""
-        if stage.out in self.done or all((stage.out / f"{export}.{e}").is_file() for e in ("safetensors", "json")):
-            self.done.add(stage.out)
-            return
-        function(stage)
-        self.done.add(stage.out)
+        if not all((stage.out / f"{export}.{e}").is_file() for e in ("safetensors", "json")):
+            function(stage)
 
     def run(self, setting: Setting, seed: int) -> dict:
         """One seed of ``setting``: its training stages and the evaluation of its pruner; the report."""
@@ -135,7 +127,6 @@ class Runner:
         report_path = home / f"seed-{seed}" / "report.json"
         if report_path.is_file():
             return json.loads(report_path.read_text())
-        (home / "setting.json").parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(home / "setting.json", json.dumps({"changes": setting.changes, **pipeline.flat()}).encode())
         stages = stage_configs(pipeline, self.data, self.model, seed, runs=home)
         shared = self.cfg.out / "shared"
@@ -159,15 +150,8 @@ class Runner:
             print(f"[ablate] {setting.name}, seed {seed}: PPO {ppo.out}")
             self.train(ppo, train_ppo, "policy")
             policies["tprl"] = ppo.out
-        evaluation = EvalConfig.model_validate(
-            {
-                **stages["evaluation"].model_dump(),
-                "pruners": [setting.pruner],
-                "policies": {k: v for k, v in policies.items() if k == setting.pruner},
-                "out": report_path,
-            }
-        )
-        return run_eval(evaluation)
+        policies = {k: v for k, v in policies.items() if k == setting.pruner}
+        return run_eval(with_fields(stages["evaluation"], pruners=[setting.pruner], policies=policies, out=report_path))
 
 
 def summary(setting: Setting, report: dict) -> dict:
@@ -199,12 +183,7 @@ def markdown(ablation: str, results: list[dict]) -> str:
 
 def plot(ablation: str, results: list[dict], path: Path) -> None:
     """Relative accuracy per setting, one line per budget, error bars one std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(results) + 2), 3.6))
+    fig, ax = pyplot().subplots(figsize=(max(5.0, 1.3 * len(results) + 2), 3.6))
     budgets = results[0]["budgets"]
     for j, budget in enumerate(budgets):
         shift = 0.08 * (j - (len(budgets) - 1) / 2)  # side by side, so that the error bars stay apart
@@ -217,10 +196,7 @@ def plot(ablation: str, results: list[dict], path: Path) -> None:
     ax.set_title(TITLES[ablation], fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, bbox_inches="tight", dpi=120)
 
 
 def run_ablate(cfg: AblateConfig) -> dict:
@@ -234,13 +210,14 @@ def run_ablate(cfg: AblateConfig) -> dict:
     data = prepare_data(base)
     splits = check_splits(base, data)
     model = prepare_model(base, data)
-    check_inputs(base, splits, stage_configs(base, data, model))
+    base_stages = stage_configs(base, data, model)
+    check_inputs(base, splits, base_stages)
     runner, results = Runner(cfg, data, model), {}
     uri = tracking_uri(cfg.out, cfg.mlflow_uri)
     with pipeline_run(cfg.out, "tprl-ablate", "ablate", uri, params=cfg.flat()):
         for split in ("train", "val"):
             print(f"[ablate] precompute: {split}")
-            run_precompute(stage_configs(base, data, model)[f"precompute_{split}"])
+            run_precompute(base_stages[f"precompute_{split}"])
         settings = ablation_settings(cfg)
         for ablation in cfg.chosen():
             results[ablation] = []

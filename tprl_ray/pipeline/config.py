@@ -22,8 +22,10 @@ from tprl_ray.config import (
     RunConfig,
     StageConfig,
     check_budgets,
+    deep_merge,
     first_error,
     known_name,
+    set_dotted,
 )
 from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, VizConfig
 from tprl_ray.evaluation.metrics import BENCHMARKS
@@ -206,15 +208,13 @@ def stage_configs(
     pruner, policy = ("tprl", out / "ppo") if cfg.policy == "train" else ("lfd", EMBEDDED_LFD)
     stages["llm"] = with_fields(cfg.llm, backbone=backbone, pruner=pruner, policy=policy, out=out / "llm", **common)
     tuned = {"adapter": out / "llm" / "adapter"} if cfg.llm.method == "lora" else {"path": str(out / "llm" / "model")}
-    stages["evaluation_finetuned"] = EvalConfig.model_validate(
-        {
-            **stages["evaluation"].model_dump(),
-            "backbone": backbone.model_copy(update=tuned),
-            "pruners": [pruner],
-            "policies": {pruner: policy},
-            "out": out / "finetuned" / "report.json",
-            "run_name": "evaluation-finetuned",
-        }
+    stages["evaluation_finetuned"] = with_fields(
+        stages["evaluation"],
+        backbone=backbone.model_copy(update=tuned),
+        pruners=[pruner],
+        policies={pruner: policy},
+        out=out / "finetuned" / "report.json",
+        run_name="evaluation-finetuned",
     )
     stages["viz"] = VizConfig(
         backbone=backbone,
@@ -266,14 +266,13 @@ class AblateConfig(RunConfig):
     @model_validator(mode="before")
     @classmethod
     def _quick(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("quick") in (True, "true"):
-            for key, value in QUICK.items():
-                node, *path, last = [data, *key.split(".")]
-                for part in path:
-                    node = node.setdefault(part, {}) if isinstance(node, dict) else {}
-                if isinstance(node, dict):
-                    node.setdefault(last, value)
-        return data
+        if not (isinstance(data, dict) and data.get("quick") in (True, "true")):
+            return data
+        quick: dict[str, Any] = {}
+        for key, value in QUICK.items():
+            set_dotted(quick, key, value)
+        deep_merge(quick, data)  # what the file and the flags give wins
+        return quick
 
     @field_validator("ablations")
     @classmethod

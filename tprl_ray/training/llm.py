@@ -29,7 +29,7 @@ import torch
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes, atomic_write_dir
 from tprl_ray.artifacts.export import check_export
-from tprl_ray.backbones.base import BackboneError, checkpoint_config
+from tprl_ray.backbones.base import BackboneError, all_argmax, checkpoint_config
 from tprl_ray.config import BackboneConfig
 from tprl_ray.precompute.schema import token_grid
 from tprl_ray.pruners.base import PruneBatch
@@ -106,8 +106,7 @@ def answer_loss(backbone, model, pruner, batch: dict, budget: float, grid) -> tu
         questions, pruning.tokens, pruning.keep, [str(a) for a in batch["answer"]], [grid] * len(questions)
     )
     logits, row, tok, _ = backbone.target_logits(inputs, model)
-    wrong = torch.zeros(len(questions), device=logits.device).index_add_(0, row, (logits.argmax(-1) != tok).float())
-    return torch.nn.functional.cross_entropy(logits, tok), wrong == 0
+    return torch.nn.functional.cross_entropy(logits, tok), all_argmax(logits, row, tok, len(questions))
 
 
 def budgets(low: float, high: float, seed: int):
@@ -187,18 +186,21 @@ def check_model(cfg: LlmConfig):
     return config
 
 
-def check_inputs(cfg: LlmConfig) -> None:
-    """Refuse, before Ray starts, the model (:func:`check_model`), data or a pruner of other widths."""
+def check_inputs(cfg: LlmConfig) -> tuple[int, int]:
+    """Refuse, before Ray starts, the model (:func:`check_model`), data or a pruner of other widths;
+    the data's token grid."""
     from tprl_ray.pruners.registry import build_pruner
 
     check_export(cfg.policy, "policy")
     config = check_model(cfg)
     width = config.vision_config.hidden_size
+    grids = []
     for data in (cfg.data, cfg.val_data):
         if data is not None:
             check_width(data, width, f"the model {cfg.backbone.resolved_path()}")
-            token_grid(data)
+            grids.append(token_grid(data))
     build_pruner(cfg.pruner, cfg.seed, cfg.policy).check_widths(width, config.text_config.hidden_size)
+    return grids[0]
 
 
 def save_checkpoint(backbone, model, directory: Path, cfg: LlmConfig) -> None:
@@ -243,7 +245,7 @@ def train_llm(cfg: LlmConfig) -> dict:
     """Fit (or resume), save the adapter (or weights), log and register them in MLflow."""
     from tprl_ray.tracking import register_model
 
-    check_inputs(cfg)
+    grid = check_inputs(cfg)
     loop_config = {
         "backbone": cfg.backbone.model_dump(mode="json"),
         "policy": str(cfg.policy.resolve()),
@@ -252,7 +254,7 @@ def train_llm(cfg: LlmConfig) -> dict:
         "method": cfg.method,
         "lora": cfg.lora.model_dump(),
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "grid": token_grid(cfg.data),
+        "grid": grid,
         "lr": cfg.lr,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
@@ -264,18 +266,18 @@ def train_llm(cfg: LlmConfig) -> dict:
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     if card.get("epochs") == state["epoch"] and all(Path(p).is_dir() for p in card.get("saved", [])):
         print(f"[llm] {cfg.out}: already trained and exported ({state['epoch']} epochs)")
-        return {**card["metrics"], "epochs": state["epoch"], "saved": card["saved"]}
-    written = export_llm(cfg, loop_config, state)
-    card = {"epochs": state["epoch"], "metrics": state["history"][-1], "saved": [str(p) for p in written]}
-    atomic_write_bytes(card_path, json.dumps({**card, "settings": loop_config}, indent=2).encode())
+    else:
+        written = export_llm(cfg, loop_config, state)
+        card = {"epochs": state["epoch"], "metrics": state["history"][-1], "saved": [str(p) for p in written]}
+        atomic_write_bytes(card_path, json.dumps({**card, "settings": loop_config}, indent=2).encode())
 
-    def register() -> None:
-        description = f"{cfg.method} fine-tune of {cfg.backbone.resolved_path()} on inputs {cfg.policy} pruned"
-        about = "A vision-language model fine-tuned on visual tokens a TPRL pruner kept"
-        register_model(REGISTERED_MODEL, written[0].name, description, {"method": cfg.method}, about)
+        def register() -> None:
+            description = f"{cfg.method} fine-tune of {cfg.backbone.resolved_path()} on inputs {cfg.policy} pruned"
+            about = "A vision-language model fine-tuned on visual tokens a TPRL pruner kept"
+            register_model(REGISTERED_MODEL, written[0].name, description, {"method": cfg.method}, about)
 
-    # the adapter (or the fine-tuned model) is the registered artifact; merged weights stay on disk only
-    log_history(cfg, "tprl-llm", state["history"], [written[0], card_path], then=register)
+        # the adapter (or the fine-tuned model) is the registered artifact; merged weights stay on disk only
+        log_history(cfg, "tprl-llm", state["history"], [written[0], card_path], then=register)
     return {**card["metrics"], "epochs": state["epoch"], "saved": card["saved"]}
 
 
