@@ -70,19 +70,24 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a private test head; the CLI would ot
 
 
 @contextlib.contextmanager
-def ray_head(temp_dir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+def ray_head(
+    temp_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    metrics_port: int | None = None,
+) -> Iterator[str]:
     """A Ray head with its own ports and temp dir, in its own process group, every process listening on 127.0.0.1
     only; yields its GCS address. Stopped by SIGTERM to `ray start`, then SIGKILL to that group (never `ray stop`,
     which stops every Ray on the host)."""
     from tprl_ray.ray_setup import loopback  # imported here: collecting the tests imports no Ray
 
     port = port or free_port()
-    own = [
+    own = [f"--metrics-export-port={metrics_port or free_port()}"] + [
         f"--{name}={free_port()}"
         for name in (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
-            "metrics-export-port",
             "runtime-env-agent-port",
             "ray-client-server-port",
             "node-manager-port",

@@ -4,6 +4,11 @@ registered pruner."""
 import json
 
 import mlflow
+import numpy as np
+import torch
+
+from tprl_ray.pruners.lfd import TprlPruner
+from tprl_ray.pruners.pyfunc import pruner_directory
 
 
 def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
@@ -34,9 +39,11 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(pipeline_job):
     assert len(list((out / "trajectories").glob("*.png"))) == 2
 
 
-def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
+def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job, monkeypatch):
     out, _ = pipeline_job
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")  # restored after the test
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("tprl")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "pipeline")
@@ -53,5 +60,14 @@ def test_stages_are_child_runs_and_the_pruner_is_registered(pipeline_job):
     card = json.loads((out / "ppo" / "policy.json").read_text())
     assert version.run_id == children["ppo"].info.run_id
     assert card["regime"] == "budget" and "tau" not in card and version.tags == {"selection": "top-k"}
-    files = {f.path for f in client.list_artifacts(version.run_id, "pruner")}
-    assert files == {f"pruner/{n}.{e}" for n in ("policy", "autoencoder") for e in ("safetensors", "json")}
+    # the registered pruner is a pyfunc model: features and a query embedding in, keep probabilities out
+    model = mlflow.pyfunc.load_model("models:/tprl-pruner/1")
+    shipped = pruner_directory("models:/tprl-pruner/1")
+    assert {f.name for f in shipped.iterdir()} == {
+        f"{n}.{e}" for n in ("policy", "autoencoder") for e in ("safetensors", "json")
+    }
+    pruner = TprlPruner(out / "ppo")
+    features, query = torch.randn(2, 64, pruner.encoder.dims["d_v"]), torch.randn(2, pruner.policy.dims["d_query"])
+    probabilities = model.predict({"features": features.numpy(), "query": query.numpy()})
+    assert probabilities.shape == (2, 64)
+    assert np.allclose(probabilities[1], torch.sigmoid(pruner.keep_logits(features[1], query[1], (8, 8))).numpy())

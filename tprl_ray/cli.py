@@ -12,7 +12,7 @@ import sys
 
 from tprl_ray.config import Command, ConfigError, add_config_args, config_from_args
 
-STAGES = ("data", "models", "pipeline", "precompute", "training", "rl", "evaluation", "bench")
+STAGES = ("data", "models", "pipeline", "precompute", "training", "service", "rl", "evaluation", "bench")
 
 
 def commands() -> list[Command]:

@@ -155,10 +155,27 @@ class PoolConfig(Section):
     batch_size: int = Field(32, ge=1, description="samples per call")
 
 
+class VllmConfig(Section):
+    """The vLLM engine of the ``vllm`` backend (LLaVA: the kept visual tokens go in as image embeddings)."""
+
+    runtime_env: dict[str, Any] = Field(
+        {"pip": ["vllm==0.33.0"]},
+        description="Ray runtime environment of the actors that host the engine (vLLM pins its own torch): "
+        "a pip list, or py_executable of a virtualenv that has vLLM and tprl-ray",
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="fraction of the GPU the engine may take")
+    max_model_len: int | None = Field(None, ge=16, description="context length (None: the model's)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches at once")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (faster start, slower decoding)")
+
+
 class BackboneConfig(Section):
     """Which vision-language model to load, with which backend, and how."""
 
-    backend: Literal["hf"] = Field("hf", description="hf: transformers model classes")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers model classes; vllm: a vLLM engine for the LLM (LLaVA)"
+    )
+    vllm: VllmConfig = Field(VllmConfig(), description="the vllm backend's engine")
     path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
     adapter: Path | None = Field(
         None, description="a LoRA adapter directory (`tprl train llm`) merged into the model at load"

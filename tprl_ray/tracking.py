@@ -134,9 +134,9 @@ def pipeline_run(
                 os.environ[PARENT_RUN] = outer
 
 
-def register_model(name: str, artifact_path: str, description: str, tags: dict[str, str], about: str):
-    """Register the active run's artifact ``artifact_path`` as a new version of the model ``name``
-    (``description``, ``tags``); a new model is created with the description ``about``."""
+def register_model(name: str, source: str, description: str, tags: dict[str, str], about: str, model_id=None):
+    """Register ``source`` (``runs:/<active run>/<artifact>`` or a logged model's URI) as a new version of
+    the model ``name`` (``description``, ``tags``); a new model is created with the description ``about``."""
     import mlflow
 
     run = mlflow.active_run()
@@ -144,23 +144,23 @@ def register_model(name: str, artifact_path: str, description: str, tags: dict[s
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=about)
     return client.create_model_version(
-        name, f"runs:/{run.info.run_id}/{artifact_path}", run_id=run.info.run_id, tags=tags, description=description
+        name, source, run_id=run.info.run_id, tags=tags, description=description, model_id=model_id
     )
 
 
-def register_pruner(name: str, files: list[Path], taus: dict[str, float]):
-    """Log ``files`` as the active run's ``pruner`` artifact and register them as a new version of
-    the model ``name``: tagged ``tau:<budget>`` and described by the tau-per-budget table for a
+def register_pruner(name: str, log_model, taus: dict[str, float]):
+    """``log_model()`` (it logs the pruner as the active run's pyfunc model), registered as a new version
+    of the model ``name``: tagged ``tau:<budget>`` and described by the tau-per-budget table for a
     thresholded policy (``taus``), else tagged ``selection: top-k``."""
-    import mlflow
-
-    for path in files:
-        mlflow.log_artifact(str(path), artifact_path="pruner")
+    info = log_model()
     if taus:
         tags = {f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}
         description = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
     else:
         tags = {"selection": "top-k"}
         description = "Keeps the top round(b * N) tokens by keep logit, for any kept fraction b."
-    about = "TPRL visual-token pruner: one policy pass over the tokens"
-    return register_model(name, "pruner", description, tags, about)
+    about = (
+        "TPRL visual-token pruner: one policy pass over the tokens. mlflow.pyfunc.load_model(uri).predict("
+        "{'features': [B, N, d_v], 'query': [B, d_q]}) gives [B, N] keep probabilities."
+    )
+    return register_model(name, info.model_uri, description, tags, about, info.model_id)

@@ -288,7 +288,7 @@ class Backbone:
         return mean_logp.cpu(), all_argmax(picked, row, tok, n).cpu()
 
     @torch.no_grad()
-    def generate(
+    def generate_ids(
         self,
         questions: list[str],
         tokens,
@@ -296,9 +296,9 @@ class Backbone:
         grids: list[Grid] | None = None,
         max_new_tokens: int = 8,
         stop_at_end: bool = True,
-    ) -> list[str]:
-        """Greedy decoding with a KV cache, stopping each sample at the end of its turn (or, with
-        ``stop_at_end=False``, always running ``max_new_tokens`` steps, as latency benchmarks need)."""
+    ) -> list[list[int]]:
+        """Greedy token ids with a KV cache (see :meth:`greedy_ids`), stopping each sample at the end of its
+        turn (or, with ``stop_at_end=False``, always running ``max_new_tokens`` steps, as latency benchmarks need)."""
         batch = self.build_inputs(questions, tokens, keep, grids=grids)
         out = self.logits(batch, use_cache=True, logits_to_keep=1)
         # text positions after the prompt continue from the last one (all M-RoPE axes alike)
@@ -317,12 +317,24 @@ class Backbone:
             state["cache"] = nxt.cache
             return nxt.logits[:, -1]
 
-        return self.greedy_decode(out.logits[:, -1], step, max_new_tokens, stop_at_end)
+        return self.greedy_ids(out.logits[:, -1], step, max_new_tokens, stop_at_end)
+
+    def generate(
+        self,
+        questions: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+        max_new_tokens: int = 8,
+        stop_at_end: bool = True,
+    ) -> list[str]:
+        """Greedy answers from each sample's kept visual tokens (:meth:`generate_ids`, decoded)."""
+        return self.decode(self.generate_ids(questions, tokens, keep, grids, max_new_tokens, stop_at_end))
 
     @torch.no_grad()
-    def greedy_decode(self, logits: torch.Tensor, step, max_new_tokens: int, stop_at_end: bool = True) -> list[str]:
-        """Greedy tokens from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits.
-        Finished samples keep emitting the end token; decoding stops when all are finished."""
+    def greedy_ids(self, logits: torch.Tensor, step, max_new_tokens: int, stop_at_end: bool = True) -> list[list[int]]:
+        """Greedy token ids from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits.
+        Each sample's ids end with the end of turn if it finished; decoding stops when all are finished."""
         end = self.end_id
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens = []
@@ -334,6 +346,12 @@ class Backbone:
                 break
             logits = step(nxt)
         seqs = torch.stack(tokens, dim=1).tolist()
+        return [s[: s.index(end) + 1] if end in s and stop_at_end else s for s in seqs]
+
+    def decode(self, sequences: list[list[int]]) -> list[str]:
+        """The answer text of each id sequence (up to its end of turn)."""
+        end = self.end_id
         return [
-            self.tokenizer.decode(s[: s.index(end)] if end in s else s, skip_special_tokens=True).strip() for s in seqs
+            self.tokenizer.decode(s[: s.index(end)] if end in s else s, skip_special_tokens=True).strip()
+            for s in sequences
         ]

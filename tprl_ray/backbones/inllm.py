@@ -228,11 +228,11 @@ def staged_generate(
     ranking: Ranking,
     grids: list[tuple[int, int]] | None = None,
     max_new_tokens: int = 8,
-) -> tuple[list[str], torch.Tensor]:
-    """Greedy decoding with staged in-LLM pruning; returns texts and kept visual indices."""
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy decoding with staged in-LLM pruning; returns token ids and kept visual indices."""
     logits, state, kept = staged_prefill(backbone, questions, features, stages, ranking, grids)
-    texts = backbone.greedy_decode(logits, lambda token: pruned_step(backbone, state, token), max_new_tokens)
-    return texts, kept
+    ids = backbone.greedy_ids(logits, lambda token: pruned_step(backbone, state, token), max_new_tokens)
+    return ids, kept
 
 
 def fastv_stages(layers: int, k: int, n_keep: int) -> list[Stage]:
@@ -251,4 +251,5 @@ def fastv_prefill(backbone, questions, features, k: int, n_keep: int, grids=None
 def fastv_generate(backbone, questions, features, k: int, n_keep: int, grids=None, max_new_tokens: int = 8):
     """Greedy decoding with FastV pruning at layer ``k``; returns texts and kept visual indices."""
     stages = fastv_stages(backbone.language_model.config.num_hidden_layers, k, n_keep)
-    return staged_generate(backbone, questions, features, stages, last_token_ranking, grids, max_new_tokens)
+    ids, kept = staged_generate(backbone, questions, features, stages, last_token_ranking, grids, max_new_tokens)
+    return backbone.decode(ids), kept

@@ -42,7 +42,14 @@ def merge_adapter(model, adapter: Path):
         raise BackboneError(f"{adapter}: the adapter does not fit this model ({str(exc).splitlines()[0]})") from None
 
 
-BACKENDS: dict[str, Callable[[BackboneConfig], Backend]] = {"hf": load_hf}
+def load_vllm(cfg: BackboneConfig) -> Backend:
+    """LLaVA's language model in a vLLM engine (:mod:`tprl_ray.backbones.vllm`; vLLM imported there)."""
+    from tprl_ray.backbones.vllm import load_vllm
+
+    return load_vllm(cfg)
+
+
+BACKENDS: dict[str, Callable[[BackboneConfig], Backend]] = {"hf": load_hf, "vllm": load_vllm}
 
 
 def load_backbone(cfg: BackboneConfig | str | Path) -> Backend:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
+from tprl_ray.service.config import ServeConfig
 
 
 class WorkloadBenchConfig(StageConfig):
@@ -66,6 +68,29 @@ class PpoBenchConfig(RayConfig):
     ray_address: str | None = Field("local", description="'local': a private local Ray; None: join or start one")
 
 
+class ServeBenchConfig(RayConfig):
+    """`tprl bench serve`: a bounded load test of the chat endpoint on loopback, by kept fraction and concurrency."""
+
+    wired: ClassVar[frozenset[str]] = frozenset({"model", "backend", "port", "host"})
+
+    model: str = Field(
+        "embedded", description="'embedded', a LLaVA checkpoint directory, or 'llava-7b-shape' (random weights)"
+    )
+    backend: Literal["hf", "vllm"] = Field("hf", description="the language model's backend")
+    serve: ServeConfig = Field(ServeConfig(pruner="vispruner"), description="the server the bench starts")
+    url: str | None = Field(None, description="bench this running endpoint (loopback only) instead of starting one")
+    data: Path = Field(Path("runs/demo/data/test"), description="split whose boards and questions are sent")
+    fractions: list[float] = Field([1.0, 0.25], description="kept fractions (each request's budget)")
+    concurrency: list[int] = Field([1, 8, 32], description="requests in flight")
+    requests: int = Field(64, ge=1, description="timed requests per cell")
+    warmup: int = Field(4, ge=0, description="untimed requests per cell first")
+    time_limit_s: float = Field(120.0, gt=0, description="a cell stops here even if requests remain")
+    max_tokens: int = Field(8, ge=1)
+    decoder_layers: int = Field(2, ge=1, description="decoder layers of llava-7b-shape")
+    work: Path = Field(Path("runs/bench/serve-work"), description="where llava-7b-shape is written")
+    out: Path = Field(Path("runs/bench/serve.json"), description="JSON result file")
+
+
 COMMANDS = (
     Command(
         ("bench", "ppo"),
@@ -84,6 +109,12 @@ COMMANDS = (
         LatencyBenchConfig,
         "tprl_ray.bench.latency:command",
         "measure prefill and per-token decode latency",
+    ),
+    Command(
+        ("bench", "serve"),
+        ServeBenchConfig,
+        "tprl_ray.bench.serve:command",
+        "requests/s and p50/p99 latency of tprl serve by kept fraction and concurrency",
     ),
     Command(
         ("bench", "precompute"),

@@ -27,16 +27,14 @@ def prune_batch(
 ) -> PruneBatch:
     """Encode the chunk's images (each once) and gather per-question visual inputs."""
     names = sorted({s.image for s in chunk})
-    visual = backbone.encode([load_image(split_dir, n) for n in names], with_attention=with_attention)
-    index = [names.index(s.image) for s in chunk]
-    return PruneBatch(
-        [visual.llm_tokens[j] for j in index],
-        [visual.features[j] for j in index],
-        None if visual.attention is None else [visual.attention[j] for j in index],
-        [visual.grids[j] for j in index],
-        [s.question_id for s in chunk],
+    return PruneBatch.encode(
+        backbone,
+        [load_image(split_dir, n) for n in names],
+        [names.index(s.image) for s in chunk],
         [s.text for s in chunk],
-        [backbone.query_embedding(s.text) for s in chunk] if with_query else None,
+        [s.question_id for s in chunk],
+        with_attention,
+        with_query,
         [s.extra for s in chunk],
     )
 

@@ -41,6 +41,31 @@ class PruneBatch:
     queries: list[torch.Tensor] | None = None
     extra: list[dict] | None = None
 
+    @classmethod
+    def encode(
+        cls,
+        backbone: Backbone,
+        images: list,
+        image_of: list[int],
+        questions: list[str],
+        question_ids: list[str],
+        with_attention: bool,
+        with_query: bool,
+        extra: list[dict] | None = None,
+    ) -> PruneBatch:
+        """One vision pass over ``images``; question ``i`` is about ``images[image_of[i]]``."""
+        visual = backbone.encode(images, with_attention=with_attention)
+        return cls(
+            [visual.llm_tokens[j] for j in image_of],
+            [visual.features[j] for j in image_of],
+            None if visual.attention is None else [visual.attention[j] for j in image_of],
+            [visual.grids[j] for j in image_of],
+            question_ids,
+            questions,
+            [backbone.query_embedding(q) for q in questions] if with_query else None,
+            extra,
+        )
+
 
 @dataclass
 class Pruning:
@@ -79,9 +104,16 @@ class Pruner:
     ) -> tuple[list[str], list[float]]:
         """Greedy answers with the pruned input, and the visual tokens each sample's LLM layers saw
         on average."""
+        ids, seen = self.generate_ids(backbone, batch, budget, max_new_tokens)
+        return backbone.decode(ids), seen
+
+    def generate_ids(
+        self, backbone: Backbone, batch: PruneBatch, budget: float | int, max_new_tokens: int = 8
+    ) -> tuple[list[list[int]], list[float]]:
+        """:meth:`generate` as token ids (each ending with the end of turn if the answer finished)."""
         pruning = self.prune(batch, budget)
-        texts = backbone.generate(batch.questions, pruning.tokens, pruning.keep, batch.grids, max_new_tokens)
-        return texts, [float(len(k)) for k in pruning.keep]
+        ids = backbone.generate_ids(batch.questions, pruning.tokens, pruning.keep, batch.grids, max_new_tokens)
+        return ids, [float(len(k)) for k in pruning.keep]
 
 
 class NoPruning(Pruner):

@@ -29,15 +29,15 @@ class InLlmPruner(Pruner):
             current = min(current, after.get(i, current))
         return counts
 
-    def generate(
+    def generate_ids(
         self, backbone: Backbone, batch: PruneBatch, budget: float | int, max_new_tokens: int = 8
-    ) -> tuple[list[str], list[float]]:
+    ) -> tuple[list[list[int]], list[float]]:
         """Staged decoding; samples are grouped by visual token count (dynamic-resolution models)."""
         layers = backbone.language_model.config.num_hidden_layers
         groups = defaultdict(list)
         for i, tokens in enumerate(batch.tokens):
             groups[tokens.shape[0]].append(i)
-        texts, seen = [""] * len(batch.tokens), [0.0] * len(batch.tokens)
+        ids, seen = [[]] * len(batch.tokens), [0.0] * len(batch.tokens)
         for n, index in groups.items():
             kept = budget_tokens(budget, n)
             out, _ = staged_generate(
@@ -49,6 +49,6 @@ class InLlmPruner(Pruner):
                 [batch.grids[i] for i in index],
                 max_new_tokens,
             )
-            for i, text in zip(index, out):
-                texts[i], seen[i] = text, sum(self.layer_tokens(n, kept, layers)) / layers
-        return texts, seen
+            for i, sequence in zip(index, out):
+                ids[i], seen[i] = sequence, sum(self.layer_tokens(n, kept, layers)) / layers
+        return ids, seen

@@ -256,6 +256,13 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
     return taus
 
 
+def stage_pruner(out: Path) -> Path:
+    """The pruner's own files (the policy and autoencoder exports) copied to ``out/pruner``, for MLflow."""
+    for name in ("policy", "autoencoder"):
+        copy_export(out, out / "pruner", name)
+    return out / "pruner"
+
+
 def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
     """Train (or resume) up to ``cfg.iterations``; export and log. Leftovers of a killed run are removed
     first; an iteration that sampled nothing (its env runners died) is run again. ``on_iteration(i,
@@ -263,6 +270,7 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
     import mlflow
     from ray import serve
 
+    from tprl_ray.pruners.pyfunc import log_pruner
     from tprl_ray.ray_setup import init_ray
     from tprl_ray.rl.telemetry import record_iteration
     from tprl_ray.service.scorer import start_scorer
@@ -315,15 +323,7 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
             net = algo.get_module().net.cpu().eval()
             taus = export_policy(cfg, net, history, Codes.load(val_dir))
             if cfg.registered_model:
-                register_pruner(
-                    cfg.registered_model,
-                    [
-                        cfg.out / f"{name}.{ext}"
-                        for name in ("policy", "autoencoder")
-                        for ext in ("safetensors", "json")
-                    ],
-                    taus,
-                )
+                register_pruner(cfg.registered_model, lambda: log_pruner(stage_pruner(cfg.out)), taus)
     finally:
         if algo is not None:
             algo.stop()

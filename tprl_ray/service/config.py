@@ -1,10 +1,13 @@
-"""Configuration of the model service's scorer deployment."""
+"""Configurations of the model service: the PPO scorer's deployment and `tprl serve`'s application."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any, ClassVar, Self
 
-from tprl_ray.config import BackboneConfig, PoolConfig, Section
+from pydantic import Field, field_validator, model_validator
+
+from tprl_ray.config import BackboneConfig, Command, PoolConfig, RunConfig, Section, check_budgets, known_name
+from tprl_ray.pruners.registry import LEARNED, PRUNERS
 
 
 class ScorerConfig(Section):
@@ -24,3 +27,89 @@ class ScorerConfig(Section):
     batch_wait_s: float = Field(0.01, ge=0)
     cache_shards: int = Field(64, ge=1, description="precompute shards kept in memory per replica")
     retries: int = Field(5, ge=0, description="Ray task retries of a request whose replica died")
+
+
+class DeploymentConfig(Section):
+    """One deployment of the serving application: its replicas (or Serve autoscaling) and batching."""
+
+    pool: PoolConfig = Field(PoolConfig(), description="replicas, CPUs and GPUs each; batch_size: requests per batch")
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Serve autoscaling_config (e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}); "
+        "replaces pool.size",
+    )
+    batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    threads: int = Field(1, ge=1, description="torch CPU threads per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
+
+
+class ServeConfig(RunConfig):
+    """`tprl serve`: an OpenAI-compatible chat endpoint with a visual-token pruner in front of the model."""
+
+    wired: ClassVar[frozenset[str]] = frozenset({"path"})
+
+    model: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a checkpoint directory or hub id")
+    backbone: BackboneConfig = Field(BackboneConfig(), description="how the model loads (its path is --model)")
+    name: str | None = Field(None, description="the model name clients send (default: --model's last part)")
+    pruner: str = Field("lfd", description=f"any of {', '.join(PRUNERS)}")
+    policy: str | None = Field(
+        None,
+        description="learned pruners: a pruner directory or an MLflow model URI (models:/tprl-pruner/1, "
+        "models:/tprl-pruner@alias); lfd default: the one shipped for the embedded model",
+    )
+    budget: float = Field(
+        0.25,
+        gt=0,
+        description="kept fraction in (0, 1] or whole kept token count; a request's 'budget' field overrides it",
+    )
+    tau: float | None = Field(None, gt=0, lt=1, description="learned pruners: keep every token with p > tau instead")
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 exposes the endpoint to the network)")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("tprl", description="the Serve application's name")
+    allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (default: only data: URLs)")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="time limit of a remote image fetch")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body (and fetched image)")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="larger images are refused (decompression bombs)")
+    max_tokens: int = Field(256, ge=1, description="the largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that sets none")
+    ingress: DeploymentConfig = Field(DeploymentConfig(pool=PoolConfig(cpus=0.1)), description="HTTP front")
+    vision: DeploymentConfig = Field(
+        DeploymentConfig(pool=PoolConfig(cpus=0.5, batch_size=16)),
+        description="image decoding, the vision encoder and the pruner (@serve.batch)",
+    )
+    llm: DeploymentConfig = Field(
+        DeploymentConfig(pool=PoolConfig(cpus=1, batch_size=16)),
+        description="the language model (hf: @serve.batch; vllm: the engine's own batching)",
+    )
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, value: str) -> str:
+        return known_name("pruner", value, PRUNERS)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: float) -> float:
+        return check_budgets([value])[0]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} is above max_tokens {self.max_tokens}")
+        if self.pruner == "tprl" and self.policy is None:
+            raise ValueError("pruner 'tprl' needs --policy (a `tprl train ppo` output or models:/tprl-pruner/N)")
+        if self.tau is not None and self.pruner not in LEARNED:
+            raise ValueError(f"tau applies to the learned pruners ({', '.join(LEARNED)}), not {self.pruner!r}")
+        return self
+
+    def served_backbone(self) -> BackboneConfig:
+        """The backbone section with ``path`` set from ``model``."""
+        return self.backbone.model_copy(update={"path": self.model})
+
+    def served_name(self) -> str:
+        return self.name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
+COMMANDS = (
+    Command(("serve",), ServeConfig, "tprl_ray.service.app:command", "serve the pruned model (OpenAI chat API)"),
+)

@@ -134,6 +134,7 @@ def start_scorer(cfg: ScorerConfig, data: Path) -> None:
             "num_cpus": cfg.pool.cpus,
             "num_gpus": gpus_per_actor(cfg.pool.gpus),
             "resources": cfg.resources,
+            **({"runtime_env": cfg.backbone.vllm.runtime_env} if cfg.backbone.backend == "vllm" else {}),
         },
     )
     app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))

@@ -272,9 +272,12 @@ def train_llm(cfg: LlmConfig) -> dict:
         atomic_write_bytes(card_path, json.dumps({**card, "settings": loop_config}, indent=2).encode())
 
         def register() -> None:
+            import mlflow
+
+            source = f"runs:/{mlflow.active_run().info.run_id}/{written[0].name}"
             description = f"{cfg.method} fine-tune of {cfg.backbone.resolved_path()} on inputs {cfg.policy} pruned"
             about = "A vision-language model fine-tuned on visual tokens a TPRL pruner kept"
-            register_model(REGISTERED_MODEL, written[0].name, description, {"method": cfg.method}, about)
+            register_model(REGISTERED_MODEL, source, description, {"method": cfg.method}, about)
 
         # the adapter (or the fine-tuned model) is the registered artifact; merged weights stay on disk only
         log_history(cfg, "tprl-llm", state["history"], [written[0], card_path], then=register)
