@@ -27,12 +27,12 @@ from conftest import RAY_ENV, free_port, ray_head
 from PIL import Image
 from test_dashboards import DASHBOARDS, load, queried, scrape, unmatched
 
-from tprl_ray.artifacts.export import copy_export
 from tprl_ray.cli import main
-from tprl_ray.config import EMBEDDED_LFD
+from tprl_ray.config import EMBEDDED_LFD, ConfigError
 from tprl_ray.data.layout import read_split
 from tprl_ray.pruners.lfd import LearnedPruner
-from tprl_ray.pruners.pyfunc import log_pruner
+from tprl_ray.pruners.pyfunc import log_pruner, pruner_directory
+from tprl_ray.rl.train import stage_pruner
 from tprl_ray.tracking import mlflow_run, register_pruner
 
 TPRL = str(Path(sys.executable).parent / "tprl")
@@ -54,11 +54,8 @@ def registry(tmp_path_factory):
     """The shipped LfD pruner registered as version 1 of ``tprl-pruner`` in a store of the test's own."""
     out = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    staged = out / "pruner"
-    for name in ("policy", "autoencoder"):
-        copy_export(EMBEDDED_LFD, staged, name)
     with mlflow_run(out, "tprl-ppo", "ppo", uri):
-        register_pruner("tprl-pruner", lambda: log_pruner(staged), {})
+        register_pruner("tprl-pruner", lambda: log_pruner(stage_pruner(EMBEDDED_LFD, out / "pruner")), {})
     return uri
 
 
@@ -150,6 +147,25 @@ def test_registered_pruner_loads_as_a_pyfunc_model(registry, monkeypatch):
         assert np.allclose(p, torch.sigmoid(pruner.keep_logits(f, q, (8, 8))).numpy(), atol=1e-6)
     with pytest.raises(Exception, match="grid"):
         model.predict({"features": features[:, :60].numpy(), "query": query.numpy()})
+    # tprl serve reads the pruner's files from the registry (by version or alias) without running its code
+    mlflow.MlflowClient().set_registered_model_alias("tprl-pruner", "prod", "1")
+    directory = pruner_directory("models:/tprl-pruner@prod")
+    assert sorted(f.name for f in directory.iterdir()) == sorted(
+        f.name for f in (EMBEDDED_LFD).iterdir() if f.suffix in (".json", ".safetensors")
+    )
+    with pytest.raises(ValueError, match="not a downloadable model"):
+        pruner_directory("models:/tprl-pruner/7")
+
+
+def listening(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at ``port`` (from /proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            out.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return out
 
 
 def test_answers_equal_tprl_eval(server, digits_dir, tmp_path):
@@ -160,6 +176,7 @@ def test_answers_equal_tprl_eval(server, digits_dir, tmp_path):
     samples = read_split(split)[:QUESTIONS]
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["embedded"]
+    assert listening(int(server.url.rsplit(":", 1)[1])) == {"127.0.0.1"}  # loopback unless --host
     images = {s.image: (split / "images" / s.image).read_bytes() for s in samples}
     with ThreadPoolExecutor(6) as pool:  # requests in flight together: batched by the deployments
         answers = list(pool.map(lambda s: chat(client, s.text, images[s.image]), samples))
@@ -212,6 +229,11 @@ def bad_requests(board: bytes) -> list[tuple[str, object, int, str]]:
         ("not JSON", b"{'model': 'embedded'", 400, "not JSON"),
         ("no messages", {"model": "embedded"}, 400, "messages"),
         ("streaming", body(stream=True), 400, "streaming"),
+        ("image part without a url", body([text, {"type": "image_url", "image_url": {}}]), 400, "needs {'url'"),
+        ("max_completion_tokens 0", body(max_completion_tokens=0), 400, "max_tokens 0"),
+        ("budget not a number", body(budget=True), 400, "budget"),
+        ("nested too deeply", b"[" * 100000, 400, "nested too deeply"),
+        ("not one user message", {**body(), "messages": [{"role": "system", "content": "hi"}]}, 400, "one user"),
     ]
 
 
@@ -229,6 +251,10 @@ def test_bad_inputs_are_4xx_and_the_server_keeps_serving(server, digits_dir):
         assert response.status_code == status, (what, response.text)
         message = response.json()["error"]["message"]
         assert words in message and "\n" not in message, (what, message)
+    # a chunked body (no Content-Length) is cut off at the limit too
+    chunks = (b"x" * 65536 for _ in range(8))
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=chunks, timeout=30)
+    assert response.status_code == 413 and "above the limit" in response.json()["error"]["message"]
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(BadRequestError, match="max_tokens"):
         client.chat.completions.create(
@@ -258,26 +284,96 @@ def test_serve_refuses_bad_settings_before_starting(tmp_path, capsys):
     assert "above the model's 64 visual tokens" in capsys.readouterr().err
     assert main(["serve", "--pruner", "vispruner", "--tau", "0.5"]) == 2
     assert "tau applies" in capsys.readouterr().err
+    assert main(["serve", "--pruner", "vispruner", "--policy", str(EMBEDDED_LFD)]) == 2
+    assert "policy applies" in capsys.readouterr().err
+    assert main(["serve", "--pruner", "oracle"]) == 2
+    assert "cannot serve requests" in capsys.readouterr().err
+    assert main(["serve", "--pruner", "vispruner", "--vision.autoscaling", "{min_replicaz: 1}"]) == 2
+    assert "vision.autoscaling" in capsys.readouterr().err
+    # vLLM's image-embedding input cannot keep Qwen2.5-VL's M-RoPE positions
+    from tprl_ray.models.tiny_qwen import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).config.save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    assert main(["serve", "--model", str(tmp_path / "qwen"), "--backbone.backend", "vllm", "--pruner", "random"]) == 2
+    assert "serves LLaVA only" in capsys.readouterr().err
+
+
+def test_explicit_tau_and_remote_images_refused_unless_public():
+    from tprl_ray.pruners.lfd import TprlPruner
+    from tprl_ray.service.api import RequestError, image_bytes
+    from tprl_ray.service.config import ServeConfig
+
+    assert TprlPruner.tau(SimpleNamespace(threshold=0.7, top_k=True), 0.25, 64) == 0.7
+    allowed = ServeConfig(allow_remote_images=True, pruner="vispruner")
+    for url in ("http://127.0.0.1:9/board.png", "http://10.0.0.1/board.png", "http://169.254.169.254/latest"):
+        with pytest.raises(RequestError, match="not a public address"):
+            image_bytes(url, allowed)
+    with pytest.raises(RequestError, match="not fetched"):
+        image_bytes("https://example.com/board.png", ServeConfig(pruner="vispruner"))
 
 
 def test_count_gate_admits_one_kept_count_at_a_time():
     from tprl_ray.backbones.vllm import CountGate
 
-    async def run() -> list[int]:
-        gate, inside, order = CountGate(), [], []
+    async def run() -> tuple[list[int], int]:
+        gate, inside, order, peak = CountGate(), [], [], [0]
         rng = random.Random(0)
 
         async def request(count: int) -> None:
             await gate.admit(count)
             inside.append(count)
             assert len(set(inside)) == 1, inside  # never two counts in the engine at once
+            peak[0] = max(peak[0], len(inside))
             order.append(count)
             await asyncio.sleep(rng.random() / 1000)
             inside.remove(count)
             await gate.leave()
 
         await asyncio.gather(*(request(rng.choice([16, 64, 144])) for _ in range(120)))
+        return order, peak[0]
+
+    order, peak = asyncio.run(run())
+    assert len(order) == 120 and set(order) == {16, 64, 144}
+    assert peak > 1  # requests of one count are in the engine together
+
+    async def cancelled() -> list[int]:
+        gate, order = CountGate(), []
+        await gate.admit(64)  # the engine holds a 64
+        waiting = asyncio.create_task(gate.admit(16))
+        await asyncio.sleep(0)
+        waiting.cancel()  # its client went away
+        await asyncio.gather(waiting, return_exceptions=True)
+
+        async def request(count: int) -> None:
+            await gate.admit(count)
+            order.append(count)
+            await gate.leave()
+
+        later = [asyncio.create_task(request(c)) for c in (16, 16, 64)]
+        await asyncio.sleep(0)
+        await gate.leave()
+        await asyncio.wait_for(asyncio.gather(*later), 5)
         return order
 
-    order = asyncio.run(run())
-    assert len(order) == 120 and set(order) == {16, 64, 144}
+    assert asyncio.run(cancelled()) == [16, 16, 64]  # the cancelled waiter blocks nobody
+
+
+def test_bench_serve_writes_its_table(server, digits_dir, tmp_path):
+    from tprl_ray.bench.config import ServeBenchConfig
+    from tprl_ray.bench.serve import format_serve, run_serve_bench
+
+    cfg = ServeBenchConfig(
+        url=server.url, data=digits_dir / "test", concurrency=[1, 4], requests=4, warmup=1, out=tmp_path / "b.json"
+    )
+    result = run_serve_bench(cfg)
+    assert json.loads(cfg.out.read_text()) == result
+    cells = {(r["fraction"], r["concurrency"]): r for r in result["rows"]}
+    assert set(cells) == {(1.0, 1), (1.0, 4), (0.25, 1), (0.25, 4)}
+    assert all(r["requests"] == 4 and r["errors"] == 0 for r in cells.values())
+    assert cells[(0.25, 4)]["visual_tokens"] == 16 and cells[(1.0, 1)]["visual_tokens"] == 64
+    assert {(r["fraction"], r["concurrency"]) for r in result["ratios"]} == {(0.25, 1), (0.25, 4)}
+    assert "throughput x" in format_serve(result)
+    with pytest.raises(ConfigError, match="loopback"):
+        run_serve_bench(cfg.model_copy(update={"url": "http://192.0.2.1:8000"}))

@@ -61,3 +61,43 @@ def test_vllm_serving_answers_equal_tprl_eval(tmp_path_factory, digits_dir):
             budgets = [0.25, 1.0, 8] * 4
             mixed = list(pool.map(lambda b: chat(client, samples[0].text, images[samples[0].image], budget=b), budgets))
         assert [m.usage.visual_tokens for m in mixed] == [16, 64, 8] * 4
+
+
+def test_vllm_scorer_service_rewards_agree_with_hf(precomputed):
+    """The PPO scorer deployment on the vllm backend: its rewards for full and pruned keep masks."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+    from ray import serve
+
+    from tprl_ray.backbones.load import load_backbone
+    from tprl_ray.precompute.schema import tensor
+    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.service.config import ScorerConfig
+    from tprl_ray.service.scorer import APP, scorer_handle, start_scorer
+
+    shard = sorted((precomputed / "train" / "shards").glob("*.parquet"))[0]
+    table = pq.read_table(shard).slice(0, 16)
+    ids = table["sample_id"].to_pylist()
+    features = torch.from_numpy(tensor(table["features"]))
+    rng = np.random.default_rng(0)
+    masks = np.ones((32, features.shape[1]), np.uint8)
+    masks[16:] = 0
+    for row in masks[16:]:
+        row[rng.choice(features.shape[1], 16, replace=False)] = 1
+    hf = load_backbone("embedded")
+    keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks]
+    questions, answers = table["question"].to_pylist() * 2, table["answer"].to_pylist() * 2
+    expected, expected_ok = hf.score(questions, answers, hf.project(torch.cat([features, features])), keep)
+    init_ray("local")
+    try:
+        backbone = BackboneConfig(backend="vllm", vllm=VllmConfig(runtime_env=runtime_env(), enforce_eager=True))
+        start_scorer(ScorerConfig(backbone=backbone, threads=1), precomputed / "train")
+        logp, correct = scorer_handle().score.remote(ids * 2, masks).result(timeout_s=300)
+        serve.delete(APP)
+    finally:
+        scorer_handle.cache_clear()
+        ray.shutdown()
+    assert np.abs(logp - expected.numpy()).max() < 1e-4
+    assert (correct == expected_ok.numpy()).all()

@@ -22,6 +22,7 @@ class Backend(Protocol):
     """One loaded vision-language model, driven with kept-token indices."""
 
     device: torch.device
+    end_id: int
 
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
         """One vision pass over ``images``: LLM-ready tokens, policy features, attention, grids."""
@@ -54,3 +55,16 @@ class Backend(Protocol):
         max_new_tokens: int = 8,
     ) -> list[str]:
         """Greedy answers from each sample's kept visual tokens."""
+
+    def generate_ids(
+        self,
+        questions: list[str],
+        tokens,
+        keep: list[torch.Tensor] | None = None,
+        grids: list[Grid] | None = None,
+        max_new_tokens: int = 8,
+    ) -> list[list[int]]:
+        """:meth:`generate` as token ids (each ending with ``end_id`` if the answer finished)."""
+
+    def decode(self, sequences: list[list[int]]) -> list[str]:
+        """The answer text of each id sequence."""

@@ -296,6 +296,7 @@ class Backbone:
         grids: list[Grid] | None = None,
         max_new_tokens: int = 8,
         stop_at_end: bool = True,
+        on_first=None,
     ) -> list[list[int]]:
         """Greedy token ids with a KV cache (see :meth:`greedy_ids`), stopping each sample at the end of its
         turn (or, with ``stop_at_end=False``, always running ``max_new_tokens`` steps, as latency benchmarks need)."""
@@ -317,7 +318,7 @@ class Backbone:
             state["cache"] = nxt.cache
             return nxt.logits[:, -1]
 
-        return self.greedy_ids(out.logits[:, -1], step, max_new_tokens, stop_at_end)
+        return self.greedy_ids(out.logits[:, -1], step, max_new_tokens, stop_at_end, on_first)
 
     def generate(
         self,
@@ -332,15 +333,20 @@ class Backbone:
         return self.decode(self.generate_ids(questions, tokens, keep, grids, max_new_tokens, stop_at_end))
 
     @torch.no_grad()
-    def greedy_ids(self, logits: torch.Tensor, step, max_new_tokens: int, stop_at_end: bool = True) -> list[list[int]]:
-        """Greedy token ids from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits.
-        Each sample's ids end with the end of turn if it finished; decoding stops when all are finished."""
+    def greedy_ids(
+        self, logits: torch.Tensor, step, max_new_tokens: int, stop_at_end: bool = True, on_first=None
+    ) -> list[list[int]]:
+        """Greedy token ids from first-token ``logits`` ``[B, V]``; ``step(tokens)`` returns the next logits;
+        ``on_first()`` is called once the first tokens are chosen (time to first token). Each sample's ids
+        end with the end of turn if it finished; decoding stops when all are finished."""
         end = self.end_id
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens = []
         for i in range(max_new_tokens):
             nxt = torch.where(done, torch.full_like(done, end, dtype=torch.long), logits.argmax(-1))
             tokens.append(nxt)
+            if i == 0 and on_first is not None:
+                on_first()
             done |= (nxt == end) & stop_at_end
             if done.all() or i == max_new_tokens - 1:
                 break

@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def engine_checkpoint(path: Path, cache: Path) -> Path:
         if item.is_file() and item.suffix != ".safetensors" and item.name != "model.safetensors.index.json":
             atomic_write_bytes(out / item.name, item.read_bytes())
     for file in files:
-        tmp = out / f".{file.name}.tmp"
+        tmp = out / f".{file.name}.{os.getpid()}.tmp"  # replicas on one node may write it at once
         save_file({rename(k): v for k, v in load_file(str(file)).items()}, str(tmp), metadata={"format": "pt"})
         tmp.replace(out / file.name)
     index = path / "model.safetensors.index.json"
@@ -93,25 +94,30 @@ def engine_checkpoint(path: Path, cache: Path) -> Path:
 class CountGate:
     """Admits requests of one kept-token count at a time: a step of the engine may not mix counts.
 
-    Requests of the count in flight enter at once (and batch in the engine) unless another count is
-    waiting; when the engine is empty, the count that has waited longest enters, with all its waiters."""
+    Waiters queue in arrival order. A waiter enters when the engine is empty or busy with its count,
+    and every waiter ahead of it has its count: so the requests of the count in flight keep joining
+    (and batch in the engine) until another count waits, and when the engine empties, the oldest
+    count enters with all its waiters up to the first of another count. A cancelled waiter (its
+    client went away) leaves the queue."""
 
     def __init__(self):
-        self.count, self.inside, self.queue = None, 0, deque()
+        self.count, self.inside, self.queue = None, 0, []
         self.changed = asyncio.Condition()
 
-    def _may_enter(self, count: int) -> bool:
-        if self.count is None:
-            return self.queue[0] == count
-        return self.count == count and all(c == count for c in self.queue)
+    def _may_enter(self, ticket: tuple) -> bool:
+        ahead = self.queue[: self.queue.index(ticket)]
+        return self.count in (None, ticket[0]) and all(t[0] == ticket[0] for t in ahead)
 
     async def admit(self, count: int) -> None:
+        ticket = (count, object())
         async with self.changed:
-            self.queue.append(count)
-            await self.changed.wait_for(lambda: self._may_enter(count))
-            self.queue.remove(count)
+            self.queue.append(ticket)
+            try:
+                await self.changed.wait_for(lambda: self._may_enter(ticket))
+            finally:
+                self.queue.remove(ticket)
+                self.changed.notify_all()
             self.count, self.inside = count, self.inside + 1
-            self.changed.notify_all()
 
     async def leave(self) -> None:
         async with self.changed:
@@ -234,7 +240,7 @@ class VllmBackbone:
         return self.decode(self.generate_ids(questions, tokens, keep, grids, max_new_tokens))
 
     async def generate_async(self, question: str, visual: torch.Tensor, max_new_tokens: int) -> dict:
-        """Greedy ids of one request through the async engine, and when its first token came."""
+        """Greedy ids of one request through the async engine, and when its first token came (``perf_counter``)."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
@@ -242,11 +248,11 @@ class VllmBackbone:
         await self.gate.admit(visual.shape[0])
         try:
             async for out in self.async_engine.generate(self.prompt(question, visual), params, uuid.uuid4().hex):
-                first = first or time.time()
+                first = first or time.perf_counter()
                 final = out
         finally:
             await self.gate.leave()
-        return {"ids": list(final.outputs[0].token_ids), "first_token_at": first}
+        return {"ids": list(final.outputs[0].token_ids), "first_token": first}
 
 
 def load_vllm(cfg: BackboneConfig) -> VllmBackbone:

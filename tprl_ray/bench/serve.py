@@ -63,7 +63,11 @@ async def run_cell(url: str, bodies: list[dict], fraction: float, concurrency: i
         async def one(i: int, timed: bool) -> None:
             body = {**bodies[i % len(bodies)], "budget": fraction}
             start = time.perf_counter()
-            response = await client.post("/v1/chat/completions", json=body)
+            try:
+                response = await client.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:  # a timeout or a dropped connection is an error of the cell
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
             if not timed:
                 return
             if response.status_code != 200:
@@ -167,14 +171,12 @@ def load_test(cfg: ServeBenchConfig, server, backend: str) -> list[dict]:
 
     from tprl_ray.service.app import start
 
+    server = server.model_copy(update={"backbone": server.backbone.model_copy(update={"backend": backend})})
+    bodies, rows = payloads(cfg, server.served_name()), []
     if cfg.url is not None:
         check_loopback(cfg.url)
-        url = cfg.url.rstrip("/")
-    else:
-        server = server.model_copy(update={"backbone": server.backbone.model_copy(update={"backend": backend})})
-        url = start(server)
-    bodies, rows = payloads(cfg, server.served_name()), []
     try:
+        url = cfg.url.rstrip("/") if cfg.url is not None else start(server)
         for fraction in cfg.fractions:
             for concurrency in cfg.concurrency:
                 rows.append({"backend": backend, **asyncio.run(run_cell(url, bodies, fraction, concurrency, cfg))})
@@ -194,7 +196,8 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     server = cfg.serve.model_copy(
         update={"model": model, "ray_address": cfg.ray_address, "host": "127.0.0.1", "port": free_port()}
     )
-    init_ray(cfg.ray_address)
+    if cfg.url is None or cfg.backend == "vllm":
+        init_ray(cfg.ray_address)
     result = {"model": cfg.model, "backend": cfg.backend, "pruner": server.pruner, "max_tokens": cfg.max_tokens}
     backends = ["hf"]
     if cfg.backend == "vllm":

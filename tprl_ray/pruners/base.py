@@ -41,6 +41,20 @@ class PruneBatch:
     queries: list[torch.Tensor] | None = None
     extra: list[dict] | None = None
 
+    def take(self, index: list[int]) -> PruneBatch:
+        """The samples at ``index``, in that order."""
+        pick = lambda values: None if values is None else [values[i] for i in index]
+        return PruneBatch(
+            pick(self.tokens),
+            pick(self.features),
+            pick(self.attention),
+            pick(self.grids),
+            pick(self.question_ids),
+            pick(self.questions),
+            pick(self.queries),
+            pick(self.extra),
+        )
+
     @classmethod
     def encode(
         cls,

@@ -103,6 +103,8 @@ class TprlPruner(LearnedPruner):
             raise ValueError(f"{directory}: policy.json has no tau calibration (not a `tprl train ppo` export)")
 
     def tau(self, budget: float | int, n: int) -> float | None:
+        if self.threshold is not None:  # an explicit tau (tprl serve --tau)
+            return self.threshold
         if self.top_k:
             return None
         fraction = budget if isinstance(budget, float) else budget_tokens(budget, n) / n

@@ -5,7 +5,8 @@ probabilities out.
 ``f`` ``[B, N, d_v]`` (or ``[N, d_v]``) and ``q`` ``[B, d_q]`` (or ``[d_q]``) gives ``[B, N]`` keep
 probabilities, one policy pass per sample with every token present. The token grid is square unless
 the ``rows`` and ``cols`` params say otherwise. The model's ``pruner`` artifact is the pruner
-directory (policy and autoencoder exports); :func:`pruner_directory` gives it to ``tprl serve``.
+directory (policy and autoencoder exports); :func:`pruner_directory` gives it to ``tprl serve``
+(downloaded, not loaded).
 It is logged as code (:mod:`tprl_ray.pruners.pyfunc_model`), not pickled; loading needs ``tprl-ray``
 installed.
 """
@@ -89,14 +90,20 @@ def log_pruner(directory: Path):
 
 def pruner_directory(uri: str) -> Path:
     """The local pruner directory of the pyfunc model at ``uri`` (``models:/NAME/VERSION``, an alias
-    ``models:/NAME@ALIAS`` or ``runs:/...``), loaded through ``mlflow.pyfunc``."""
+    ``models:/NAME@ALIAS`` or ``runs:/...``): downloaded and read from its ``MLmodel`` file, without
+    running the model's code (a registry's content is data to ``tprl serve``)."""
+    import yaml
     from mlflow.exceptions import MlflowException
 
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        local = Path(mlflow.artifacts.download_artifacts(uri))
     except (MlflowException, OSError) as exc:
-        raise ValueError(f"{uri}: not a loadable pruner model ({str(exc).splitlines()[0]})") from None
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, PrunerModel):
-        raise ValueError(f"{uri}: a {type(python_model).__name__} model, not a tprl pruner")
-    return python_model.directory
+        raise ValueError(f"{uri}: not a downloadable model ({str(exc).splitlines()[0]})") from None
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        directory = local / flavor["artifacts"][ARTIFACT]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise ValueError(f"{uri}: not a tprl pruner model (no {ARTIFACT!r} artifact in its MLmodel)") from None
+    if not (directory / "policy.json").is_file():
+        raise ValueError(f"{uri}: its {ARTIFACT!r} artifact holds no policy export")
+    return directory

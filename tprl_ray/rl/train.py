@@ -256,11 +256,11 @@ def export_policy(cfg: PpoConfig, net, history: list[dict], val_codes: Codes) ->
     return taus
 
 
-def stage_pruner(out: Path) -> Path:
-    """The pruner's own files (the policy and autoencoder exports) copied to ``out/pruner``, for MLflow."""
+def stage_pruner(source: Path, into: Path) -> Path:
+    """The pruner's own files (the policy and autoencoder exports of ``source``) copied to ``into``, for MLflow."""
     for name in ("policy", "autoencoder"):
-        copy_export(out, out / "pruner", name)
-    return out / "pruner"
+        copy_export(source, into, name)
+    return into
 
 
 def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
@@ -323,7 +323,9 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
             net = algo.get_module().net.cpu().eval()
             taus = export_policy(cfg, net, history, Codes.load(val_dir))
             if cfg.registered_model:
-                register_pruner(cfg.registered_model, lambda: log_pruner(stage_pruner(cfg.out)), taus)
+                register_pruner(
+                    cfg.registered_model, lambda: log_pruner(stage_pruner(cfg.out, cfg.out / "pruner")), taus
+                )
     finally:
         if algo is not None:
             algo.stop()

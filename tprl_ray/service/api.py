@@ -15,13 +15,13 @@ import io
 import json
 import time
 import uuid
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from tprl_ray.config import first_error
 from tprl_ray.service.config import ServeConfig
@@ -53,11 +53,11 @@ class ChatRequest(BaseModel):
 
     model: str
     messages: list[Message]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    n: int = 1
-    stream: bool = False
-    budget: float | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    n: StrictInt = 1
+    stream: StrictBool = False
+    budget: StrictFloat | StrictInt | None = None
 
 
 @dataclass
@@ -78,6 +78,8 @@ def parse_body(raw: bytes, cfg: ServeConfig) -> ChatRequest:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -99,8 +101,14 @@ def check_budget(budget: float, visual_tokens: int | None) -> float | int:
     )
 
 
-def parse_request(request: ChatRequest, cfg: ServeConfig, visual_tokens: int | None, fetch=None) -> Query:
-    """The :class:`Query` of a validated request body; ``fetch(url)`` gets remote image bytes when allowed."""
+def parse_request(
+    request: ChatRequest,
+    cfg: ServeConfig,
+    visual_tokens: int | None,
+    check_question: Callable[[str, int], None] = lambda question, max_tokens: None,
+) -> Query:
+    """The :class:`Query` of a validated request body; ``check_question(question, max_tokens)`` raises a
+    :class:`RequestError` for a question the model cannot take (checked before the image is decoded)."""
     if request.model != cfg.served_name():
         raise RequestError(
             404,
@@ -112,7 +120,7 @@ def parse_request(request: ChatRequest, cfg: ServeConfig, visual_tokens: int | N
         raise RequestError(400, "streaming is not supported: send stream=false", param="stream")
     if request.n != 1:
         raise RequestError(400, f"n={request.n}: one choice per request (decoding is greedy)", param="n")
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
     if not 1 <= max_tokens <= cfg.max_tokens:
         raise RequestError(400, f"max_tokens {max_tokens} is outside [1, {cfg.max_tokens}]", param="max_tokens")
@@ -130,9 +138,14 @@ def parse_request(request: ChatRequest, cfg: ServeConfig, visual_tokens: int | N
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url" and isinstance(part.get("image_url"), dict | str):
-            url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
-            images.append(str(url))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise RequestError(
+                    400, "an image_url part needs {'url': 'data:image/...;base64,...'}", param="messages"
+                )
+            images.append(url)
         else:
             raise RequestError(
                 400, f"unsupported content part {str(part)[:80]!r} (text and image_url only)", param="messages"
@@ -142,11 +155,12 @@ def parse_request(request: ChatRequest, cfg: ServeConfig, visual_tokens: int | N
         raise RequestError(400, "the message has no question text", param="messages")
     if len(images) != 1:
         raise RequestError(400, f"the message holds {len(images)} images; exactly one is needed", param="messages")
-    return Query(question, decode_image(image_bytes(images[0], cfg, fetch), cfg.max_image_pixels), max_tokens, budget)
+    check_question(question, max_tokens)
+    return Query(question, decode_image(image_bytes(images[0], cfg), cfg), max_tokens, budget)
 
 
-def image_bytes(url: str, cfg: ServeConfig, fetch=None) -> bytes:
-    """The bytes of an image URL: a base64 ``data:`` URL, or (when allowed) an http(s) URL fetched by ``fetch``."""
+def image_bytes(url: str, cfg: ServeConfig) -> bytes:
+    """The bytes of an image URL: a base64 ``data:`` URL, or (when the server allows it) an http(s) URL."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64"):
@@ -156,47 +170,73 @@ def image_bytes(url: str, cfg: ServeConfig, fetch=None) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise RequestError(400, f"the image's base64 is invalid ({exc})", param="messages") from None
     if url.startswith(("http://", "https://")):
-        if not cfg.allow_remote_images or fetch is None:
+        if not cfg.allow_remote_images:
             raise RequestError(
                 400,
                 "remote image URLs are not fetched (send a data: URL, or start the server with "
                 "allow_remote_images: true)",
                 param="messages",
             )
-        return fetch(url)
+        return fetch_url(url, cfg.fetch_timeout_s, cfg.max_body_bytes)
     raise RequestError(400, f"image URL scheme of {url[:30]!r} is not supported (data: URLs)", param="messages")
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB pixels of ``data``; a 400 for bytes that are no image, truncated ones or too many pixels."""
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
+
+
+def decode_image(data: bytes, cfg: ServeConfig) -> np.ndarray:
+    """RGB pixels of ``data``; a 400 for bytes that are no image of :data:`IMAGE_FORMATS`, truncated ones,
+    or sizes above the limits (read from the header: nothing is decoded before the check)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size  # read from the header: nothing decoded yet
-                if width * height > max_pixels:
-                    raise RequestError(
-                        400, f"image of {width}x{height} pixels is above the limit of {max_pixels}", param="messages"
-                    )
-                return np.asarray(img.convert("RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            width, height = img.size
+            if width * height > cfg.max_image_pixels or max(width, height) > cfg.max_image_side:
+                raise RequestError(
+                    400,
+                    f"image of {width}x{height} pixels is above the limits ({cfg.max_image_pixels} pixels, "
+                    f"{cfg.max_image_side} a side)",
+                    param="messages",
+                )
+            return np.asarray(img.convert("RGB"))
+    except RequestError:
+        raise
+    except Image.DecompressionBombError as exc:
         raise RequestError(400, f"image refused as a decompression bomb ({exc})", param="messages") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        if isinstance(exc, RequestError):
-            raise
-        raise RequestError(400, f"the image bytes are not a readable image ({exc})", param="messages") from None
+    except Exception as exc:  # PIL's parsers raise many kinds (OSError, SyntaxError, struct.error, EOFError...)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RequestError(400, f"the image bytes are not a readable image ({reason})", param="messages") from None
 
 
 def fetch_url(url: str, timeout_s: float, max_bytes: int) -> bytes:
-    """GET ``url`` (only when the server allows remote images), at most ``max_bytes``; a 400 otherwise."""
-    import urllib.error
+    """GET ``url`` (only when the server allows remote images): public addresses only, no redirects, no
+    proxies, at most ``max_bytes``; a 400 otherwise."""
+    import ipaddress
+    import socket
     import urllib.request
+    from urllib.parse import urlparse
 
+    host = urlparse(url).hostname or ""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError) as exc:
+        raise RequestError(400, f"cannot resolve the image host {host!r} ({exc})", param="messages") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+        raise RequestError(400, f"image host {host!r} is not a public address: not fetched", param="messages")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            if response.status != 200:
+                raise RequestError(400, f"image fetch of {url[:80]!r} answered {response.status}", param="messages")
             data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-        raise RequestError(400, f"cannot fetch image {url[:80]!r} ({exc})", param="messages") from None
+    except RequestError:
+        raise
+    except Exception as exc:  # URLError, HTTPError (redirects too), timeouts, resets
+        raise RequestError(400, f"cannot fetch image {url[:80]!r} ({str(exc).splitlines()[0]})", "messages") from None
     if len(data) > max_bytes:
         raise RequestError(400, f"image at {url[:80]!r} is above {max_bytes} bytes", param="messages")
     return data

@@ -25,7 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from tprl_ray.service.api import RequestError, completion, fetch_url, parse_body, parse_request
+from tprl_ray.config import first_error
+from tprl_ray.service.api import RequestError, check_budget, completion, parse_body, parse_request
 from tprl_ray.service.config import DeploymentConfig, ServeConfig
 
 LATENCY_BOUNDS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]
@@ -40,6 +41,30 @@ def batch_metric():
     return metrics.Histogram(
         "tprl_serve_batch_size", "requests per batch", boundaries=BATCH_BOUNDS, tag_keys=("deployment",)
     )
+
+
+def each_alone(run, items: list) -> list:
+    """``run(items)``; if the batch fails, each item alone, so that one bad item fails only its own
+    request (its result is the exception)."""
+    try:
+        return run(items)
+    except Exception:
+        out = []
+        for item in items:
+            try:
+                out.append(run([item])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
+def unwrap(result):
+    """A result of :func:`each_alone`: raised if it is an exception; a model's refusal (ValueError) as a 400."""
+    if isinstance(result, ValueError):
+        raise RequestError(400, f"the model cannot take this request ({str(result).splitlines()[0]})")
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def load_pruner(cfg: ServeConfig):
@@ -98,15 +123,7 @@ class VisionPruner:
             by_budget[budget].append(i)
         out: list[dict] = [{}] * len(items)
         for budget, index in by_budget.items():
-            sub = PruneBatch(
-                [batch.tokens[i] for i in index],
-                [batch.features[i] for i in index],
-                None if batch.attention is None else [batch.attention[i] for i in index],
-                [batch.grids[i] for i in index],
-                [batch.question_ids[i] for i in index],
-                [batch.questions[i] for i in index],
-                None if batch.queries is None else [batch.queries[i] for i in index],
-            )
+            sub = batch.take(index)
             if self.in_llm:
                 keep = [torch.arange(t.shape[0]) for t in sub.tokens]
                 tokens = sub.tokens
@@ -125,12 +142,12 @@ class VisionPruner:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[tuple[np.ndarray, str, float | int]]) -> list[dict]:
         self.m_batch.observe(len(items), tags={"deployment": "vision"})
-        return await asyncio.to_thread(self.prune_many, items)
+        return await asyncio.to_thread(each_alone, self.prune_many, items)
 
     async def prune(self, pixels: np.ndarray, question: str, budget: float | int) -> dict:
         """The kept post-projector tokens of one request (``tokens`` ``[k, d_llm]``, original ``keep``
         indices, ``grid``, ``total`` tokens of the image)."""
-        return await self._batched((pixels, question, budget))
+        return unwrap(await self._batched((pixels, question, budget)))
 
 
 @serve.deployment(name="LanguageModel")
@@ -168,29 +185,40 @@ class LanguageModel:
                 tokens = torch.zeros(items[i]["total"], items[i]["tokens"].shape[1], dtype=items[i]["tokens"].dtype)
                 tokens[items[i]["keep"]] = items[i]["tokens"]
                 full.append(tokens.to(self.backbone.device))
-            if self.in_llm is not None:
+            first = []
+            if self.in_llm is not None:  # staged decoding: its first token counts as the answer's end
                 batch = PruneBatch(full, full, None, grids, [str(i) for i in index], questions)
                 ids, seen = self.in_llm.generate_ids(self.backbone, batch, budget, max_tokens)
             else:
                 keep = [items[i]["keep"] for i in index]
-                ids = self.backbone.generate_ids(questions, full, keep, grids, max_tokens)
+                ids = self.backbone.generate_ids(
+                    questions,
+                    full,
+                    keep,
+                    grids,
+                    max_tokens,
+                    on_first=lambda first=first: first.append(time.perf_counter()),
+                )
                 seen = [float(len(k)) for k in keep]
+            at = first[0] if first else time.perf_counter()
             for j, i in enumerate(index):
-                out[i] = {"ids": ids[j], "visual_tokens": seen[j], "first_token_at": time.time()}
+                out[i] = {"ids": ids[j], "visual_tokens": seen[j], "first_token": at}
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[dict]) -> list[dict]:
         self.m_batch.observe(len(items), tags={"deployment": "llm"})
-        return await asyncio.to_thread(self.generate_many, items)
+        return await asyncio.to_thread(each_alone, self.generate_many, items)
 
     async def generate(self, item: dict) -> dict:
         """``item``: question, kept ``tokens``, ``keep``, ``grid``, ``total``, ``max_tokens``, ``budget``.
-        Returns the answer, whether it finished, prompt and completion token counts, visual tokens seen."""
+        Returns the answer, whether it finished, prompt and completion token counts, visual tokens seen and
+        the seconds from arrival here to the first answer token."""
+        arrived = time.perf_counter()
         if self.cfg.backbone.backend == "vllm":
             result = await self.backbone.generate_async(item["question"], item["tokens"], item["max_tokens"])
         else:
-            result = await self._batched(item)
+            result = unwrap(await self._batched(item))
         ids, end = result["ids"], self.backbone.end_id
         return {
             "text": self.backbone.decode([ids])[0],
@@ -198,7 +226,7 @@ class LanguageModel:
             "prompt_tokens": self.backbone.text_tokens(item["question"]) + int(item["tokens"].shape[0]),
             "completion_tokens": len(ids),
             "visual_tokens": round(result["visual_tokens"]) if "visual_tokens" in result else len(item["keep"]),
-            "first_token_at": result["first_token_at"],
+            "first_token_s": result["first_token"] - arrived,
         }
 
 
@@ -250,21 +278,19 @@ class Ingress:
 
     @http.post("/v1/chat/completions")
     async def chat(self, request: Request) -> JSONResponse:
-        start = time.time()
+        start = time.perf_counter()
         try:
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.cfg.max_body_bytes:
-                raise RequestError(
-                    413, f"request body of {declared} bytes is above the limit of {self.cfg.max_body_bytes}"
-                )
-            query = await asyncio.to_thread(self.query, await request.body())
+            query = await asyncio.to_thread(self.query, await self.body(request))
             kept = await self.vision.prune.remote(query.pixels, query.question, query.budget)
+            at_llm = time.perf_counter()
             answer = await self.llm.generate.remote(
                 {"question": query.question, "max_tokens": query.max_tokens, "budget": query.budget, **kept}
             )
         except RequestError as exc:
-            self.m_requests.inc(tags={"code": str(exc.status)})
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return self.refuse(exc)
+        except Exception as exc:  # a replica died, Serve's back-pressure, a bug: still one JSON line
+            reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            return self.refuse(RequestError(500, f"internal error ({type(exc).__name__}: {reason})", "internal_error"))
         body = completion(
             self.cfg.served_name(),
             answer["text"],
@@ -275,24 +301,41 @@ class Ingress:
             kept["total"],
         )
         self.m_requests.inc(tags={"code": "200"})
-        self.m_latency.observe(time.time() - start)
-        self.m_first.observe(max(0.0, answer["first_token_at"] - start))
+        self.m_latency.observe(time.perf_counter() - start)
+        self.m_first.observe(at_llm - start + answer["first_token_s"])
         self.m_kept.observe(answer["visual_tokens"])
         self.m_kept_fraction.observe(answer["visual_tokens"] / kept["total"])
         return JSONResponse(body)
 
+    def refuse(self, exc: RequestError) -> JSONResponse:
+        self.m_requests.inc(tags={"code": str(exc.status)})
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, read no further than the size limit (declared or chunked)."""
+        limit = self.cfg.max_body_bytes
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit:
+            raise RequestError(413, f"request body of {declared} bytes is above the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body is above the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def query(self, raw: bytes):
-        """The checked request (body, fields, image, question length)."""
-        cfg = self.cfg
-        request = parse_body(raw, cfg)
-        fetch = lambda url: fetch_url(url, cfg.fetch_timeout_s, cfg.max_body_bytes)
-        query = parse_request(request, cfg, self.inputs.visual_tokens, fetch if cfg.allow_remote_images else None)
-        n, cap = self.inputs.question_tokens(query.question), self.inputs.question_cap(cfg.backbone, query.max_tokens)
-        if n > cap:
-            raise RequestError(
-                400, f"the question has {n} tokens, above the {cap} that fit beside the image and answer"
-            )
-        return query
+        """The checked request: body, fields, question length (before the image is decoded), image."""
+
+        def check_question(question: str, max_tokens: int) -> None:
+            n, cap = self.inputs.question_tokens(question), self.inputs.question_cap(self.cfg.backbone, max_tokens)
+            if n > cap:
+                raise RequestError(
+                    400, f"the question has {n} tokens, above the {cap} that fit beside the image and answer"
+                )
+
+        return parse_request(parse_body(raw, self.cfg), self.cfg, self.inputs.visual_tokens, check_question)
 
 
 def deployment_options(part: DeploymentConfig, gpus: float, runtime_env: dict | None = None) -> dict:
@@ -305,10 +348,12 @@ def deployment_options(part: DeploymentConfig, gpus: float, runtime_env: dict | 
 
 
 def build_app(cfg: ServeConfig):
-    """The bound application (also what ``pipelines/serve.py`` gives ``serve run`` / ``serve deploy``)."""
+    """The bound application (also what ``pipelines/serve.py`` gives ``serve run`` / ``serve deploy``);
+    the MLflow store is resolved here, in the driver's directory, not in each replica's."""
     from tprl_ray.ray_setup import gpus_per_actor
+    from tprl_ray.tracking import tracking_uri
 
-    config = cfg.model_dump(mode="json")
+    config = cfg.model_copy(update={"mlflow_uri": tracking_uri(".", cfg.mlflow_uri)}).model_dump(mode="json")
     vllm = cfg.backbone.backend == "vllm"
     vision = VisionPruner.options(**deployment_options(cfg.vision, gpus_per_actor(cfg.vision.pool.gpus))).bind(config)
     llm = LanguageModel.options(
@@ -335,8 +380,22 @@ def check_config(cfg: ServeConfig) -> None:
         check_vllm(cfg.served_backbone())
         if isinstance(pruner, InLlmPruner):
             raise ValueError(f"pruner {cfg.pruner!r} prunes inside the LLM: it needs backbone.backend hf")
-    if inputs.visual_tokens is not None and cfg.budget > 1 and cfg.budget > inputs.visual_tokens:
-        raise ValueError(f"budget {cfg.budget:g} is above the model's {inputs.visual_tokens} visual tokens")
+    try:
+        check_budget(cfg.budget, inputs.visual_tokens)
+    except RequestError as exc:
+        raise ValueError(exc.message) from None
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    for name in ("ingress", "vision", "llm"):
+        settings = getattr(cfg, name).autoscaling or {}
+        unknown = sorted(set(settings) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"{name}.autoscaling: unknown setting {unknown[0]!r} (Serve's autoscaling_config)")
+        try:
+            AutoscalingConfig(**settings)
+        except ValidationError as exc:
+            raise ValueError(f"{name}.autoscaling: {first_error(exc)}") from None
 
 
 def warn_resources(cfg: ServeConfig) -> None:

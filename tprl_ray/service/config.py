@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Self
 from pydantic import Field, field_validator, model_validator
 
 from tprl_ray.config import BackboneConfig, Command, PoolConfig, RunConfig, Section, check_budgets, known_name
-from tprl_ray.pruners.registry import LEARNED, PRUNERS
+from tprl_ray.pruners.registry import LEARNED, PRUNERS, REFERENCES
 
 
 class ScorerConfig(Section):
@@ -70,12 +70,15 @@ class ServeConfig(RunConfig):
     fetch_timeout_s: float = Field(10.0, gt=0, description="time limit of a remote image fetch")
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body (and fetched image)")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="larger images are refused (decompression bombs)")
+    max_image_side: int = Field(8192, ge=1, description="images with a longer side are refused")
     max_tokens: int = Field(256, ge=1, description="the largest max_tokens a request may ask for")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that sets none")
-    ingress: DeploymentConfig = Field(DeploymentConfig(pool=PoolConfig(cpus=0.1)), description="HTTP front")
+    ingress: DeploymentConfig = Field(
+        DeploymentConfig(pool=PoolConfig(cpus=0.1)), description="HTTP front: request checks, image decoding"
+    )
     vision: DeploymentConfig = Field(
         DeploymentConfig(pool=PoolConfig(cpus=0.5, batch_size=16)),
-        description="image decoding, the vision encoder and the pruner (@serve.batch)",
+        description="the vision encoder, query embeddings and the pruner (@serve.batch)",
     )
     llm: DeploymentConfig = Field(
         DeploymentConfig(pool=PoolConfig(cpus=1, batch_size=16)),
@@ -100,6 +103,10 @@ class ServeConfig(RunConfig):
             raise ValueError("pruner 'tprl' needs --policy (a `tprl train ppo` output or models:/tprl-pruner/N)")
         if self.tau is not None and self.pruner not in LEARNED:
             raise ValueError(f"tau applies to the learned pruners ({', '.join(LEARNED)}), not {self.pruner!r}")
+        if self.policy is not None and self.pruner not in LEARNED:
+            raise ValueError(f"policy applies to the learned pruners ({', '.join(LEARNED)}), not {self.pruner!r}")
+        if self.pruner in REFERENCES:
+            raise ValueError(f"pruner {self.pruner!r} reads the benchmark's annotations: it cannot serve requests")
         return self
 
     def served_backbone(self) -> BackboneConfig:
