@@ -55,7 +55,7 @@ def registry(tmp_path_factory):
     out = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{out / 'mlflow.db'}"
     with mlflow_run(out, "tprl-ppo", "ppo", uri):
-        register_pruner("tprl-pruner", lambda: log_pruner(stage_pruner(EMBEDDED_LFD, out / "pruner")), {})
+        register_pruner("tprl-pruner", log_pruner(stage_pruner(EMBEDDED_LFD, out / "pruner")), {})
     return uri
 
 

@@ -148,11 +148,10 @@ def register_model(name: str, source: str, description: str, tags: dict[str, str
     )
 
 
-def register_pruner(name: str, log_model, taus: dict[str, float]):
-    """``log_model()`` (it logs the pruner as the active run's pyfunc model), registered as a new version
-    of the model ``name``: tagged ``tau:<budget>`` and described by the tau-per-budget table for a
+def register_pruner(name: str, model, taus: dict[str, float]):
+    """The pruner logged as the active run's pyfunc model (its ``ModelInfo``, ``model``) registered as a new
+    version of the model ``name``: tagged ``tau:<budget>`` and described by the tau-per-budget table for a
     thresholded policy (``taus``), else tagged ``selection: top-k``."""
-    info = log_model()
     if taus:
         tags = {f"tau:{b}": f"{t:.6g}" for b, t in taus.items()}
         description = "| budget | tau |\n|---|---|\n" + "\n".join(f"| {b} | {t:.6g} |" for b, t in taus.items())
@@ -163,4 +162,4 @@ def register_pruner(name: str, log_model, taus: dict[str, float]):
         "TPRL visual-token pruner: one policy pass over the tokens. mlflow.pyfunc.load_model(uri).predict("
         "{'features': [B, N, d_v], 'query': [B, d_q]}) gives [B, N] keep probabilities."
     )
-    return register_model(name, info.model_uri, description, tags, about, info.model_id)
+    return register_model(name, model.model_uri, description, tags, about, model.model_id)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import os
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -126,14 +127,16 @@ def llava7b_checkpoint(cfg: ServeBenchConfig) -> Path:
     from tprl_ray.bench.scorer import llava7b_workload
 
     out = cfg.work / f"llava-7b-shape-{cfg.decoder_layers}l-{cfg.serve.backbone.dtype}"
-    if not (out / "config.json").is_file():
+    if not out.is_dir():  # written beside, then renamed: a killed run leaves no half checkpoint
         backbone, *_ = llava7b_workload(cfg.decoder_layers, "cpu", cfg.serve.backbone.dtype)
         vision, processor = backbone.model.config.vision_config, backbone.processor
         processor.image_processor.size = {"shortest_edge": vision.image_size}  # the tiny tokenizer, 7B's images
         processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
         processor.patch_size = vision.patch_size
-        backbone.model.save_pretrained(out)
-        processor.save_pretrained(out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        backbone.model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, out)
     return out
 
 
@@ -165,16 +168,14 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def load_test(cfg: ServeBenchConfig, server, backend: str) -> list[dict]:
+def load_test(cfg: ServeBenchConfig, server, backend: str, bodies: list[dict]) -> list[dict]:
     """Every (fraction, concurrency) cell against ``server`` (started here unless ``cfg.url``)."""
     from ray import serve
 
     from tprl_ray.service.app import start
 
     server = server.model_copy(update={"backbone": server.backbone.model_copy(update={"backend": backend})})
-    bodies, rows = payloads(cfg, server.served_name()), []
-    if cfg.url is not None:
-        check_loopback(cfg.url)
+    rows = []
     try:
         url = cfg.url.rstrip("/") if cfg.url is not None else start(server)
         for fraction in cfg.fractions:
@@ -196,6 +197,8 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     server = cfg.serve.model_copy(
         update={"model": model, "ray_address": cfg.ray_address, "host": "127.0.0.1", "port": free_port()}
     )
+    if cfg.url is not None:
+        check_loopback(cfg.url)
     if cfg.url is None or cfg.backend == "vllm":
         init_ray(cfg.ray_address)
     result = {"model": cfg.model, "backend": cfg.backend, "pruner": server.pruner, "max_tokens": cfg.max_tokens}
@@ -206,7 +209,8 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         result["agreement"] = agreement(server.served_backbone(), cfg.data, 64, cfg.fractions)
         print(format_agreement(result["agreement"]), flush=True)
         backends = ["vllm"] if cfg.url is not None else ["vllm", "hf"]
-    rows = [row for backend in backends for row in load_test(cfg, server, backend)]
+    bodies = payloads(cfg, server.served_name())
+    rows = [row for backend in backends for row in load_test(cfg, server, backend, bodies)]
     result.update(rows=rows, ratios=ratios(rows))
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result

@@ -27,12 +27,13 @@ class PrunerModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper of the pruner in the ``pruner`` artifact (``tprl`` if PPO-trained, else ``lfd``)."""
 
     def load_context(self, context) -> None:
+        import json
+
         from tprl_ray.pruners.lfd import LearnedPruner, TprlPruner
 
         self.directory = Path(context.artifacts[ARTIFACT])
-        self.pruner = LearnedPruner(self.directory)
-        if "regime" in self.pruner.card:
-            self.pruner = TprlPruner(self.directory)
+        ppo_trained = "regime" in json.loads((self.directory / "policy.json").read_text())
+        self.pruner = (TprlPruner if ppo_trained else LearnedPruner)(self.directory)
 
     def predict(self, context, model_input, params=None):
         features = np.asarray(model_input["features"], dtype=np.float32)

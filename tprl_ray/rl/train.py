@@ -323,9 +323,7 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
             net = algo.get_module().net.cpu().eval()
             taus = export_policy(cfg, net, history, Codes.load(val_dir))
             if cfg.registered_model:
-                register_pruner(
-                    cfg.registered_model, lambda: log_pruner(stage_pruner(cfg.out, cfg.out / "pruner")), taus
-                )
+                register_pruner(cfg.registered_model, log_pruner(stage_pruner(cfg.out, cfg.out / "pruner")), taus)
     finally:
         if algo is not None:
             algo.stop()

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from tprl_ray.config import first_error
+from tprl_ray.config import check_budgets, first_error
 from tprl_ray.service.config import ServeConfig
 
 
@@ -88,17 +88,15 @@ def parse_body(raw: bytes, cfg: ServeConfig) -> ChatRequest:
 
 def check_budget(budget: float, visual_tokens: int | None) -> float | int:
     """A request's budget as a kept fraction (float) or token count (int), or a 400."""
-    if 0 < budget <= 1:
+    try:
+        check_budgets([budget])
+    except ValueError as exc:
+        raise RequestError(400, str(exc), param="budget") from None
+    if budget <= 1:
         return float(budget)
-    if budget > 1 and float(budget).is_integer():
-        if visual_tokens is not None and budget > visual_tokens:
-            raise RequestError(
-                400, f"budget {budget:g} is above the model's {visual_tokens} visual tokens", param="budget"
-            )
-        return int(budget)
-    raise RequestError(
-        400, f"budget {budget} is neither a kept fraction in (0, 1] nor a whole token count", param="budget"
-    )
+    if visual_tokens is not None and budget > visual_tokens:
+        raise RequestError(400, f"budget {budget:g} is above the model's {visual_tokens} visual tokens", param="budget")
+    return int(budget)
 
 
 def parse_request(

@@ -157,14 +157,15 @@ class LanguageModel:
     def __init__(self, cfg: dict):
         from tprl_ray.backbones.load import load_backbone
         from tprl_ray.pruners.inllm import InLlmPruner
+        from tprl_ray.pruners.registry import pruner_class
 
         self.cfg = ServeConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.llm.threads)
         self.backbone = load_backbone(self.cfg.served_backbone())
         if self.cfg.backbone.backend == "vllm":
             _ = self.backbone.async_engine  # start the engine now, not on the first request
-        pruner = load_pruner(self.cfg) if self.cfg.backbone.backend == "hf" else None
-        self.in_llm = pruner if isinstance(pruner, InLlmPruner) else None
+        in_llm = issubclass(pruner_class(self.cfg.pruner), InLlmPruner)  # only those prune in this replica
+        self.in_llm = load_pruner(self.cfg) if in_llm else None
         self._batched.set_max_batch_size(self.cfg.llm.pool.batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.llm.batch_wait_s)
         self.m_batch = batch_metric()
@@ -380,10 +381,7 @@ def check_config(cfg: ServeConfig) -> None:
         check_vllm(cfg.served_backbone())
         if isinstance(pruner, InLlmPruner):
             raise ValueError(f"pruner {cfg.pruner!r} prunes inside the LLM: it needs backbone.backend hf")
-    try:
-        check_budget(cfg.budget, inputs.visual_tokens)
-    except RequestError as exc:
-        raise ValueError(exc.message) from None
+    check_budget(cfg.budget, inputs.visual_tokens)  # a RequestError is a ValueError: the CLI prints its line
     from pydantic import ValidationError
     from ray.serve.config import AutoscalingConfig
 
@@ -406,9 +404,8 @@ def warn_resources(cfg: ServeConfig) -> None:
     from tprl_ray.ray_setup import gpus_per_actor
 
     def replicas(part: DeploymentConfig) -> int:
-        return (part.autoscaling or {}).get("initial_replicas") or (part.autoscaling or {}).get(
-            "min_replicas", part.pool.size
-        )
+        scale = part.autoscaling or {}
+        return scale.get("initial_replicas") or scale.get("min_replicas", part.pool.size)
 
     parts = (cfg.ingress, cfg.vision, cfg.llm)
     need = {
