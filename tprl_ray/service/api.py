@@ -234,7 +234,8 @@ def fetch_url(url: str, timeout_s: float, max_bytes: int) -> bytes:
     except RequestError:
         raise
     except Exception as exc:  # URLError, HTTPError (redirects too), timeouts, resets
-        raise RequestError(400, f"cannot fetch image {url[:80]!r} ({str(exc).splitlines()[0]})", "messages") from None
+        reason = str(exc).splitlines()[0]
+        raise RequestError(400, f"cannot fetch image {url[:80]!r} ({reason})", param="messages") from None
     if len(data) > max_bytes:
         raise RequestError(400, f"image at {url[:80]!r} is above {max_bytes} bytes", param="messages")
     return data
