@@ -300,12 +300,19 @@ def test_serve_refuses_bad_settings_before_starting(tmp_path, capsys):
     assert "serves LLaVA only" in capsys.readouterr().err
 
 
-def test_explicit_tau_and_remote_images_refused_unless_public():
+def test_explicit_tau_and_remote_images_refused_unless_public(tmp_path):
     from tprl_ray.pruners.lfd import TprlPruner
     from tprl_ray.service.api import RequestError, image_bytes
     from tprl_ray.service.config import ServeConfig
 
-    assert TprlPruner.tau(SimpleNamespace(threshold=0.7, top_k=True), 0.25, 64) == 0.7
+    # a PPO-trained (budget regime) pruner: top-k at a budget, or every token above an explicit tau
+    stage_pruner(EMBEDDED_LFD, tmp_path)
+    card = json.loads((tmp_path / "policy.json").read_text())
+    (tmp_path / "policy.json").write_text(json.dumps({**card, "regime": "budget"}))
+    pruner = TprlPruner(tmp_path)
+    assert pruner.tau(0.25, 64) is None
+    pruner.threshold = 0.7
+    assert pruner.tau(0.25, 64) == 0.7
     allowed = ServeConfig(allow_remote_images=True, pruner="vispruner")
     for url in ("http://127.0.0.1:9/board.png", "http://10.0.0.1/board.png", "http://169.254.169.254/latest"):
         with pytest.raises(RequestError, match="not a public address"):
