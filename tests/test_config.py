@@ -129,6 +129,21 @@ def test_the_shipped_cluster_pipeline_config_loads():
     assert cfg.ppo.scorer.resources == {"scorer_slot": 1} and cfg.ppo.scorer.pool.size == 4
 
 
+def test_the_paper_recipe_trains_on_a_mixture_and_evaluates_seven_benchmarks():
+    from pathlib import Path
+
+    from tprl_ray.pipeline.config import PipelineConfig, stage_configs
+
+    cfg = PipelineConfig.load(Path(__file__).parent.parent / "cluster" / "configs" / "paper-llava-1.5-7b.yaml")
+    names = ["gqa", "mmbench", "mme", "pope", "seed", "scienceqa", "vqav2"]
+    assert [e.name for e in cfg.suite] == names and [e.scorer for e in cfg.suite] == names
+    stages = stage_configs(cfg, cfg.out / "data", "llava-hf/llava-1.5-7b-hf")
+    assert [p.name for p in stages["precompute_train"].data] == ["vqav2", "gqa", "scienceqa"]
+    assert [p.name for p in stages["precompute_val"].data] == ["gqa", "scienceqa"]
+    assert stages["ppo"].env.weights == {"vqav2": 1.0, "gqa": 1.0, "scienceqa": 0.5}
+    assert stages["evaluation"].budgets == [0.3333333, 0.25, 0.2222222] and "oracle" not in cfg.pruners
+
+
 def test_the_oracle_row_is_for_the_digits_benchmark_only():
     from tprl_ray.pipeline.config import PipelineConfig
 

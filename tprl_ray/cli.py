@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                 group = groups.add_parser(group_name, help=f"{group_name} commands")
                 nested[group_name] = group.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             sub = nested[group_name].add_parser(name, help=command.help, description=command.help)
-        add_config_args(sub, command.config)
+        add_config_args(sub, command.config, positional=command.positional)
         sub.set_defaults(_command=command)
     return parser
 

@@ -230,6 +230,7 @@ class Command:
     config: type[StageConfig]
     run: str
     help: str
+    positional: tuple[str, ...] = ()  # top-level fields given as positional arguments, in order
 
     def function(self) -> Callable[[StageConfig], Any]:
         module, name = self.run.split(":")
@@ -264,11 +265,19 @@ def parse_flag(raw: str, kind: type | None) -> Any:
 
 
 def add_config_args(
-    parser: argparse.ArgumentParser, cls: type[BaseModel], prefix: str = "", hidden: frozenset[str] = frozenset()
+    parser: argparse.ArgumentParser,
+    cls: type[BaseModel],
+    prefix: str = "",
+    hidden: frozenset[str] = frozenset(),
+    positional: tuple[str, ...] = (),
 ) -> None:
     """Add ``--config``, ``--set`` and one flag per field of ``cls``: ``--field-name`` at the top level,
     ``--section.field-name`` for fields of nested sections, but those in ``hidden`` and those that a
-    config above wires itself (its ``wired``)."""
+    config above wires itself (its ``wired``); the top-level fields in ``positional`` are arguments."""
+    for name in positional:
+        field = cls.model_fields[name]
+        parser.add_argument(f"cfg__{name}", nargs="?", metavar=name.upper(), help=field.description)
+    hidden = hidden | frozenset(positional)
     if not prefix:
         parser.add_argument("--config", type=Path, help="YAML file with this stage's settings")
         parser.add_argument(

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tprl_ray.config import Command, StageConfig
+from tprl_ray.config import Command, Section, StageConfig, known_name
 
 GRID = 4  # cells per side of a board
 CATEGORIES = ("read", "exist", "count", "where")  # question kinds
+# MME's 14 subtasks as its eval_tool spells them, perception then cognition (its scorer, its importer).
+MME_SUBTASKS = {
+    "perception": (
+        "existence",
+        "count",
+        "position",
+        "color",
+        "posters",
+        "celebrity",
+        "scene",
+        "landmark",
+        "artwork",
+        "OCR",
+    ),
+    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}
 
 
 class DigitsConfig(StageConfig):
@@ -36,8 +53,61 @@ class DigitsConfig(StageConfig):
         return value
 
 
+class DataPart(Section):
+    """One named split of a training mixture and its sampling weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the dataset's name (recorded per sample)")
+    path: Path = Field(description="split directory in the LLaVA layout (e.g. an imported VQAv2 train2014)")
+    weight: float = Field(1.0, gt=0, description="the environment draws this part with probability weight / sum")
+    val: Path | None = Field(None, description="its validation split (None: none from this part)")
+
+
+def check_parts(parts: list[DataPart]) -> list[DataPart]:
+    """Parts with distinct names (for field validators)."""
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mixture parts {names} repeat a name")
+    return parts
+
+
+# The benchmarks `tprl data import` reads, each from LLaVA's evaluation files or lmms-lab's Parquet.
+IMPORTERS = ("gqa", "vqav2", "pope", "mme", "mmbench", "seed", "scienceqa")
+
+
+class ImportConfig(StageConfig):
+    """`tprl data import BENCHMARK --src PATH --out DIR`: a benchmark's own files in, one split in this
+    project's layout out (questions.jsonl, answers.jsonl, images/, rejects.jsonl, import.json)."""
+
+    benchmark: str = Field("gqa", description=f"one of {', '.join(IMPORTERS)}")
+    src: Path | None = Field(
+        None,
+        description="the benchmark's folder (LLaVA's playground/data/eval/<name>) or an lmms-lab dataset "
+        "in a local Hugging Face cache (datasets--lmms-lab--<name>)",
+    )
+    out: Path = Field(Path("runs/data/imported"), description="split directory to write")
+    source: Literal["auto", "llava", "lmms"] = Field(
+        "auto", description="llava: LLaVA's evaluation files; lmms: lmms-lab Parquet; auto: lmms if src holds Parquet"
+    )
+    split: str | None = Field(None, description="the source's split (default: the benchmark's evaluation split)")
+    images: Path | None = Field(None, description="folder of the images when not where the benchmark keeps them")
+    lenient: bool = Field(False, description="malformed records go to rejects.jsonl with their reason (default: stop)")
+    limit: int = Field(0, ge=0, description="first N records only (0: all)")
+
+    @field_validator("benchmark")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return known_name("benchmark", value, IMPORTERS)
+
+
 COMMANDS = (
     Command(
         ("data", "digits"), DigitsConfig, "tprl_ray.data.digits:command", "build the embedded digit-grid VQA benchmark"
+    ),
+    Command(
+        ("data", "import"),
+        ImportConfig,
+        "tprl_ray.data.importers.run:command",
+        "import a benchmark from LLaVA's evaluation files or lmms-lab Parquet",
+        positional=("benchmark",),
     ),
 )

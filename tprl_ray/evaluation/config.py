@@ -16,6 +16,7 @@ from tprl_ray.config import (
     Command,
     PoolConfig,
     RunConfig,
+    Section,
     StageConfig,
     check_budgets,
     known_name,
@@ -26,6 +27,39 @@ from tprl_ray.pruners.registry import LEARNED, PRUNERS
 SHIPPED = {"embedded": EMBEDDED_MODEL, **PAPER_CONFIGS}
 
 BenchmarkName = Annotated[str, AfterValidator(lambda name: known_name("benchmark", name, BENCHMARKS))]
+
+
+class SuiteEntry(Section):
+    """One benchmark of an evaluation suite: a column of the Table 1 report."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the column's name (gqa, mmbench, ...)")
+    benchmark: BenchmarkName | None = Field(None, description="its scorer (default: name)")
+    data: Path = Field(description="split directory in the LLaVA layout (e.g. `tprl data import` output)")
+    limit: int | None = Field(None, ge=0, description="first N questions (None: the evaluation's limit)")
+
+    @property
+    def scorer(self) -> str:
+        return self.benchmark or known_name("benchmark", self.name, BENCHMARKS)
+
+
+class SuiteFile(StageConfig):
+    """A suite file (`tprl eval --suite FILE.yaml`): ``benchmarks: [{name, benchmark, data, limit}]``;
+    relative paths are relative to the working directory, as everywhere else."""
+
+    benchmarks: list[SuiteEntry] = Field(min_length=1)
+
+
+def check_suite(value: Path | list[SuiteEntry] | None) -> list[SuiteEntry] | None:
+    """A suite file read into its entries (a ConfigError naming the file), the names distinct."""
+    if isinstance(value, Path):
+        value = SuiteFile.load(value).benchmarks
+    if value is not None:
+        names = [e.name for e in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite benchmarks {names} repeat a name")
+        for entry in value:
+            entry.scorer  # noqa: B018 (a name that is not a benchmark needs `benchmark`)
+    return value
 
 
 class EvalConfig(RunConfig):
@@ -53,6 +87,16 @@ class EvalConfig(RunConfig):
     max_new_tokens: int = Field(8, ge=1)
     pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
     run_name: str = Field("evaluation", description="name of the MLflow run")
+    suite: Path | list[SuiteEntry] | None = Field(
+        None,
+        description="a suite YAML file (benchmarks: [{name, benchmark, data, limit}]): every benchmark with "
+        "its scorer instead of data/benchmark, then the Table 1 report at out",
+    )
+
+    @field_validator("suite")
+    @classmethod
+    def _suite(cls, value):
+        return check_suite(value)
 
     @field_validator("pruners", "policies")
     @classmethod
@@ -65,7 +109,8 @@ class EvalConfig(RunConfig):
     def _runnable(self):
         if "tprl" in self.pruners and "tprl" not in self.policies:
             raise ValueError("pruner 'tprl' needs the directory of a `tprl train ppo` output (--policies tprl=DIR)")
-        if "oracle" in self.pruners and self.benchmark != "digits":
+        scorers = [e.scorer for e in self.suite] if self.suite else [self.benchmark]
+        if "oracle" in self.pruners and set(scorers) != {"digits"}:
             raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
         return self
 

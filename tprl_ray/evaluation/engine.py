@@ -171,6 +171,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
             {
                 **s.extra,
                 "question_id": s.question_id,
+                "image": s.image,
                 "category": s.category,
                 "answer": s.answer,
                 "prediction": rows[s.question_id]["prediction"],
@@ -238,7 +239,61 @@ def run_eval(cfg: EvalConfig) -> dict:
     return report
 
 
+def suite_configs(cfg: EvalConfig) -> dict[str, EvalConfig]:
+    """Each suite benchmark's evaluation: ``cfg`` on its split with its scorer, written to
+    ``<out's folder>/<name>/report.json``."""
+    base = cfg.model_dump()
+    return {
+        entry.name: EvalConfig.model_validate(
+            {
+                **base,
+                "suite": None,
+                "data": entry.data,
+                "benchmark": entry.scorer,
+                "limit": cfg.limit if entry.limit is None else entry.limit,
+                "out": cfg.out.parent / entry.name / "report.json",
+                "run_name": f"{cfg.run_name}-{entry.name}",
+            }
+        )
+        for entry in cfg.suite
+    }
+
+
+def run_suite(cfg: EvalConfig) -> dict:
+    """Every benchmark of ``cfg.suite`` (:func:`run_eval`, each checked before the first runs), then the
+    Table 1 report: ``out`` (JSON) and ``out`` with ``.md``, logged to MLflow with a metric per cell."""
+    import mlflow
+
+    from tprl_ray.evaluation.table1 import format_suite, suite_metrics, suite_table
+    from tprl_ray.tracking import mlflow_run
+
+    configs = suite_configs(cfg)
+    for sub in configs.values():
+        check_inputs(sub)
+    reports = {name: run_eval(sub) for name, sub in configs.items()}
+    table = suite_table(reports, {name: sub.benchmark for name, sub in configs.items()})
+    write_table1(table, cfg.out)
+    with mlflow_run(cfg.out.parent, "tprl-eval", cfg.run_name, cfg.mlflow_uri, params=cfg.flat()):
+        mlflow.log_metrics(suite_metrics(table))
+        mlflow.log_artifact(str(cfg.out))
+        mlflow.log_artifact(str(cfg.out.with_suffix(".md")))
+    print(format_suite(table))
+    return table
+
+
+def write_table1(table: dict, out) -> None:
+    """The Table 1 report as JSON at ``out`` and as Markdown beside it."""
+    from tprl_ray.evaluation.table1 import format_suite
+
+    atomic_write_bytes(out, json.dumps(table, indent=2).encode())
+    atomic_write_bytes(out.with_suffix(".md"), (format_suite(table) + "\n").encode())
+
+
 def command(cfg: EvalConfig) -> None:
-    """`tprl eval`: the table on stdout."""
+    """`tprl eval`: the table on stdout (with a suite, the Table 1 report)."""
+    if cfg.suite:
+        run_suite(cfg)
+        print(f"wrote {cfg.out} and {cfg.out.with_suffix('.md')}; each benchmark's report in {cfg.out.parent}/<name>")
+        return
     print(format_table(run_eval(cfg)))
     print(f"wrote {cfg.out} and {cfg.out.with_suffix('.predictions.jsonl')}")

@@ -21,27 +21,13 @@ from collections import defaultdict
 
 from tprl_ray.config import known_name
 from tprl_ray.data.config import CATEGORIES as DIGITS_CATEGORIES
+from tprl_ray.data.config import MME_SUBTASKS
 
 BENCHMARKS = ("digits", "vqav2", "gqa", "pope", "mme", "mmbench", "seed", "scienceqa")
 
 _REQUIRED = ("question_id", "category", "prediction", "answer")
 _EXTRA_REQUIRED = {"mme": ("image",), "mmbench": ("index", "options")}
 
-MME_SUBTASKS = {
-    "perception": (
-        "existence",
-        "count",
-        "position",
-        "color",
-        "posters",
-        "celebrity",
-        "scene",
-        "landmark",
-        "artwork",
-        "OCR",
-    ),
-    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
-}
 
 # The question categories a benchmark's scorer knows (the others take any category).
 BENCHMARK_CATEGORIES = {

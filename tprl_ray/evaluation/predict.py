@@ -59,6 +59,7 @@ def predict(
             {
                 **s.extra,
                 "question_id": s.question_id,
+                "image": s.image,
                 "category": s.category,
                 "prediction": text,
                 "answer": s.answer,

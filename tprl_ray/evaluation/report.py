@@ -2,6 +2,8 @@
 
 `tprl report` reads reports (``report.json`` of `tprl pipeline` or `tprl eval`), prints one
 table, writes the table (Markdown) and the plot (PNG) beside ``--out`` and logs both to MLflow.
+Reports of several benchmarks or test splits (or a suite report of `tprl eval --suite`) give the
+paper's Table 1 layout instead (:mod:`tprl_ray.evaluation.table1`): Markdown at ``--out``, JSON beside it.
 """
 
 from __future__ import annotations
@@ -162,11 +164,7 @@ def merge_reports(paths: list[Path]) -> dict:
     """One report from several files; the unpruned row appears once per model."""
     rows, benchmarks, models = [], [], []
     for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: report file not found")
-        data = json.loads(path.read_text())
-        if "rows" not in data:
-            raise ValueError(f"{path}: not a report (no rows)")
+        data = read_report(path)
         new = data["rows"]
         benchmarks.append(data["benchmark"])
         models.append(str(data["model"]))
@@ -176,11 +174,54 @@ def merge_reports(paths: list[Path]) -> dict:
     return {"benchmark": benchmarks[0], "model": models[0], "rows": rows}
 
 
+def read_report(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: report file not found")
+    data = json.loads(path.read_text())
+    if "rows" not in data:
+        raise ValueError(f"{path}: not a report (no rows)")
+    return data
+
+
+def table1_command(cfg: ReportConfig, reports: list[dict]) -> dict:
+    """`tprl report` over a suite report, or over reports of several benchmarks: the Table 1 layout
+    (Markdown at ``out``, JSON beside it), logged to MLflow. A column is named by its benchmark, or
+    by its report's folder when two reports share a benchmark."""
+    import mlflow
+
+    from tprl_ray.evaluation.table1 import format_suite, suite_metrics, suite_table
+    from tprl_ray.tracking import mlflow_run
+
+    if len(reports) == 1 and "suite" in reports[0]:
+        table = reports[0]
+    else:
+        if any("suite" in r for r in reports):
+            raise ValueError("a suite report is a Table 1 already: give it alone, or the benchmarks' own reports")
+        scorers = [r["benchmark"] for r in reports]
+        names = scorers if len(set(scorers)) == len(scorers) else [p.parent.name for p in cfg.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reports {[str(p) for p in cfg.inputs]} repeat a benchmark and a folder name")
+        table = suite_table(dict(zip(names, reports)), dict(zip(names, scorers)))
+    text = format_suite(table)
+    atomic_write_bytes(cfg.out, (text + "\n").encode())
+    atomic_write_bytes(cfg.out.with_suffix(".json"), json.dumps(table, indent=2).encode())
+    with mlflow_run(cfg.out.parent, "tprl-report", "table1", cfg.mlflow_uri, params=cfg.flat()):
+        mlflow.log_metrics(suite_metrics(table))
+        mlflow.log_artifact(str(cfg.out))
+        mlflow.log_artifact(str(cfg.out.with_suffix(".json")))
+    print(text)
+    print(f"wrote {cfg.out} and {cfg.out.with_suffix('.json')}")
+    return table
+
+
 def command(cfg: ReportConfig) -> dict:
     import mlflow
 
     from tprl_ray.tracking import mlflow_run
 
+    reports = [read_report(path) for path in cfg.inputs]
+    if any("suite" in r for r in reports) or len({(r["benchmark"], r.get("data")) for r in reports}) > 1:
+        return table1_command(cfg, reports)
     report = merge_reports(cfg.inputs)
     table = format_table(report)
     plot = cfg.out.with_suffix(".png")

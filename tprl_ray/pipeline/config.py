@@ -27,7 +27,8 @@ from tprl_ray.config import (
     known_name,
     set_dotted,
 )
-from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, VizConfig
+from tprl_ray.data.config import DataPart, check_parts
+from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, SuiteEntry, VizConfig, check_suite
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
@@ -77,6 +78,16 @@ class PipelineConfig(RunConfig):
         "layout (None: build the digits benchmark in out/data)",
     )
     benchmark: BenchmarkName = Field("digits", description=f"scorer of the test split: {', '.join(BENCHMARKS)}")
+    mixture: list[DataPart] = Field(
+        [],
+        description="train on several named splits instead of data/train and data/val: a list of "
+        "{name, path, weight, val}; the environment draws each part by its weight",
+    )
+    suite: Path | list[SuiteEntry] | None = Field(
+        None,
+        description="evaluate a suite (a YAML file or a list of {name, benchmark, data, limit}) instead of "
+        "data/test: report.json and report.md hold the Table 1 report",
+    )
     budgets: list[float] = Field(PAPER_BUDGETS, description="kept fractions of the visual tokens")
     policy: Literal["train", "shipped"] = Field(
         "train",
@@ -115,6 +126,16 @@ class PipelineConfig(RunConfig):
     def _budgets(cls, value: list[float]) -> list[float]:
         return check_budgets(value, counts=False)
 
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, value: list[DataPart]) -> list[DataPart]:
+        return check_parts(value)
+
+    @field_validator("suite")
+    @classmethod
+    def _suite(cls, value):
+        return check_suite(value)
+
     @field_validator("pruners")
     @classmethod
     def _known_pruners(cls, names: list[str]) -> list[str]:
@@ -131,9 +152,14 @@ class PipelineConfig(RunConfig):
                 raise ValueError(f"{name}: {wired} are set by the pipeline")
         if self.finetune and self.policy == "shipped":
             raise ValueError("finetune needs policy: train (the fine-tuning reads the precompute the training writes)")
+        if self.finetune and self.suite:
+            raise ValueError("finetune evaluates one test split: use it without suite")
+        if self.mixture and "weights" in self.ppo.env.model_fields_set:
+            raise ValueError("ppo.env.weights are the mixture's weights (set them on its parts)")
         if self.policy == "shipped" and "tprl" in self.pruners:
             self.pruners = [n for n in self.pruners if n != "tprl"]
-        if self.benchmark != "digits" and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
+        scorers = {e.scorer for e in self.suite} if self.suite else {self.benchmark}
+        if scorers != {"digits"} and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
             # the default list drops it; a list the user chose is refused by EvalConfig below
             self.pruners = [n for n in self.pruners if n != "oracle"]
         if len(set(self.seeds)) != len(self.seeds):
@@ -143,6 +169,15 @@ class PipelineConfig(RunConfig):
         except ValidationError as exc:
             raise ValueError(first_error(exc)) from None
         return self
+
+
+def training_sources(cfg: PipelineConfig, data: Path) -> dict[str, Path | list[DataPart]]:
+    """What the precompute reads per split: ``data/train`` and ``data/val``, or the mixture's parts
+    and (if any part has one) their validation splits."""
+    if not cfg.mixture:
+        return {"train": data / "train", "val": data / "val"}
+    vals = [p.model_copy(update={"path": p.val, "val": None}) for p in cfg.mixture if p.val is not None]
+    return {"train": list(cfg.mixture), **({"val": vals} if vals else {})}
 
 
 def with_fields(section: StageConfig, **fields) -> StageConfig:
@@ -162,9 +197,10 @@ def stage_configs(
     out = cfg.out if seed is None else (runs or cfg.out) / f"seed-{seed}"
     seed = cfg.seed if seed is None else seed
     backbone = cfg.backbone.model_copy(update={"path": str(model_path)})
+    sources = training_sources(cfg, data)
     common = dict(
         data=cfg.out / "precompute" / "train",
-        val_data=cfg.out / "precompute" / "val",
+        val_data=cfg.out / "precompute" / "val" if "val" in sources else None,
         seed=seed,
         ray_address=cfg.ray_address,
         mlflow_uri=uri,
@@ -172,18 +208,20 @@ def stage_configs(
     stages = {
         f"precompute_{split}": with_fields(
             cfg.precompute,
-            data=data / split,
+            data=source,
             out=cfg.out / "precompute" / split,
             backbone=backbone,
             limit=cfg.train_questions,
             ray_address=cfg.ray_address,
         )
-        for split in ("train", "val")
+        for split, source in sources.items()
     }
     stages["autoencoder"] = with_fields(cfg.autoencoder, out=out / "autoencoder", **common)
     stages["lfd"] = with_fields(cfg.lfd, out=out / "lfd", autoencoder=out / "autoencoder", **common)
+    weights = {p.name: p.weight for p in cfg.mixture} if len(cfg.mixture) > 1 else {}
     stages["ppo"] = with_fields(
         cfg.ppo,
+        env=cfg.ppo.env.model_copy(update={"weights": weights}) if weights else cfg.ppo.env,
         scorer=cfg.ppo.scorer.model_copy(update={"backbone": backbone}),
         init=out / "lfd",
         out=out / "ppo",
@@ -191,14 +229,16 @@ def stage_configs(
         **common,
     )
     policies = {"lfd": out / "lfd", "tprl": out / "ppo"} if cfg.policy == "train" else {}
+    test = cfg.suite[0].data if cfg.suite else data / "test"
     stages["evaluation"] = EvalConfig(
         backbone=backbone,
-        data=data / "test",
+        data=test,
+        suite=cfg.suite,
         benchmark=cfg.benchmark,
         pruners=cfg.pruners,
         budgets=cfg.budgets,
         policies={k: v for k, v in policies.items() if k in cfg.pruners},
-        out=out / "report.json",
+        out=out / "suite" / "table1.json" if cfg.suite else out / "report.json",
         limit=cfg.eval_questions,
         pool=cfg.evaluation,
         seed=seed,
@@ -218,7 +258,7 @@ def stage_configs(
     )
     stages["viz"] = VizConfig(
         backbone=backbone,
-        data=data / "test",
+        data=test,
         policy=out / "ppo" if cfg.policy == "train" else EMBEDDED_LFD,
         budgets=cfg.budgets,
         count=max(1, cfg.trajectories),

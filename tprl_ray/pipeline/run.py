@@ -26,17 +26,25 @@ from tprl_ray.config import EMBEDDED_MODEL
 from tprl_ray.data.config import DigitsConfig
 from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
 from tprl_ray.data.layout import DataError, read_split
-from tprl_ray.evaluation.engine import run_eval
+from tprl_ray.data.mixture import Mixture
+from tprl_ray.evaluation.engine import run_eval, run_suite, suite_configs, write_table1
 from tprl_ray.evaluation.metrics import BENCHMARK_CATEGORIES
 from tprl_ray.evaluation.report import finetuned_rows, format_table, mean_report, pareto_plot
+from tprl_ray.evaluation.table1 import format_suite, mean_suites
 from tprl_ray.evaluation.trajectory import run_viz
-from tprl_ray.pipeline.config import PipelineConfig, stage_configs
+from tprl_ray.pipeline.config import PipelineConfig, stage_configs, training_sources
 from tprl_ray.tracking import pipeline_run, tracking_uri
 
 
 def prepare_data(cfg: PipelineConfig) -> Path:
+    """The benchmark directory: ``data``, or the digits built in ``out/data`` (not built when a mixture
+    and a suite name every split)."""
+    if cfg.data is None and cfg.mixture and cfg.suite:
+        print(f"[pipeline] data: mixture {', '.join(p.name for p in cfg.mixture)}")
+        return cfg.out / "data"
     if cfg.data is not None:
-        missing = [split for split in ("train", "val", "test") if not (cfg.data / split).is_dir()]
+        needed = [*([] if cfg.mixture else ["train", "val"]), *([] if cfg.suite else ["test"])]
+        missing = [split for split in needed if not (cfg.data / split).is_dir()]
         if missing:
             raise DataError(f"{cfg.data}: no {', '.join(missing)} split(s)")
         print(f"[pipeline] data: {cfg.data}")
@@ -75,12 +83,14 @@ def prepare_model(cfg: PipelineConfig, data: Path) -> Path:
 
 
 def check_splits(cfg: PipelineConfig, data: Path) -> dict[str, list]:
-    """Each split read as its stage will read it, before any stage runs: the test split as the
-    evaluation does, and the train and val questions the precompute reads (returned)."""
-    read_split(data / "test", categories=BENCHMARK_CATEGORIES.get(cfg.benchmark))
+    """Each split read as its stage will read it, before any stage runs: the test split (or every suite
+    benchmark's) as the evaluation does, and the train and val questions the precompute reads (returned)."""
+    tests = {e.data: e.scorer for e in cfg.suite} if cfg.suite else {data / "test": cfg.benchmark}
+    for split, scorer in tests.items():
+        read_split(split, categories=BENCHMARK_CATEGORIES.get(scorer))
     return {
-        split: read_split(data / split, check_images=False, rejects=[])[: cfg.train_questions or None]
-        for split in ("train", "val")
+        split: Mixture.of(source).read(rejects=[], limit=cfg.train_questions)
+        for split, source in training_sources(cfg, data).items()
     }
 
 
@@ -93,8 +103,10 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
 
     evaluation = stages["evaluation"]
     untrained = [n for n in evaluation.pruners if n not in evaluation.policies]
-    checked = check_evaluation(evaluation.model_copy(update={"pruners": untrained, "policies": {}}))
-    model = checked.model
+    evaluation = evaluation.model_copy(update={"pruners": untrained, "policies": {}})
+    evaluations = suite_configs(evaluation).values() if evaluation.suite else [evaluation]
+    checks = [check_evaluation(e) for e in evaluations]
+    model = checks[0].model
     if cfg.trajectories and cfg.policy == "shipped":
         LearnedPruner(stages["viz"].policy).check_widths(model.feature_width, model.embedding_width)
     if cfg.finetune:
@@ -102,7 +114,9 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
 
         check_model(stages["llm"])
     vocabulary = {split: model.unknown_words(split, samples, "pipeline") for split, samples in splits.items()}
-    return {**vocabulary, **checked.vocabulary}
+    for checked in checks:
+        vocabulary.update(checked.vocabulary)
+    return vocabulary
 
 
 def train_policies(stages: dict) -> None:
@@ -113,8 +127,9 @@ def train_policies(stages: dict) -> None:
     from tprl_ray.training.lfd import train_lfd
 
     for split in ("train", "val"):
-        print(f"[pipeline] precompute: {split}")
-        run_precompute(stages[f"precompute_{split}"])
+        if f"precompute_{split}" in stages:
+            print(f"[pipeline] precompute: {split}")
+            run_precompute(stages[f"precompute_{split}"])
     print("[pipeline] autoencoder (Ray Train)")
     train_autoencoder(stages["autoencoder"])
     print("[pipeline] LfD policy (Ray Train)")
@@ -145,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             stages = stage_configs(cfg, data, model, seed)
             if cfg.policy == "train":
                 train_policies(stages)
-            report = run_eval(stages["evaluation"])
+            report = run_suite(stages["evaluation"]) if cfg.suite else run_eval(stages["evaluation"])
             if cfg.finetune:
                 from tprl_ray.training.llm import train_llm
 
@@ -159,13 +174,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 run_viz(stages["viz"])
         report = reports[0]
         if cfg.seeds:  # the per-seed reports stay in out/seed-N
-            report = mean_report(reports, cfg.seeds)
+            report = (mean_suites if cfg.suite else mean_report)(reports, cfg.seeds)
         report["vocabulary"] = vocabulary
-        atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
+        if cfg.suite:
+            write_table1(report, cfg.out / "report.json")
+            mlflow.log_artifact(str(cfg.out / "report.md"))
+        else:
+            atomic_write_bytes(cfg.out / "report.json", json.dumps(report, indent=2).encode())
         mlflow.log_artifact(str(cfg.out / "report.json"))
         pareto_plot(report, cfg.out / "pareto.png")
         mlflow.log_artifact(str(cfg.out / "pareto.png"))
-    print(format_table(report))
+    print(format_suite(report) if cfg.suite else format_table(report))
     print(
         f"[pipeline] wrote {cfg.out / 'report.json'} and {cfg.out / 'pareto.png'}; "
         f"MLflow store {tracking_uri(cfg.out, cfg.mlflow_uri)}, experiment {cfg.experiment!r}"

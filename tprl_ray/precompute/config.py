@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from tprl_ray.config import BackboneConfig, Command, PoolConfig, RayConfig
+from tprl_ray.data.config import DataPart, check_parts
 
 
 def check_schedule(schedule: list[float]) -> list[float]:
@@ -28,7 +29,11 @@ def check_schedule(schedule: list[float]) -> list[float]:
 class PrecomputeConfig(RayConfig):
     """`tprl precompute` / `pipelines/precompute.py`: one split in, one Parquet dataset out."""
 
-    data: Path = Field(Path("runs/demo/data/train"), description="split directory in the LLaVA layout")
+    data: Path | list[DataPart] = Field(
+        Path("runs/demo/data/train"),
+        description="split directory in the LLaVA layout, or a mixture: a list of {name, path, weight} "
+        "(sample ids become name/id, each row records its dataset)",
+    )
     out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
     backbone: BackboneConfig = BackboneConfig()
     pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
@@ -39,7 +44,12 @@ class PrecomputeConfig(RayConfig):
     shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
     decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")
-    limit: int = Field(0, ge=0, description="first N questions only (0: all)")
+    limit: int = Field(0, ge=0, description="first N questions only, of each part of a mixture (0: all)")
+
+    @field_validator("data")
+    @classmethod
+    def _parts(cls, value):
+        return check_parts(value) if isinstance(value, list) else value
 
     @field_validator("demo_schedule")
     @classmethod

@@ -16,11 +16,11 @@ def ragged(arrays: list) -> np.ndarray:
     return out
 
 
-def decode_images(batch: dict[str, np.ndarray], split_dir: str) -> dict[str, np.ndarray]:
-    """Each row's image as RGB pixels (``pixels``), or the reason it cannot be read (``error``)."""
+def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each row's image file (``path``) as RGB pixels (``pixels``), or the reason it cannot be read (``error``)."""
     pixels, errors = [], []
-    for name in batch["image"]:
-        path = Path(split_dir) / "images" / str(name)
+    for name in batch["path"]:
+        path = Path(str(name))
         try:
             with Image.open(io.BytesIO(path.read_bytes())) as img:
                 pixels.append(np.asarray(img.convert("RGB")))

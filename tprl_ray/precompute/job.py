@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from tprl_ray.artifacts.atomic import atomic_write_bytes, remove_leftovers, write_parquet
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
-from tprl_ray.data.layout import DataError, Reject, Sample, read_split
+from tprl_ray.data.layout import DataError, Reject, Sample
+from tprl_ray.data.mixture import Mixture
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
 from tprl_ray.precompute.demonstrations import DEMONSTRATORS, demonstration_masks
@@ -50,7 +51,8 @@ class PrecomputeWorker:
         self.cfg = PrecomputeConfig.model_validate(cfg)
         self.backbone = load_backbone(self.cfg.backbone)
         self.demonstrator = DEMONSTRATORS[self.cfg.demonstrator]()
-        self.samples = {s.question_id: s for s in read_split(self.cfg.data, check_images=False, rejects=[])}
+        self.mixture = Mixture.of(self.cfg.data)
+        self.samples = {s.question_id: s for s in self.mixture.read(rejects=[])}
 
     def text_problem(self, sample: Sample) -> str:
         """Why the model cannot score this question ('' if it can): no answer, an answer or a
@@ -101,6 +103,7 @@ class PrecomputeWorker:
                     "sample_id": s.question_id,
                     "shard": int(batch["shard"][i]),
                     "error": "",
+                    "dataset": self.mixture.dataset(s.question_id),
                     "image": s.image,
                     "question": s.text,
                     "answer": answers[k],
@@ -132,6 +135,7 @@ def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
     """Rows and failures as columns; a failure's model outputs are empty arrays or neutral values."""
     keys = ("sample_id", "shard", "error", *COLUMNS[1:])  # the shard's columns, plus routing and the reason
     blank = {
+        "dataset": "",
         "question": "",
         "answer": "",
         "category": "",
@@ -151,6 +155,10 @@ def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
     }
 
 
+def _where(cfg: PrecomputeConfig) -> str:
+    return str(cfg.data) if isinstance(cfg.data, Path) else ", ".join(str(p.path) for p in cfg.data)
+
+
 def shard_paths(out: Path, shard: int) -> tuple[Path, Path]:
     return out / "shards" / f"shard-{shard:05d}.parquet", out / "rejects" / f"shard-{shard:05d}.parquet"
 
@@ -161,7 +169,7 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], extra: dict | N
     identity = {
         "schema_version": SCHEMA_VERSION,
         "model": cfg.backbone.path,
-        "data": str(cfg.data),
+        "data": str(cfg.data) if isinstance(cfg.data, Path) else Mixture.of(cfg.data).describe(),
         "demo_schedule": cfg.demo_schedule,
         "demonstrator": cfg.demonstrator,
         "shard_size": cfg.shard_size,
@@ -184,17 +192,17 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
     for directory in (cfg.out, cfg.out / "shards", cfg.out / "rejects"):  # what a killed run left half-written
         remove_leftovers(directory)
     unanswered: list[Reject] = []
-    samples = read_split(cfg.data, check_images=False, rejects=unanswered)
-    if cfg.limit:
-        samples = samples[: cfg.limit]
+    mixture = Mixture.of(cfg.data)
+    samples = mixture.read(rejects=unanswered, limit=cfg.limit)
     model = ModelInputs.load(cfg.backbone)
     samples, too_long = model.within_length(
         samples, cfg.backbone, lambda s: model.question_tokens(reference_answer(s.answer))
     )
     if not samples:
         example = f", e.g. {(unanswered + too_long)[0].reason}" if unanswered + too_long else ""
-        raise DataError(f"{cfg.data}: no question is left to precompute{example}")
-    vocabulary = model.unknown_words(cfg.data.name, samples, "precompute")
+        raise DataError(f"{_where(cfg)}: no question is left to precompute{example}")
+    by_part = {part.name: [s for s in samples if mixture.dataset(s.question_id) == part.name] for part in mixture.parts}
+    vocabulary = {name: model.unknown_words(name, part, "precompute") for name, part in by_part.items()}
     write_manifest(cfg, samples)
     for name, rejects in (("unanswered", unanswered), ("too_long", too_long)):
         write_parquet(
@@ -203,16 +211,23 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         )
     shards = [samples[i : i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
     pending = [k for k in range(len(shards)) if not shard_paths(cfg.out, k)[1].is_file()]
-    items = [{"sample_id": s.question_id, "shard": k, "image": s.image} for k in pending for s in shards[k]]
+    items = [
+        {"sample_id": s.question_id, "shard": k, "image": s.image, "path": str(mixture.image_path(s.image))}
+        for k in pending
+        for s in shards[k]
+    ]
     first_row = started
     if items:
         rows = ray_rows(cfg, items, progress) if engine == "ray" else local_rows(cfg, items)
         first_row = collect_shards(cfg, rows, {k: len(shards[k]) for k in pending}, progress)
     counts = dataset_counts(cfg.out, len(shards))
     left_out = {"unanswered": len(unanswered), "too_long": len(too_long)}
-    write_manifest(cfg, samples, {"shards": len(shards), **counts, **left_out, "vocabulary": vocabulary})
+    datasets = dict(Counter(mixture.dataset(s.question_id) for s in samples))
+    extra = {"shards": len(shards), **counts, **left_out, "datasets": datasets, "vocabulary": vocabulary}
+    write_manifest(cfg, samples, extra)
     return {
         **counts,
+        "datasets": datasets,
         **left_out,
         "vocabulary": vocabulary,
         "shards": len(shards),
@@ -238,7 +253,6 @@ def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
         ray.data.from_items(items)
         .map_batches(
             decode_images,
-            fn_kwargs={"split_dir": str(cfg.data)},
             batch_size=cfg.pool.batch_size,
             num_cpus=cfg.decode_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
@@ -260,8 +274,8 @@ def local_rows(cfg: PrecomputeConfig, items: list[dict]):
     worker = PrecomputeWorker(json.loads(cfg.model_dump_json()))
     for start in range(0, len(items), cfg.pool.batch_size):
         chunk = items[start : start + cfg.pool.batch_size]
-        batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image")}
-        columns = worker(decode_images(batch, str(cfg.data)))
+        batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image", "path")}
+        columns = worker(decode_images(batch))
         yield from ({key: columns[key][i] for key in columns} for i in range(len(columns["sample_id"])))
 
 

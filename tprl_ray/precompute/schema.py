@@ -11,13 +11,14 @@ Layout of ``OUT/``::
 Each file is written atomically (temporary name, then rename); a shard is complete once its rejects
 file exists (it is written last), and a re-run skips complete shards.
 
-Columns of a shard (schema version 1; ``N`` visual tokens, ``d_v`` feature width, ``d`` LLM width,
+Columns of a shard (schema version 2; ``N`` visual tokens, ``d_v`` feature width, ``d`` LLM width,
 ``S`` demonstration steps; tensors are canonical ``arrow.fixed_shape_tensor`` extension arrays):
 
 ============  =====================================  ===========================================
 column        type                                   content
 ============  =====================================  ===========================================
-sample_id     string                                 the question id
+sample_id     string                                 the question id (``name/id`` in a mixture)
+dataset       string                                 the mixture part the sample comes from
 image         string                                 image file name in the split
 question      string
 answer        string                                 the reference answer the scores use
@@ -51,10 +52,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the dataset column (a mixture's part); readers take version 1 as one dataset ""
 TENSORS = {"features": np.float16, "attention": np.float32, "query": np.float32, "demo_masks": np.uint8}
 SCALARS = {
     "sample_id": pa.string(),
+    "dataset": pa.string(),
     "image": pa.string(),
     "question": pa.string(),
     "answer": pa.string(),
@@ -66,6 +68,7 @@ SCALARS = {
 }
 COLUMNS = (
     "sample_id",
+    "dataset",
     "image",
     "question",
     "answer",

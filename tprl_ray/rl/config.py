@@ -38,6 +38,11 @@ class EnvConfig(Section):
     score: Literal["logprob", "accuracy"] = Field(
         "logprob", description="Score: mean answer log-likelihood, or greedy-correct (0/1)"
     )
+    weights: dict[str, float] = Field(
+        {},
+        description="a mixture's sampling weights by dataset: an episode draws dataset d with probability "
+        "w_d / sum(w), then one of its samples uniformly (none: every sample equally likely)",
+    )
 
     @model_validator(mode="after")
     def _budget_range(self):
@@ -45,6 +50,13 @@ class EnvConfig(Section):
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"budget_range {self.budget_range} must satisfy 0 < low <= high <= 1")
         return self
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w <= 0 for w in value.values()):
+            raise ValueError(f"weights {value} must be positive")
+        return value
 
     @property
     def steps(self) -> int:

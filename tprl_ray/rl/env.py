@@ -6,8 +6,9 @@ target kept fraction ``b`` drawn from ``budget_range`` when the episode starts (
 the frozen codes of all ``N`` tokens, the query embedding, the keep mask over original indices
 (tokens with ``mask = 0`` have left the state) and the step ``t``. Action: one keep bit per token
 (bits of dropped tokens are ignored). If a step would drop every token, the env keeps one of the
-previous step's tokens at random. Reward at step ``t`` (``K`` = kept count, ``Score`` = the
-scorer's ``logprob`` or ``accuracy`` with the kept tokens, ``Score(H_0)`` from precompute)::
+previous step's tokens at random. With ``weights`` (a mixture), an episode's sample is drawn from
+dataset ``d`` with probability ``w_d / sum(w)``, uniformly within it. Reward at step ``t`` (``K`` =
+kept count, ``Score`` = the scorer's ``logprob`` or ``accuracy`` with the kept tokens, ``Score(H_0)`` from precompute)::
 
     r_t = alpha * (Score_t - Score_{t-1}) + beta * (1 - K_t / K_{t-1})
 
@@ -37,6 +38,22 @@ from tprl_ray.rl.telemetry import EnvTelemetry
 ScoreFn = Callable[[list[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def sample_probabilities(datasets: np.ndarray, weights: dict[str, float]) -> np.ndarray | None:
+    """Each sample's probability of being drawn: its dataset's weight over the weights' sum, shared by
+    the dataset's samples (None without weights). Every dataset needs a weight and every weight a dataset."""
+    if not weights:
+        return None
+    names, counts = np.unique(datasets.astype(str), return_counts=True)
+    if missing := sorted(set(names) - set(weights)):
+        raise ValueError(f"env.weights has no weight for dataset(s) {missing} (weights: {weights})")
+    if unknown := sorted(set(weights) - set(names)):
+        raise ValueError(f"env.weights names dataset(s) {unknown} that the data lacks (it has {list(names)})")
+    total = sum(weights[n] for n in names)
+    per_sample = {n: weights[n] / total / c for n, c in zip(names, counts)}
+    p = np.array([per_sample[d] for d in datasets.astype(str)])
+    return p / p.sum()
+
+
 class PruningVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
 
@@ -58,6 +75,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.rng = np.random.default_rng(seed)
+        self.draw_p = sample_probabilities(codes.dataset, cfg.weights)
         self.index = np.zeros(num_envs, dtype=np.int64)
         self.mask = np.ones((num_envs, n), dtype=bool)
         self.t = np.zeros(num_envs, dtype=np.int64)
@@ -73,10 +91,10 @@ class PruningVectorEnv(gym.vector.VectorEnv):
 
     def _start(self, envs: np.ndarray) -> None:
         if self.cfg.reward == "group":  # all sub-envs restart together (every episode lasts the same steps)
-            draws = self.rng.integers(0, len(self.data.ids), size=self.num_envs // self.cfg.group_size)
+            draws = self._draw(self.num_envs // self.cfg.group_size)
             slot = envs // self.cfg.group_size
         else:
-            draws, slot = self.rng.integers(0, len(self.data.ids), size=len(envs)), np.arange(len(envs))
+            draws, slot = self._draw(len(envs)), np.arange(len(envs))
         self.index[envs] = draws[slot]
         if self.cfg.regime == "budget":  # the discount regime draws no budgets: its random stream is unchanged
             self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(draws))[slot]
@@ -85,6 +103,11 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.prev_score[envs] = self._full_score(self.index[envs])
         self.done[envs] = False
         self.telemetry.start(envs)
+
+    def _draw(self, size: int) -> np.ndarray:
+        if self.draw_p is None:  # the draws before mixtures existed: the same random stream
+            return self.rng.integers(0, len(self.data.ids), size=size)
+        return self.rng.choice(len(self.data.ids), size=size, p=self.draw_p)
 
     def _obs(self) -> dict:
         return {

@@ -1,0 +1,1 @@
+"""`tprl data import`: benchmarks from LLaVA's evaluation files or lmms-lab's Parquet, one module each."""
