@@ -44,6 +44,35 @@ def digits_dir(tmp_path_factory):
     return out
 
 
+MIXTURE_SUBSETS = {"readexist": ("read", "exist"), "countwhere": ("count", "where")}
+
+
+def split_subset(split: Path, out: Path, categories: tuple[str, ...]) -> Path:
+    """The questions of ``split`` in ``categories``, as a split of their own (images copied)."""
+    import json
+    import shutil
+
+    out.mkdir(parents=True)
+    shutil.copytree(split / "images", out / "images")
+    questions = [json.loads(line) for line in (split / "questions.jsonl").read_text().splitlines()]
+    keep = {q["question_id"] for q in questions if q["category"] in categories}
+    for name in ("questions.jsonl", "answers.jsonl"):
+        rows = [line for line in (split / name).read_text().splitlines() if json.loads(line)["question_id"] in keep]
+        (out / name).write_text("\n".join(rows) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixture_parts(digits_dir, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """The digits questions as two datasets by question type (read+exist, count+where): train, val and
+    test of each."""
+    root = tmp_path_factory.mktemp("mixture")
+    return {
+        name: {split: split_subset(digits_dir / split, root / name / split, cats) for split in ("train", "val", "test")}
+        for name, cats in MIXTURE_SUBSETS.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def precomputed(digits_dir, tmp_path_factory):
     """The digits train and val splits precomputed with the shipped model (in-process, no Ray)."""

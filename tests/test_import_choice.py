@@ -122,7 +122,7 @@ def test_mmbench_llava_circular_file(tmp_path):
     write_tsv(src / "mmbench_dev_20230712.tsv", circular_rows())
     out = tmp_path / "out"
     summary = run("mmbench", src, out)
-    assert summary == {"imported": 9, "images": 3}
+    assert summary == {"imported": 9, "images": 3, "rejected_missing_image": 0}
     samples = split_of(out)
     assert list(samples) == ["0", "1000000", "2000000", "3000000", "1", "1000001", "2000001", "2", "1000002"]
     first = samples["0"]
@@ -167,7 +167,7 @@ def test_mmbench_llava_rotates_a_file_without_passes(tmp_path):
     ]
     tsv = write_tsv(tmp_path / "plain.tsv", rows)
     out = tmp_path / "out"
-    assert run("mmbench", tsv, out) == {"imported": 6, "images": 2}
+    assert run("mmbench", tsv, out) == {"imported": 6, "images": 2, "rejected_missing_image": 0}
     samples = split_of(out)
     assert list(samples) == ["0-0", "0-1", "0-2", "0-3", "5-0", "5-1"]
     assert [samples[f"0-{r}"].answer for r in range(4)] == ["C", "B", "A", "D"]
@@ -188,7 +188,12 @@ def test_mmbench_llava_malformed_and_test_split(tmp_path):
         run("mmbench", tsv.parent, tmp_path / "strict")
     assert one_line(exc).startswith(f"{tsv}:3: the image is not valid base64")
     out = tmp_path / "lenient"
-    assert run("mmbench", tsv.parent, out, lenient=True) == {"imported": 8, "images": 3, "rejected_malformed": 1}
+    assert run("mmbench", tsv.parent, out, lenient=True) == {
+        "imported": 8,
+        "images": 3,
+        "rejected_missing_image": 0,
+        "rejected_malformed": 1,
+    }
     [reject] = rejects(out)
     assert (reject["question_id"], reject["where"], reject["reason"]) == ("1000000", f"{tsv}:3", "malformed")
 
@@ -237,7 +242,7 @@ def mmbench_rows() -> list[dict]:
 def test_mmbench_lmms(tmp_path):
     cache = hub_parquet(tmp_path, "MMBench", "en", "dev", mmbench_table(mmbench_rows()))
     out = tmp_path / "out"
-    assert run("mmbench", cache, out) == {"imported": 5, "images": 2}
+    assert run("mmbench", cache, out) == {"imported": 5, "images": 2, "rejected_missing_image": 0}
     samples = split_of(out)
     assert list(samples) == ["0", "1000000", "7", "1000007", "2000007"]
     assert samples["1000000"].text == f"Q?\nA. down\nB. up\n{DIRECTLY}"
@@ -364,7 +369,12 @@ def test_seed_llava_malformed(tmp_path):
         run("seed", src, tmp_path / "strict")
     assert one_line(exc).startswith(f"{jsonl}:2: malformed JSON")
     out = tmp_path / "lenient"
-    assert run("seed", src, out, lenient=True) == {"imported": 1, "images": 1, "rejected_malformed": 2}
+    assert run("seed", src, out, lenient=True) == {
+        "imported": 1,
+        "images": 1,
+        "rejected_missing_image": 0,
+        "rejected_malformed": 2,
+    }
     bad_line, bad_answer = rejects(out)
     assert (bad_line["where"], bad_line["reason"]) == (f"{jsonl}:2", "malformed")
     assert bad_answer["where"] == f"{src / 'SEED-Bench.json'}: question '101670'"
@@ -397,7 +407,7 @@ def seed_rows() -> list[dict]:
 def test_seed_lmms(tmp_path):
     cache = hub_parquet(tmp_path, "SEED-Bench", "data", "test", seed_table(seed_rows()))
     out = tmp_path / "out"
-    assert run("seed", cache, out) == {"imported": 2, "images": 2, "rejected_no_image": 1}
+    assert run("seed", cache, out) == {"imported": 2, "images": 2, "rejected_missing_image": 0, "rejected_no_image": 1}
     samples = split_of(out)
     assert list(samples) == ["101669", "v1738"]
     assert samples["101669"].text == seed_text("101669")
@@ -517,7 +527,7 @@ def test_scienceqa_llava(tmp_path):
     assert result["score"] == 0.5 and result["per_category"] == {"natural science": 1.0, "social science": 0.0}
 
     minival = tmp_path / "minival"
-    assert run("scienceqa", src, minival, split="minival") == {"imported": 1, "images": 1}
+    assert run("scienceqa", src, minival, split="minival") == {"imported": 1, "images": 1, "rejected_missing_image": 0}
     assert split_of(minival)["7"].answer == "C"  # its image comes from images/val
 
 
@@ -563,7 +573,12 @@ def test_scienceqa_lmms(tmp_path):
     cache = hub_parquet(tmp_path, "ScienceQA", "ScienceQA-FULL", "test", table)
     hub_parquet(tmp_path, "ScienceQA", "ScienceQA-IMG", "test", table.slice(1))
     out = tmp_path / "out"
-    assert run("scienceqa", cache, out) == {"imported": 2, "images": 2, "rejected_no_image": 1}
+    assert run("scienceqa", cache, out) == {
+        "imported": 2,
+        "images": 2,
+        "rejected_missing_image": 0,
+        "rejected_no_image": 1,
+    }
     samples = split_of(out)
     assert list(samples) == ["full-test-1", "full-test-2"]
     assert samples["full-test-2"].text.startswith("Context: N/A\nQuestion: What is the name of the colony shown?\n")
@@ -581,5 +596,11 @@ def test_scienceqa_lmms(tmp_path):
     assert one_line(exc) == f"{parquet}: row 1: answer 5 is not the index of one of the 3 choices"
     out = tmp_path / "lenient"
     summary = run("scienceqa", cache, out, split="validation", lenient=True)
-    assert summary == {"imported": 1, "images": 1, "rejected_malformed": 1, "rejected_no_image": 1}
+    assert summary == {
+        "imported": 1,
+        "images": 1,
+        "rejected_missing_image": 0,
+        "rejected_malformed": 1,
+        "rejected_no_image": 1,
+    }
     assert split_of(out).keys() == {"img-validation-2"}

@@ -331,7 +331,12 @@ def vqa_rows(rows=VQA) -> pa.Table:
 def test_vqav2_lmms(tmp_path):
     src = hub(tmp_path, "VQAv2", {"data/validation-00000-of-00001.parquet": vqa_rows()})
     out = tmp_path / "out"
-    assert imported("vqav2", src, out) == {"imported": 3, "images": 2, "rejected_corrupt_image": 1}
+    assert imported("vqav2", src, out) == {
+        "imported": 3,
+        "images": 2,
+        "rejected_missing_image": 0,
+        "rejected_corrupt_image": 1,
+    }
     samples = read_split(out)
     assert [(s.question_id, s.category, s.text) for s in samples] == [
         (str(q), at, text + SUFFIX) for q, _, text, at, *_ in VQA[:3]
@@ -410,8 +415,15 @@ def test_pope_llava(tmp_path):
     with pytest.raises(DataError) as excinfo:
         imported("pope", src, tmp_path / "bad")
     one_line_error(excinfo, "llava_pope_test.jsonl:3", "coco_pope_random.json:1", "does not match", "e3e3926")
-    assert imported("pope", src, tmp_path / "lenient", lenient=True)["rejected_malformed"] == 2
-    assert {r["reason"] for r in rejects(tmp_path / "lenient")} == {"malformed", "missing_image"}
+    # The stopped import wrote the images before the bad line. Run again on the same out with --lenient:
+    # allowed (it never finished), and those images are kept, not written again.
+    written = {p.name: p.stat().st_ino for p in (tmp_path / "bad" / "images").iterdir()}
+    assert written and json.loads((tmp_path / "bad" / "import.json").read_text())["summary"] is None
+    assert imported("pope", src, tmp_path / "bad", lenient=True)["rejected_malformed"] == 2
+    assert {n: (tmp_path / "bad" / "images" / n).stat().st_ino for n in written} == written
+    assert {r["reason"] for r in rejects(tmp_path / "bad")} == {"malformed", "missing_image"}
+    with pytest.raises(ValueError, match="other lenient"):  # a finished import is not redone with other settings
+        imported("pope", src, tmp_path / "bad")
     # A label file with more lines than the questions of its split cannot be linked either.
     (src / "coco" / "coco_pope_random.json").write_text("\n".join([*labels, labels[0]]) + "\n")
     with pytest.raises(DataError) as excinfo:
@@ -455,7 +467,7 @@ def pope_rows(rows=POPE) -> pa.Table:
 def test_pope_lmms(tmp_path):
     src = hub(tmp_path, "POPE", {"data/test-00000-of-00001.parquet": pope_rows()})
     out = tmp_path / "out"
-    assert imported("pope", src, out) == {"imported": 6, "images": 3}
+    assert imported("pope", src, out) == {"imported": 6, "images": 3, "rejected_missing_image": 0}
     samples = read_split(out)
     assert [s.question_id for s in samples] == [
         "adversarial/1",
@@ -596,7 +608,7 @@ def test_mme_lmms(tmp_path):
     )
     src = hub(tmp_path, "MME", {"data/test-00000-of-00001.parquet": pa.Table.from_pylist(rows, schema=schema)})
     out = tmp_path / "out"
-    assert imported("mme", src, out) == {"imported": 6, "images": 3}
+    assert imported("mme", src, out) == {"imported": 6, "images": 3, "rejected_missing_image": 0}
     check_mme(out)
 
     path = src / "snapshots" / SNAPSHOT / "data" / "test-00000-of-00001.parquet"
@@ -607,6 +619,7 @@ def test_mme_lmms(tmp_path):
     assert imported("mme", src, tmp_path / "lenient", lenient=True) == {
         "imported": 2,
         "images": 1,
+        "rejected_missing_image": 0,
         "rejected_malformed": 1,
     }
     assert rejects(tmp_path / "lenient")[0]["question_id"] == "OCR/0001.jpg#1"

@@ -1,12 +1,10 @@
 """Training on a mixture of datasets and evaluating a suite: the precompute records each sample's
 dataset, the environment draws datasets by weight, `tprl eval --suite` and `tprl report` write the
-paper's Table 1 layout, and the pipeline runs every stage on a two-dataset mixture and a
-two-benchmark suite."""
+paper's Table 1 layout. The pipeline on a two-dataset mixture and a two-benchmark suite runs in
+test_reproducible.py (with several seeds and twice with one)."""
 
 import json
-import shutil
 from collections import Counter
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,15 +18,13 @@ from tprl_ray.data.layout import read_split
 from tprl_ray.data.mixture import Mixture
 from tprl_ray.evaluation.config import EvalConfig
 from tprl_ray.evaluation.table1 import format_suite, mean_suites, suite_table
-from tprl_ray.pipeline.config import PipelineConfig
-from tprl_ray.pipeline.run import run_pipeline
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.job import run_precompute
 from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.config import EnvConfig
 from tprl_ray.rl.env import PruningVectorEnv
 
-SUBSETS = {"readexist": ("read", "exist"), "countwhere": ("count", "where")}
+SUBSETS = ("readexist", "countwhere")
 
 
 @pytest.fixture
@@ -39,26 +35,9 @@ def local_ray():
     ray.shutdown()
 
 
-def subset(split: Path, out: Path, categories: tuple[str, ...]) -> Path:
-    """The questions of ``split`` in ``categories``, as a split of their own (images copied)."""
-    out.mkdir(parents=True)
-    shutil.copytree(split / "images", out / "images")
-    questions = [json.loads(line) for line in (split / "questions.jsonl").read_text().splitlines()]
-    keep = {q["question_id"] for q in questions if q["category"] in categories}
-    for name in ("questions.jsonl", "answers.jsonl"):
-        rows = [line for line in (split / name).read_text().splitlines() if json.loads(line)["question_id"] in keep]
-        (out / name).write_text("\n".join(rows) + "\n")
-    return out
-
-
 @pytest.fixture(scope="module")
-def parts(digits_dir, tmp_path_factory):
-    """The digits questions as two datasets by question type: train, val and test of each."""
-    root = tmp_path_factory.mktemp("mixture")
-    return {
-        name: {split: subset(digits_dir / split, root / name / split, cats) for split in ("train", "val", "test")}
-        for name, cats in SUBSETS.items()
-    }
+def parts(mixture_parts):
+    return mixture_parts
 
 
 def test_a_mixture_prefixes_ids_and_finds_each_image(parts):
@@ -84,7 +63,10 @@ def test_precompute_records_the_dataset_of_each_sample(parts, tmp_path):
     for sample_id, dataset in zip(table["sample_id"].to_pylist(), table["dataset"].to_pylist()):
         assert sample_id.split("/")[0] == dataset
     manifest = json.loads((tmp_path / "pc" / "manifest.json").read_text())
-    assert [p["weight"] for p in manifest["data"]] == [3.0, 1.0] and manifest["schema_version"] == 2
+    assert [p["name"] for p in manifest["data"]] == list(SUBSETS) and manifest["schema_version"] == 2
+    # the weights are the environment's: other weights reuse the precompute
+    other = cfg.model_copy(update={"data": [part.model_copy(update={"weight": 1.0}) for part in data]})
+    assert run_precompute(other, progress=False, engine="local")["shards_skipped"] == summary["shards"]
 
 
 def test_the_environment_draws_datasets_by_weight():
@@ -174,8 +156,8 @@ def test_eval_suite_and_report_write_table1(parts, tmp_path, monkeypatch, local_
     assert out.with_suffix(".md").read_text().strip() == format_suite(table)
     # `tprl report` over the two benchmarks' reports writes the same table
     reports = ",".join(str(tmp_path / "eval" / name / "report.json") for name in SUBSETS)
-    assert main(["report", "--inputs", reports, "--out", str(tmp_path / "t1.md"), "--mlflow-uri", uri]) == 0
-    # (two reports of one scorer: their columns are named by their folders)
+    assert main(["report", "--inputs", reports, "--table1", "--out", str(tmp_path / "t1.md"), "--mlflow-uri", uri]) == 0
+    # (two reports of one scorer: --table1 asks for the layout, their columns are named by their folders)
     assert (tmp_path / "t1.md").read_text() == out.with_suffix(".md").read_text()
     assert json.loads((tmp_path / "t1.json").read_text())["rows"] == table["rows"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -186,44 +168,3 @@ def test_eval_suite_and_report_write_table1(parts, tmp_path, monkeypatch, local_
     assert runs["evaluation"].data.metrics["vispruner_25.avg_relative"] == table["rows"][2]["relative"]
     with pytest.raises(ValueError, match="suite benchmarks"):
         EvalConfig(suite=[suite["benchmarks"][0], suite["benchmarks"][0]])
-
-
-def test_the_pipeline_trains_on_a_mixture_and_reports_table1(parts, tmp_path, small_pipeline, monkeypatch, local_ray):
-    out = tmp_path / "run"
-    mixture = [
-        {"name": name, "path": str(p["train"]), "val": str(p["val"]), "weight": weight}
-        for (name, p), weight in zip(parts.items(), (3.0, 1.0))
-    ]
-    suite = [{"name": name, "benchmark": "digits", "data": str(p["test"])} for name, p in parts.items()]
-    overrides = {**small_pipeline, "train_questions": 48, "eval_questions": 24, "trajectories": 0}
-    cfg = PipelineConfig.load(
-        None, {**overrides, "out": str(out), "mixture": mixture, "suite": suite, "ray_address": "local"}
-    )
-    report = run_pipeline(cfg)
-    manifest = json.loads((out / "precompute" / "train" / "manifest.json").read_text())
-    assert manifest["datasets"] == {"readexist": 48, "countwhere": 48}
-    assert json.loads((out / "precompute" / "val" / "manifest.json").read_text())["datasets"] == {
-        name: len(read_split(p["val"])) for name, p in parts.items()
-    }
-    assert not (out / "data").exists()  # a mixture and a suite: no digits built
-    # Table 1: every setting of the evaluation, a cell per suite benchmark from its own report
-    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
-    assert [r["label"] for r in report["rows"]] == ["none_100", "vispruner_25", "lfd_25", "tprl_25"]
-    for name in SUBSETS:
-        own = json.loads((out / "suite" / name / "report.json").read_text())
-        assert own["n"] == 24
-        assert [r["cells"][name]["score"] for r in report["rows"]] == [r["accuracy"] for r in own["rows"]]
-    tprl = report["rows"][3]
-    assert tprl["relative"] == pytest.approx(np.mean([c["relative"] for c in tprl["cells"].values()]))
-    table = (out / "report.md").read_text()
-    assert (
-        "| Method | Budget | Tokens | readexist | countwhere | Avg. |" in table and "| tprl | 25.0% | 16.0 |" in table
-    )
-    assert (out / "pareto.png").is_file()
-    uri = f"sqlite:///{out / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tprl").experiment_id])}
-    assert runs["ppo"].data.params["env.weights.readexist"] == "3.0"
-    assert runs["evaluation"].data.metrics["tprl_25.avg_relative"] == tprl["relative"]

@@ -56,9 +56,11 @@ class DigitsConfig(StageConfig):
 class DataPart(Section):
     """One named split of a training mixture and its sampling weight."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the dataset's name (recorded per sample)")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description="the dataset's name (recorded per sample)")
     path: Path = Field(description="split directory in the LLaVA layout (e.g. an imported VQAv2 train2014)")
-    weight: float = Field(1.0, gt=0, description="the environment draws this part with probability weight / sum")
+    weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="the environment draws this part with probability weight / sum"
+    )
     val: Path | None = Field(None, description="its validation split (None: none from this part)")
 
 
@@ -78,7 +80,7 @@ class ImportConfig(StageConfig):
     """`tprl data import BENCHMARK --src PATH --out DIR`: a benchmark's own files in, one split in this
     project's layout out (questions.jsonl, answers.jsonl, images/, rejects.jsonl, import.json)."""
 
-    benchmark: str = Field("gqa", description=f"one of {', '.join(IMPORTERS)}")
+    benchmark: str = Field(description=f"one of {', '.join(IMPORTERS)}")
     src: Path | None = Field(
         None,
         description="the benchmark's folder (LLaVA's playground/data/eval/<name>) or an lmms-lab dataset "

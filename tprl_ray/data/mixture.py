@@ -1,13 +1,14 @@
 """A training mixture: several named splits, each with a sampling weight, read as one list of samples.
 
-With one split, samples keep their question ids and image names. With several, both are prefixed by
-the part's name (``gqa/20968666``, ``gqa/n161313.jpg``), so ids never collide across datasets and
+A split directory given alone keeps its question ids and image names. A list of parts (even of
+one) prefixes both by the part's name (``gqa/20968666``, ``gqa/n161313.jpg``), so ids never collide across datasets and
 :meth:`Mixture.image_path` finds each image in its own split. :meth:`Mixture.dataset` names a
 sample's part; the precompute records it per row and the PPO environment samples parts by weight.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +20,17 @@ from tprl_ray.data.layout import DataError, Reject, Sample, read_split
 class Mixture:
     parts: tuple[DataPart, ...]
 
+    prefixed: bool = True
+
     @classmethod
     def of(cls, data: Path | list[DataPart]) -> Mixture:
-        """A mixture from a split directory (one part, named after the benchmark directory above it)
-        or from a list of parts."""
+        """A mixture from a list of parts (ids prefixed, even for one part) or from a split directory
+        (one part, named after the benchmark directory above it; ids as they are)."""
         if isinstance(data, list):
             return cls(tuple(data))
         data = Path(data)
-        return cls((DataPart(name=data.resolve().parent.name or "data", path=data),))
-
-    @property
-    def prefixed(self) -> bool:
-        return len(self.parts) > 1
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", data.resolve().parent.name).lstrip(".") or "data"
+        return cls((DataPart(name=name, path=data),), prefixed=False)
 
     def read(self, rejects: list[Reject] | None = None, limit: int = 0) -> list[Sample]:
         """Every part's samples (its first ``limit`` if set), part after part; ids and images prefixed
@@ -74,5 +74,5 @@ class Mixture:
         return {part.name: part.weight for part in self.parts}
 
     def describe(self) -> list[dict]:
-        """The parts as JSON values (manifests, run parameters)."""
-        return [{"name": p.name, "path": str(p.path), "weight": p.weight} for p in self.parts]
+        """What the parts read, as JSON values (a precompute's identity: the weights are the env's)."""
+        return [{"name": p.name, "path": str(p.path)} for p in self.parts]

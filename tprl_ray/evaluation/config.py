@@ -32,7 +32,7 @@ BenchmarkName = Annotated[str, AfterValidator(lambda name: known_name("benchmark
 class SuiteEntry(Section):
     """One benchmark of an evaluation suite: a column of the Table 1 report."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the column's name (gqa, mmbench, ...)")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", description="the column's name (gqa, mmbench, ...)")
     benchmark: BenchmarkName | None = Field(None, description="its scorer (default: name)")
     data: Path = Field(description="split directory in the LLaVA layout (e.g. `tprl data import` output)")
     limit: int | None = Field(None, ge=0, description="first N questions (None: the evaluation's limit)")
@@ -149,6 +149,11 @@ class ReportConfig(StageConfig):
 
     inputs: list[Path] = Field([Path("runs/demo/report.json")], description="report JSON files (a,b,c)")
     out: Path = Field(Path("runs/report/report.md"), description="Markdown table; the plot is written beside it")
+    table1: bool = Field(
+        False,
+        description="the paper's Table 1 layout, a column per report (it is the layout anyway for reports of "
+        "several benchmarks or a suite report); the JSON is written beside out",
+    )
     mlflow_uri: str | None = None
 
 

@@ -267,6 +267,8 @@ def run_suite(cfg: EvalConfig) -> dict:
     from tprl_ray.evaluation.table1 import format_suite, suite_metrics, suite_table
     from tprl_ray.tracking import mlflow_run
 
+    if cfg.out.suffix == ".md":
+        raise ValueError(f"--out {cfg.out}: the Table 1 report's JSON file (the Markdown goes beside it, as .md)")
     configs = suite_configs(cfg)
     for sub in configs.values():
         check_inputs(sub)

@@ -2,8 +2,9 @@
 
 `tprl report` reads reports (``report.json`` of `tprl pipeline` or `tprl eval`), prints one
 table, writes the table (Markdown) and the plot (PNG) beside ``--out`` and logs both to MLflow.
-Reports of several benchmarks or test splits (or a suite report of `tprl eval --suite`) give the
-paper's Table 1 layout instead (:mod:`tprl_ray.evaluation.table1`): Markdown at ``--out``, JSON beside it.
+Reports of several benchmarks (or a suite report of `tprl eval --suite`, or any reports with
+``--table1``) give the paper's Table 1 layout instead (:mod:`tprl_ray.evaluation.table1`):
+Markdown at ``--out``, JSON beside it.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def table1_command(cfg: ReportConfig, reports: list[dict]) -> dict:
         if len(set(names)) != len(names):
             raise ValueError(f"reports {[str(p) for p in cfg.inputs]} repeat a benchmark and a folder name")
         table = suite_table(dict(zip(names, reports)), dict(zip(names, scorers)))
+    if cfg.out.suffix == ".json":
+        raise ValueError(f"--out {cfg.out}: the Markdown table's file (the JSON goes beside it, as .json)")
     text = format_suite(table)
     atomic_write_bytes(cfg.out, (text + "\n").encode())
     atomic_write_bytes(cfg.out.with_suffix(".json"), json.dumps(table, indent=2).encode())
@@ -220,7 +223,7 @@ def command(cfg: ReportConfig) -> dict:
     from tprl_ray.tracking import mlflow_run
 
     reports = [read_report(path) for path in cfg.inputs]
-    if any("suite" in r for r in reports) or len({(r["benchmark"], r.get("data")) for r in reports}) > 1:
+    if cfg.table1 or any("suite" in r for r in reports) or len({r["benchmark"] for r in reports}) > 1:
         return table1_command(cfg, reports)
     report = merge_reports(cfg.inputs)
     table = format_table(report)

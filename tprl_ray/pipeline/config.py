@@ -154,6 +154,8 @@ class PipelineConfig(RunConfig):
             raise ValueError("finetune needs policy: train (the fine-tuning reads the precompute the training writes)")
         if self.finetune and self.suite:
             raise ValueError("finetune evaluates one test split: use it without suite")
+        if self.mixture and self.suite and self.data is None and self.backbone.path == "train":
+            raise ValueError("backbone.path train trains the tiny model on data: give data, or a model path")
         if self.mixture and "weights" in self.ppo.env.model_fields_set:
             raise ValueError("ppo.env.weights are the mixture's weights (set them on its parts)")
         if self.policy == "shipped" and "tprl" in self.pruners:

@@ -104,9 +104,9 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
     evaluation = stages["evaluation"]
     untrained = [n for n in evaluation.pruners if n not in evaluation.policies]
     evaluation = evaluation.model_copy(update={"pruners": untrained, "policies": {}})
-    evaluations = suite_configs(evaluation).values() if evaluation.suite else [evaluation]
-    checks = [check_evaluation(e) for e in evaluations]
-    model = checks[0].model
+    evaluations = suite_configs(evaluation) if evaluation.suite else {"test": evaluation}
+    checks = {name: check_evaluation(e) for name, e in evaluations.items()}
+    model = next(iter(checks.values())).model
     if cfg.trajectories and cfg.policy == "shipped":
         LearnedPruner(stages["viz"].policy).check_widths(model.feature_width, model.embedding_width)
     if cfg.finetune:
@@ -114,9 +114,9 @@ def check_inputs(cfg: PipelineConfig, splits: dict[str, list], stages: dict) -> 
 
         check_model(stages["llm"])
     vocabulary = {split: model.unknown_words(split, samples, "pipeline") for split, samples in splits.items()}
-    for checked in checks:
-        vocabulary.update(checked.vocabulary)
-    return vocabulary
+    if not evaluation.suite:
+        return {**vocabulary, **checks["test"].vocabulary}
+    return {**vocabulary, **{f"suite/{name}": next(iter(c.vocabulary.values())) for name, c in checks.items()}}
 
 
 def train_policies(stages: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -54,8 +55,8 @@ class EnvConfig(Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(w <= 0 for w in value.values()):
-            raise ValueError(f"weights {value} must be positive")
+        if not all(math.isfinite(w) and w > 0 for w in value.values()):
+            raise ValueError(f"weights {value} must be positive and finite")
         return value
 
     @property

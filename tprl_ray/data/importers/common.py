@@ -72,7 +72,8 @@ class SplitWriter:
         self.out, self.lenient = Path(out), lenient
         self.images = self.out / "images"
         self.images.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.out)
+        for directory in (self.out, self.images, *(p for p in self.images.rglob("*") if p.is_dir())):
+            remove_leftovers(directory)  # what a killed run was writing
         self.written: dict[str, str] = {}  # image key (source name or digest) -> file name in images/
         self.broken: dict[str, tuple[str, str]] = {}  # image key -> (reason, detail): why it cannot be used
         self.ids: set[str] = set()
@@ -157,7 +158,8 @@ class SplitWriter:
             os.replace(self.out / f".{name}.partial", self.out / name)
         if not self.counts["imported"]:
             raise DataError(f"{self.out}: no question was imported ({self.reasons() or 'the source is empty'})")
-        return {"imported": self.counts["imported"], "images": len(set(self.written.values())), **self.rejected()}
+        counts = {"imported": self.counts["imported"], "images": len(set(self.written.values()))}
+        return {**counts, "rejected_missing_image": self.counts["rejected_missing_image"], **self.rejected()}
 
     def abort(self) -> None:
         for name, fh in self.files.items():
@@ -165,7 +167,7 @@ class SplitWriter:
             (self.out / f".{name}.partial").unlink(missing_ok=True)
 
     def rejected(self) -> dict[str, int]:
-        return {k: v for k, v in sorted(self.counts.items()) if k.startswith("rejected_")}
+        return {k: v for k, v in sorted(self.counts.items()) if k.startswith("rejected_") and v}
 
     def reasons(self) -> str:
         return ", ".join(f"{k.removeprefix('rejected_')}: {v}" for k, v in self.rejected().items())
@@ -245,13 +247,15 @@ def parquet_files(src: Path, split: str, config: str | None = None) -> list[Path
     """The Parquet files of one split of a Hugging Face dataset under ``src`` (a snapshot folder, the
     ``datasets--org--name`` folder of the hub cache, or any folder holding the files): named
     ``<split>-NNNNN-of-NNNNN.parquet`` or ``<split>.parquet``, in a ``config`` sub-folder if given; the
-    newest snapshot when there are several."""
+    snapshot ``refs/main`` names (else the newest) when there are several."""
     if not src.is_dir():
         raise DataError(f"{src}: not a directory")
-    snapshots = (
-        sorted((src / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if (src / "snapshots").is_dir() else []
-    )
-    root = snapshots[-1] if snapshots else src
+    root = src
+    if (src / "snapshots").is_dir():  # the hub cache: the snapshot refs/main names, else the newest
+        main = src / "refs" / "main"
+        named = src / "snapshots" / main.read_text().strip() if main.is_file() else None
+        snapshots = sorted((src / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+        root = named if named is not None and named.is_dir() else snapshots[-1] if snapshots else src
 
     def matches(path: Path) -> bool:
         stem = path.name.removesuffix(".parquet")
@@ -281,7 +285,14 @@ def parquet_rows(files: list[Path], columns: list[str] | None = None) -> Iterato
         if columns and (missing := [c for c in columns if c not in names]):
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(names)})")
         row_number = 0
-        for batch in reader.iter_batches(batch_size=256, columns=columns):
+        batches = reader.iter_batches(batch_size=256, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as exc:  # a truncated or corrupt page: pyarrow's OSError / ArrowInvalid
+                raise DataError(f"{path}: row {row_number}: unreadable ({str(exc).splitlines()[0]})") from None
+            if batch is None:
+                break
             for row in batch.to_pylist():
                 yield f"{path}: row {row_number}", row
                 row_number += 1

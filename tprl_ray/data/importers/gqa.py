@@ -138,6 +138,14 @@ def _llava(src: Path, split: str, images: Path | None) -> Iterator[Item | Bad]:
         yield _item(qid, row["text"], fields, ImageRef(name=row["image"], path=image_dir / row["image"]), where)
 
 
+def _column(reader, path: Path, group: int, column: str) -> list:
+    """One column of one row group; a one-line error naming the file if it cannot be read."""
+    try:
+        return reader.read_row_group(group, columns=[column]).column(column).to_pylist()
+    except Exception as exc:  # a truncated or corrupt page: pyarrow's OSError / ArrowInvalid
+        raise DataError(f"{path}: row group {group}: unreadable ({str(exc).splitlines()[0]})") from None
+
+
 class _ImageIndex:
     """The images config of lmms-lab/GQA: id -> (file, row group, row), bytes read by row group."""
 
@@ -145,6 +153,7 @@ class _ImageIndex:
         import pyarrow.parquet as pq
 
         self.files, self.where, self.cache, self.size = [], {}, OrderedDict(), cached_groups
+        self.paths = list(files)
         self.given: set[str] = set()
         for path in files:
             try:
@@ -155,7 +164,7 @@ class _ImageIndex:
                 raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
             self.files.append(reader)
             for group in range(reader.num_row_groups):
-                ids = reader.read_row_group(group, columns=["id"]).column("id").to_pylist()
+                ids = _column(reader, path, group, "id")
                 for row, image_id in enumerate(ids):
                     self.where.setdefault(str(image_id), (len(self.files) - 1, group, row))
 
@@ -167,7 +176,7 @@ class _ImageIndex:
         file, group, row = self.where[image_id]
         key = (file, group)
         if key not in self.cache:
-            self.cache[key] = self.files[file].read_row_group(group, columns=["image"]).column("image").to_pylist()
+            self.cache[key] = _column(self.files[file], self.paths[file], group, "image")
             if len(self.cache) > self.size:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)

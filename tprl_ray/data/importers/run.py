@@ -2,13 +2,16 @@
 
 ``OUT/import.json`` holds what was imported from where and the counts. A re-run with the same
 benchmark, source, split, images, limit and leniency finds it and returns its summary; any other
-setting on the same ``OUT`` is refused. Images a killed run wrote are kept and not written again.
+setting on the same ``OUT`` is refused. An import that did not finish (killed, or stopped by a
+malformed record) can be run again with any settings (``--lenient`` for one); the images it wrote
+are kept and not written again when they come from the same source.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,6 +22,8 @@ from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.data.config import ImportConfig
 from tprl_ray.data.importers.common import IMPORT_VERSION, SplitWriter, is_parquet_source
 from tprl_ray.data.layout import DataError
+
+SOURCE = ("version", "benchmark", "source", "src", "split", "images")  # what decides the images written
 
 
 def importer(benchmark: str):
@@ -56,9 +61,12 @@ def run_import(cfg: ImportConfig, progress: bool = True) -> dict:
     manifest = cfg.out / "import.json"
     if manifest.is_file():
         old = json.loads(manifest.read_text())
-        refuse_other_settings({k: old.get(k) for k in identity}, identity, cfg.out, "import")
-        if old.get("summary") is not None and (cfg.out / "questions.jsonl").is_file():
-            return {**old["summary"], "skipped": True}
+        if old.get("summary") is not None:  # a finished import: the same one is done, another is refused
+            refuse_other_settings({k: old.get(k) for k in identity}, identity, cfg.out, "import")
+            if (cfg.out / "questions.jsonl").is_file():
+                return {**old["summary"], "skipped": True}
+        elif any(old.get(k) != identity[k] for k in SOURCE):  # an unfinished one from elsewhere: its images go
+            shutil.rmtree(cfg.out / "images", ignore_errors=True)
     check_writable(cfg.out)
     atomic_write_bytes(manifest, json.dumps({**identity, "summary": None}, indent=2).encode())
     writer = SplitWriter(cfg.out, cfg.lenient)
