@@ -49,6 +49,11 @@ class SuiteFile(StageConfig):
     benchmarks: list[SuiteEntry] = Field(min_length=1)
 
 
+def scorers(suite: list[SuiteEntry] | None, benchmark: str) -> set[str]:
+    """The scorers an evaluation uses: its suite's, or its one benchmark's."""
+    return {e.scorer for e in suite} if suite else {benchmark}
+
+
 def check_suite(value: Path | list[SuiteEntry] | None) -> list[SuiteEntry] | None:
     """A suite file read into its entries (a ConfigError naming the file), the names distinct."""
     if isinstance(value, Path):
@@ -109,8 +114,7 @@ class EvalConfig(RunConfig):
     def _runnable(self):
         if "tprl" in self.pruners and "tprl" not in self.policies:
             raise ValueError("pruner 'tprl' needs the directory of a `tprl train ppo` output (--policies tprl=DIR)")
-        scorers = [e.scorer for e in self.suite] if self.suite else [self.benchmark]
-        if "oracle" in self.pruners and set(scorers) != {"digits"}:
+        if "oracle" in self.pruners and scorers(self.suite, self.benchmark) != {"digits"}:
             raise ValueError("pruner 'oracle' needs the digits benchmark (its questions record their cells)")
         return self
 

@@ -142,15 +142,16 @@ def check_inputs(cfg: EvalConfig) -> Checked:
     return Checked(model, samples, rejects, vocabulary, chosen, effective)
 
 
-def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
+def evaluate(cfg: EvalConfig, checked: Checked | None = None) -> tuple[dict, dict[str, list[dict]]]:
     """The report (rows with scores, relative scores, tokens, FLOPs and KV cache; the rejected questions
-    and the words outside the vocabulary) and each setting's records."""
+    and the words outside the vocabulary) and each setting's records; ``checked`` is what
+    :func:`check_inputs` found for ``cfg`` if the caller ran it already."""
     from transformers import AutoConfig
 
     from tprl_ray.evaluation.efficiency import pruned_efficiency
     from tprl_ray.pruners.base import budget_tokens
 
-    checked = check_inputs(cfg)
+    checked = checked or check_inputs(cfg)
     samples, chosen = checked.samples, checked.settings
     chunks = [
         [s.question_id for s in samples[i : i + cfg.pool.batch_size]]
@@ -212,7 +213,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict, dict[str, list[dict]]]:
     return report, records
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def run_eval(cfg: EvalConfig, checked: Checked | None = None) -> dict:
     """:func:`evaluate`, then the report and the predictions written and logged to MLflow (a child run
     ``evaluation`` inside a pipeline run)."""
     import mlflow
@@ -223,7 +224,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         f"[eval] {cfg.benchmark}: {len(cfg.pruners)} pruner(s) x {len(cfg.budgets)} budget(s) on "
         f"{cfg.pool.size} actor(s)"
     )
-    report, records = evaluate(cfg)
+    report, records = evaluate(cfg, checked)
     predictions_path = cfg.out.with_suffix(".predictions.jsonl")
     atomic_write_bytes(
         predictions_path,
@@ -270,9 +271,8 @@ def run_suite(cfg: EvalConfig) -> dict:
     if cfg.out.suffix == ".md":
         raise ValueError(f"--out {cfg.out}: the Table 1 report's JSON file (the Markdown goes beside it, as .md)")
     configs = suite_configs(cfg)
-    for sub in configs.values():
-        check_inputs(sub)
-    reports = {name: run_eval(sub) for name, sub in configs.items()}
+    checks = {name: check_inputs(sub) for name, sub in configs.items()}  # every benchmark before the first runs
+    reports = {name: run_eval(sub, checks[name]) for name, sub in configs.items()}
     table = suite_table(reports, {name: sub.benchmark for name, sub in configs.items()})
     write_table1(table, cfg.out)
     with mlflow_run(cfg.out.parent, "tprl-eval", cfg.run_name, cfg.mlflow_uri, params=cfg.flat()):

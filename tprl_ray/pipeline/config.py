@@ -28,7 +28,7 @@ from tprl_ray.config import (
     set_dotted,
 )
 from tprl_ray.data.config import DataPart, check_parts
-from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, SuiteEntry, VizConfig, check_suite
+from tprl_ray.evaluation.config import BenchmarkName, EvalConfig, SuiteEntry, VizConfig, check_suite, scorers
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.pruners.registry import BASELINES, LEARNED, REFERENCES
@@ -160,8 +160,8 @@ class PipelineConfig(RunConfig):
             raise ValueError("ppo.env.weights are the mixture's weights (set them on its parts)")
         if self.policy == "shipped" and "tprl" in self.pruners:
             self.pruners = [n for n in self.pruners if n != "tprl"]
-        scorers = {e.scorer for e in self.suite} if self.suite else {self.benchmark}
-        if scorers != {"digits"} and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
+        digits = scorers(self.suite, self.benchmark) == {"digits"}
+        if not digits and "oracle" in self.pruners and "pruners" not in self.model_fields_set:
             # the default list drops it; a list the user chose is refused by EvalConfig below
             self.pruners = [n for n in self.pruners if n != "oracle"]
         if len(set(self.seeds)) != len(self.seeds):
