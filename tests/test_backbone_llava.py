@@ -95,7 +95,9 @@ def test_encode_gives_tokens_features_and_cls_attention(backbone, batch):
     assert backbone.model.config.vision_config._attn_implementation != "eager"  # restored after the call
     n = out.llm_tokens.shape[1]
     assert out.features.shape == (len(images), n, SIZE.vision_hidden) and out.attention.shape == (len(images), n)
-    torch.testing.assert_close(out.llm_tokens, backbone.image_features(pixel_values).detach(), atol=1e-5, rtol=0)
+    trainable, grids = backbone.trainable_tokens(images)
+    torch.testing.assert_close(out.llm_tokens, torch.stack(trainable).detach(), atol=1e-5, rtol=0)
+    assert grids == out.grids
     torch.testing.assert_close(out.features, backbone.encode(images).features, atol=1e-5, rtol=0)
     assert backbone.encode(images).attention is None and out.grids == [(8, 8)] * len(images)
     assert out.positions(0)[:10].tolist() == [[0, c] for c in range(8)] + [[1, 0], [1, 1]]

@@ -14,7 +14,7 @@ from tprl_ray.backbones.load import load_backbone
 from tprl_ray.config import EMBEDDED_LFD, BackboneConfig
 from tprl_ray.models.tiny_llava import TinyLlavaSize, build_model, build_processor
 from tprl_ray.pipeline.config import PipelineConfig
-from tprl_ray.precompute.schema import tensor
+from tprl_ray.precompute.schema import padded_tokens
 from tprl_ray.training.config import LlmConfig, LoraSettings
 from tprl_ray.training.llm import train_llm
 
@@ -49,7 +49,7 @@ def config(precomputed, random_llava, out, **fields) -> LlmConfig:
 
 def scores(backbone, precomputed, n=12):
     table = pq.read_table(next((precomputed / "val" / "shards").glob("*.parquet")))[:n]
-    features = torch.from_numpy(tensor(table["features"])).float()
+    features = torch.from_numpy(padded_tokens(table["features"])[0]).float()
     keep = [torch.arange(0, 64, 4)] * n  # 16 of the 64 tokens
     logp, _ = backbone.score(
         table["question"].to_pylist(), table["answer"].to_pylist(), backbone.project(features), keep

@@ -63,7 +63,7 @@ def test_precompute_records_the_dataset_of_each_sample(parts, tmp_path):
     for sample_id, dataset in zip(table["sample_id"].to_pylist(), table["dataset"].to_pylist()):
         assert sample_id.split("/")[0] == dataset
     manifest = json.loads((tmp_path / "pc" / "manifest.json").read_text())
-    assert [p["name"] for p in manifest["data"]] == list(SUBSETS) and manifest["schema_version"] == 2
+    assert [p["name"] for p in manifest["data"]] == list(SUBSETS) and manifest["schema_version"] == 3
     # the weights are the environment's: other weights reuse the precompute
     other = cfg.model_copy(update={"data": [part.model_copy(update={"weight": 1.0}) for part in data]})
     assert run_precompute(other, progress=False, engine="local")["shards_skipped"] == summary["shards"]

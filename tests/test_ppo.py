@@ -125,7 +125,7 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "grid": (2, 4)},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)},
     )
     obs, _ = env.reset()
     obs["mask"][0, 5:] = 0
@@ -302,7 +302,7 @@ def test_rl_module_in_the_budget_regime_without_a_critic(tmp_path):
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "grid": (2, 4), "critic": False},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "critic": False},
     )
     obs, _ = env.reset()
     batch = {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}

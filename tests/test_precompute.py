@@ -19,7 +19,7 @@ from tprl_ray.data.digits import DigitsConfig, build_digits
 from tprl_ray.data.layout import read_split
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.job import run_precompute
-from tprl_ray.precompute.schema import SCHEMA_VERSION, tensor
+from tprl_ray.precompute.schema import SCHEMA_VERSION, padded_tokens, tensor
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,19 @@ def test_train_split_to_parquet_that_plain_pyarrow_reads(local_ray, digits_dir, 
     table = pq.read_table(tmp_path / "pc" / "shards")  # plain pyarrow, no Ray
     assert sorted(table["sample_id"].to_pylist()) == sorted(s.question_id for s in samples)
     assert table.schema.metadata[b"tprl.schema_version"] == str(SCHEMA_VERSION).encode()
-    assert str(table.schema.field("features").type.value_type) == "halffloat"
-    features, attention, query, masks = (tensor(table[c]) for c in ("features", "attention", "query", "demo_masks"))
-    assert features.shape == (160, 64, 96) and features.dtype == np.float16
+    kind = table.schema.field("features").type  # list<fixed_size_list<halffloat>[96]>
+    assert kind.value_type.list_size == 96 and str(kind.value_type.value_type) == "halffloat"
+    assert np.asarray(table["features"][0].as_py()).shape == (64, 96)  # one list entry per token
+    (features, counts), (attention, _), (masks, _) = (
+        padded_tokens(table[c]) for c in ("features", "attention", "demo_masks")
+    )
+    query = tensor(table["query"])
+    assert features.shape == (160, 64, 96) and features.dtype == np.float16 and (counts == 64).all()
     assert attention.shape == (160, 64) and attention.dtype == np.float32
-    assert query.shape == (160, 128) and masks.shape == (160, 3, 64) and masks.dtype == np.uint8
-    assert (masks.sum(-1) == [64, 48, 32]).all()
-    assert (masks[:, 1:] <= masks[:, :-1]).all()  # each step's kept tokens are a subset of the previous step's
+    assert query.shape == (160, 128) and masks.shape == (160, 64, 3) and masks.dtype == np.uint8  # token-major
+    assert (masks.sum(1) == [64, 48, 32]).all()
+    assert (masks[..., 1:] <= masks[..., :-1]).all()  # each step's kept tokens are a subset of the previous step's
+    assert "llm_tokens" not in table.column_names  # LLaVA's scorer projects the features
     logp = table["full_logp"].to_numpy()
     assert (logp <= 0).all() and table["full_correct"].to_numpy().mean() > 0.8
     # the scorer's LLM-ready tokens come back from the stored features through LLaVA's projector
@@ -169,7 +175,7 @@ def test_a_question_aware_demonstrator_gives_nested_masks_that_follow_the_questi
     out = tmp_path / "cd"
     run_precompute(config(digits_dir / "val", out, limit=8, demonstrator="cdpruner"), progress=False, engine="local")
     table = pq.read_table(out / "shards" / "shard-00000.parquet")
-    masks = tensor(table["demo_masks"])
+    masks = padded_tokens(table["demo_masks"])[0].transpose(0, 2, 1)  # [rows, steps, tokens]
     n = masks.shape[-1]
     assert masks[:, 0].all() and (masks[:, 1].sum(axis=1) == round(0.75 * n)).all()
     assert (masks[:, 2] <= masks[:, 1]).all()  # nested

@@ -1,4 +1,5 @@
-"""A smaller tiny LLaVA trained end to end with the real recipe, saved and reloaded like llava-hf."""
+"""Smaller tiny models trained end to end with the real recipe, saved and reloaded like the hub's: a
+LLaVA on 4x4 boards, a Qwen2.5-VL on the two-resolution boards."""
 
 import json
 
@@ -7,15 +8,17 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.load import load_backbone
-from tprl_ray.data.layout import read_split
+from tprl_ray.data.layout import load_image, read_split
 from tprl_ray.evaluation.predict import evaluate
 from tprl_ray.models.config import TinyModelConfig
 from tprl_ray.models.train_tiny import token_cells, train_tiny
 
 
 def test_token_cells_follow_the_grid():
-    cells = token_cells(12).reshape(8, 8)
+    cells = token_cells((8, 8), 4).reshape(8, 8)
     assert cells[0, 0] == cells[1, 1] == 0 and cells[0, 2] == 1 and cells[2, 0] == 4 and cells[7, 7] == 15
+    six = token_cells((12, 12), 6).reshape(12, 12)  # a 6x6 board, 2x2 tokens per cell
+    assert six[0, 2] == 1 and six[2, 0] == 6 and six[11, 11] == 35
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_conversation_targets_are_the_replies_and_key_words():
     talk = conversation(sampler, scene, questions, rounds=2)
     assert len({q for q, _ in talk}) == len(talk) >= 4
     for at_key_word in (False, True):
-        row = conversation_rows(backbone, torch.zeros(1, 64, 32), [talk], at_key_word)[0]
+        row = conversation_rows(backbone, [torch.zeros(64, 32)], [(8, 8)], [talk], at_key_word)[0]
         before, after, targets = row.before, row.after, row.targets
         assert before == processor.tokenizer("USER :")["input_ids"]
         names = [
@@ -100,3 +103,53 @@ def test_conversation_targets_are_the_replies_and_key_words():
                 [(q.split()[-2] if "many" not in q else q.split()[2], a)] if at_key_word else []
             )
         assert names == expected
+
+
+def test_a_tiny_qwen_trains_on_two_board_sizes_and_loads_like_a_hub_qwen(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from tprl_ray.backbones.qwen import QwenBackbone
+    from tprl_ray.data.config import DigitsConfig
+    from tprl_ray.data.digits import build_digits
+
+    data = tmp_path / "boards"
+    build_digits(DigitsConfig(out=data, split_sizes={"train": 4, "val": 10, "test": 2}, boards=[4, 6]))
+    size = {"vision_hidden": 32, "vision_depth": 2, "text_hidden": 32, "text_layers": 2, "text_intermediate": 64}
+    cfg = TinyModelConfig.load(
+        None,
+        {
+            "family": "qwen",
+            "data": str(data),
+            "out": str(tmp_path / "qwen"),
+            "align_steps": 30,
+            "tune_steps": 10,
+            "batch_scenes": 4,
+            "warmup": 2,
+            "key_word_steps": 5,
+            "eval_every": 10,
+            "val_questions": 40,
+            "qwen_size": size,
+            "position_layer": 1,
+        },
+    )
+    history = []
+    metrics = train_tiny(cfg, log=lambda m, step: history.append(dict(m)))
+    align = [h["train/align_loss"] for h in history]
+    assert sum(align[-5:]) / 5 < 0.7 * sum(align[:5]) / 5 and "val/where" in metrics
+    assert all(h["train/position_loss"] > 0 for h in history[cfg.align_steps :])  # the cell-name loss ran
+    with pytest.raises(ValueError, match="position_layer must be below"):
+        TinyModelConfig(family="qwen", position_layer=2, qwen_size=size)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.out)
+    assert model.config.text_config.rope_parameters["mrope_section"] == [1] * 4  # interleaved, head_dim 8
+    backbone = load_backbone(cfg.out)
+    assert (
+        isinstance(backbone, QwenBackbone)
+        and backbone.tokenizer.convert_tokens_to_ids("e5") != backbone.tokenizer.unk_token_id
+    )
+    val = read_split(data / "val")[:40]
+    assert {s.extra["board"] for s in val} == {4, 6}
+    grids = {tuple(g) for g in backbone.encode([load_image(data / "val", s.image) for s in val[::4]]).grids}
+    assert grids == {(8, 8), (12, 12)}
+    assert evaluate(backbone, data / "val", val)["accuracy"] == pytest.approx(metrics["val/accuracy"])
+    card = json.loads((cfg.out / "tprl_model_card.json").read_text())
+    assert card["benchmark"]["boards"] == [4, 6] and card["recipe"]["family"] == "qwen"

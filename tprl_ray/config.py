@@ -29,7 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny-llava-digits"
+EMBEDDED_QWEN = ASSETS / "tiny-qwen-digits"
 EMBEDDED_LFD = ASSETS / "tiny-llava-digits-lfd"
+# The shipped models by name: the tiny LLaVA (the default) and the tiny Qwen2.5-VL (two board sizes).
+EMBEDDED_MODELS = {"embedded": EMBEDDED_MODEL, "embedded-qwen": EMBEDDED_QWEN}
 PAPER_CONFIGS = {name: ASSETS / "configs" / name for name in ("llava-1.5-7b", "llava-1.5-13b", "qwen2.5-vl-3b")}
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -176,7 +179,11 @@ class BackboneConfig(Section):
         "hf", description="hf: transformers model classes; vllm: a vLLM engine for the LLM (LLaVA)"
     )
     vllm: VllmConfig = Field(VllmConfig(), description="the vllm backend's engine")
-    path: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a local directory or a hub id")
+    path: str = Field(
+        "embedded",
+        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the tiny Qwen2.5-VL, once trained "
+        "into tprl_ray/assets/tiny-qwen-digits), a local directory or a hub id",
+    )
     adapter: Path | None = Field(
         None, description="a LoRA adapter directory (`tprl train llm`) merged into the model at load"
     )
@@ -194,8 +201,14 @@ class BackboneConfig(Section):
     )
 
     def resolved_path(self) -> Path | str:
-        """The shipped checkpoint's directory for ``embedded``, else ``path``."""
-        return EMBEDDED_MODEL if self.path == "embedded" else self.path
+        """The shipped checkpoint's directory for ``embedded`` / ``embedded-qwen``, else ``path``."""
+        shipped = EMBEDDED_MODELS.get(self.path)
+        if shipped is not None and not (shipped / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.path}: the checkpoint {shipped} is missing (the tiny Qwen2.5-VL is not shipped yet: "
+                "train it as the README's 'The tiny Qwen2.5-VL' section shows), or give a checkpoint directory"
+            )
+        return shipped or self.path
 
 
 def deep_merge(data: dict[str, Any], new: dict[str, Any]) -> None:

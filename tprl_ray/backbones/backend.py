@@ -23,6 +23,7 @@ class Backend(Protocol):
 
     device: torch.device
     end_id: int
+    projects_features: bool  # project() rebuilds the LLM tokens from stored features (else they are stored)
 
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
         """One vision pass over ``images``: LLM-ready tokens, policy features, attention, grids."""

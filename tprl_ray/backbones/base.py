@@ -124,6 +124,7 @@ class Backbone:
 
     answer_separator = " "
     end_id: int
+    projects_features = False  # whether project() rebuilds the LLM tokens from stored features
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu"):
         self.model = model.to(device).eval()
@@ -146,9 +147,10 @@ class Backbone:
         raise NotImplementedError
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """LLM-ready visual tokens from the stored pre-projector features (the RL scorer's input)."""
+        """LLM-ready visual tokens from the stored pre-projector features (where ``projects_features``)."""
         raise BackboneError(
-            f"{type(self).__name__} cannot score from stored features: its visual tokens need the image again"
+            f"{type(self).__name__} cannot rebuild its visual tokens from the features (its merger needs every "
+            "patch): use the LLM tokens its precompute stores (llm_tokens)"
         )
 
     def position_ids(self, rows: list[Row], mask: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
 
-from tprl_ray.backbones.base import Backbone, BackboneError, Row, VisualTokens, load_model
+from tprl_ray.backbones.base import Backbone, BackboneError, Grid, Row, VisualTokens, load_model
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -28,6 +28,8 @@ PromptFormat = Literal["vicuna_v1", "chat_template"]
 
 class LlavaBackbone(Backbone):
     """A ``LlavaForConditionalGeneration`` and its processor, driven with kept-token indices."""
+
+    projects_features = True
 
     def __init__(
         self,
@@ -67,10 +69,13 @@ class LlavaBackbone(Backbone):
     def pixel_values(self, images: Sequence) -> torch.Tensor:
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """LLM-ready visual tokens (post-projector), ``[B, N, d_llm]``, with gradients (for training)."""
-        out = self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype))
-        return torch.stack(list(out.pooler_output))
+    def trainable_tokens(self, images: Sequence) -> tuple[list[torch.Tensor], list[Grid]]:
+        """LLM-ready visual tokens (post-projector) of each image, with gradients (for training), and
+        their grids."""
+        out = self.model.get_image_features(pixel_values=self.pixel_values(images).to(self.model.dtype))
+        tokens = list(out.pooler_output)
+        side = math.isqrt(tokens[0].shape[0])
+        return tokens, [(side, side)] * len(tokens)
 
     @torch.no_grad()
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:

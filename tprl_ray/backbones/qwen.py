@@ -21,7 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_window_index
 
-from tprl_ray.backbones.base import Backbone, BackboneError, Row, VisualTokens, load_model
+from tprl_ray.backbones.base import Backbone, BackboneError, Grid, Row, VisualTokens, load_model
 
 END_OF_TURN = "<|im_end|>"
 
@@ -74,6 +74,17 @@ class QwenBackbone(Backbone):
         out = self.image_processor(images, return_tensors="pt")
         return out["pixel_values"].to(self.device, self.model.dtype), out["image_grid_thw"].to(self.device)
 
+    def grids(self, grid_thw: torch.Tensor) -> list[Grid]:
+        """Each image's grid of LLM tokens: its patch grid over the merge size."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        return [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
+
+    def trainable_tokens(self, images: Sequence) -> tuple[list[torch.Tensor], list[Grid]]:
+        """Each image's LLM tokens (post-merger), with gradients (for training), and their grids."""
+        pixel_values, grid_thw = self.pixel_inputs(images)
+        out = self.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
+        return list(out.pooler_output), self.grids(grid_thw)
+
     @torch.no_grad()
     def encode(self, images: Sequence, with_attention: bool = False) -> VisualTokens:
         """One vision pass: LLM tokens, the last block's output averaged over each 2x2 merge group
@@ -107,9 +118,7 @@ class QwenBackbone(Backbone):
         if with_attention:
             received = self._received_attention(last.attn, last.norm1(seen["x"]), seen["kw"])
             attention = list(received.view(-1, unit).mean(dim=1)[raster].split(sizes))
-        merge = visual.spatial_merge_size
-        grids = [(int(h) // merge, int(w) // merge) for _, h, w in grid_thw.tolist()]
-        return VisualTokens(list(out.pooler_output), list(features.split(sizes)), attention, grids)
+        return VisualTokens(list(out.pooler_output), list(features.split(sizes)), attention, self.grids(grid_thw))
 
     @staticmethod
     def _received_attention(attn, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -132,7 +132,7 @@ class VllmBackbone:
 
     def __init__(self, cfg: BackboneConfig, hf: Backbone):
         self.cfg, self.hf = cfg, hf
-        self.device, self.end_id = hf.device, hf.end_id
+        self.device, self.end_id, self.projects_features = hf.device, hf.end_id, hf.projects_features
         self._engine = self._async_engine = None
         self.gate = CountGate()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tprl_ray.config import Command, Section, StageConfig, known_name
 
 GRID = 4  # cells per side of a board
+MAX_BOARD = 6  # the largest board side (columns a..f)
 CATEGORIES = ("read", "exist", "count", "where")  # question kinds
 # MME's 14 subtasks as its eval_tool spells them, perception then cognition (its scorer, its importer).
 MME_SUBTASKS = {
@@ -41,6 +42,24 @@ class DigitsConfig(StageConfig):
     test_digit_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="digit images held out for test")
     min_digits: int = Field(3, ge=2, le=GRID * GRID)
     max_digits: int = Field(8, ge=2, le=GRID * GRID)
+    boards: list[int] = Field(
+        [GRID],
+        description="board sides in cells (2-6); with several, each scene draws one: 24-px cells, so a 6x6 "
+        "board is a 144-px image beside the 96-px 4x4 (the two-resolution variant: [4, 6])",
+    )
+
+    @field_validator("boards")
+    @classmethod
+    def _board_sides(cls, value: list[int]) -> list[int]:
+        if not value or any(not 2 <= side <= MAX_BOARD for side in value) or len(set(value)) != len(value):
+            raise ValueError(f"boards must be distinct sides between 2 and {MAX_BOARD} cells, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _digits_fit(self):
+        if self.max_digits > min(self.boards) ** 2:
+            raise ValueError(f"max_digits {self.max_digits} do not fit a {min(self.boards)}x{min(self.boards)} board")
+        return self
 
     @field_validator("split_sizes")
     @classmethod

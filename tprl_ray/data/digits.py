@@ -3,7 +3,9 @@
 A scene is a ``GRID x GRID`` board of ``CELL``-pixel cells, some holding one of the 1,797 real
 handwritten digits that scikit-learn ships (8x8, 17 grey levels, upscaled), the rest empty with
 background noise. Cells are named like a chess board: columns ``a..d`` left to right, rows ``1..4``
-top to bottom. Four question types, each answerable only from the tokens of the asked-about cells:
+top to bottom. The two-resolution variant (``boards: [4, 6]``) draws each scene's board side, so a
+6x6 board is a 144-px image (columns ``a..f``) beside the 96-px 4x4 one: same cells, more tokens.
+Four question types, each answerable only from the tokens of the asked-about cells:
 
 - ``read``:  "what digit is at c2 ?"          -> the digit in that (occupied) cell, e.g. ``7``
 - ``exist``: "is there a 7 ?"                 -> ``yes`` / ``no`` (balanced)
@@ -25,15 +27,28 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes
-from tprl_ray.data.config import CATEGORIES, GRID, DigitsConfig
+from tprl_ray.data.config import CATEGORIES, GRID, MAX_BOARD, DigitsConfig
 from tprl_ray.data.layout import Sample, write_split
 
 CELL = 24
 IMAGE_SIZE = GRID * CELL
 DIGIT_SIZE = 20
-CELL_NAMES = tuple(f"{'abcd'[c]}{r + 1}" for r in range(GRID) for c in range(GRID))
+
+
+def board_side(labels: np.ndarray) -> int:
+    """The side of the board whose cell labels are ``labels``."""
+    return round(len(labels) ** 0.5)
+
+
+def cell_names(side: int) -> tuple[str, ...]:
+    """Names of a ``side x side`` board's cells in raster order (``a1``, ``b1``, ...)."""
+    return tuple(f"{'abcdef'[c]}{r + 1}" for r in range(side) for c in range(side))
+
+
+CELL_NAMES = cell_names(GRID)
+ALL_CELL_NAMES = cell_names(MAX_BOARD)
 DIGIT_POOLS = ("train", "test")
-SCHEMA_VERSION = 2  # 2: each question records the cells it is about ("cells")
+SCHEMA_VERSION = 3  # 2: each question records the cells it is about ("cells"); 3: and its board side ("board")
 TEMPLATES = {
     "read": "what digit is at {} ?",
     "exist": "is there a {} ?",
@@ -48,6 +63,10 @@ class Scene:
 
     labels: np.ndarray
     image: np.ndarray
+
+    @property
+    def side(self) -> int:
+        return board_side(self.labels)
 
 
 def load_digit_pools(seed: int, test_fraction: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -82,16 +101,24 @@ class SceneSampler:
     """Draws random scenes and balanced questions from one digit pool."""
 
     def __init__(
-        self, pool: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, min_digits: int = 3, max_digits: int = 8
+        self,
+        pool: tuple[np.ndarray, np.ndarray],
+        rng: np.random.Generator,
+        min_digits: int = 3,
+        max_digits: int = 8,
+        boards: tuple[int, ...] = (GRID,),
     ):
         self.images, self.labels = pool
         self.by_label = [np.flatnonzero(self.labels == d) for d in range(10)]
         self.rng = rng
         self.min_digits, self.max_digits = min_digits, max_digits
+        self.boards = tuple(boards)
 
     def scene(self, reps: int) -> Scene:
-        """A board with one digit planted ``reps`` (1-3) times and the other cells drawn freely."""
+        """A board with one digit planted ``reps`` (1-3) times and the other cells drawn freely; with
+        several board sides, the side is drawn first (one side: the single-board stream, unchanged)."""
         rng = self.rng
+        side = self.boards[0] if len(self.boards) == 1 else int(rng.choice(self.boards))
         while True:
             k = int(rng.integers(max(self.min_digits, reps), self.max_digits + 1))
             planted = int(rng.integers(10))
@@ -100,13 +127,14 @@ class SceneSampler:
             counts = np.bincount(digits, minlength=10)
             if (counts == 1).any() and counts.max() <= 3:
                 break
-        labels = np.full(GRID * GRID, -1, dtype=np.int64)
-        labels[rng.choice(GRID * GRID, size=len(digits), replace=False)] = digits
+        labels = np.full(side * side, -1, dtype=np.int64)
+        labels[rng.choice(side * side, size=len(digits), replace=False)] = digits
         return Scene(labels=labels, image=self.render(labels))
 
     def render(self, labels: np.ndarray) -> np.ndarray:
         rng = self.rng
-        canvas = rng.normal(0.08, 0.04, size=(IMAGE_SIZE, IMAGE_SIZE)).clip(0, 1)
+        side = board_side(labels)
+        canvas = rng.normal(0.08, 0.04, size=(side * CELL, side * CELL)).clip(0, 1)
         for cell, d in enumerate(labels):
             if d < 0:
                 continue
@@ -116,8 +144,8 @@ class SceneSampler:
             )
             glyph = np.asarray(glyph, dtype=np.float32) / 255.0 * rng.uniform(0.6, 1.0)
             slack = CELL - DIGIT_SIZE
-            y = (cell // GRID) * CELL + int(rng.integers(0, slack + 1))
-            x = (cell % GRID) * CELL + int(rng.integers(0, slack + 1))
+            y = (cell // side) * CELL + int(rng.integers(0, slack + 1))
+            x = (cell % side) * CELL + int(rng.integers(0, slack + 1))
             patch = canvas[y : y + DIGIT_SIZE, x : x + DIGIT_SIZE]
             np.maximum(patch, glyph, out=patch)
         return (canvas * 255).round().astype(np.uint8)
@@ -142,23 +170,24 @@ class SceneSampler:
         count_digit = int(rng.choice(np.flatnonzero(counts == count_target)))
         where_digit = int(rng.choice(np.flatnonzero(counts == 1)))
         where_cell = int(np.flatnonzero(labels == where_digit)[0])
+        names = cell_names(board_side(labels))
         return [
-            ("read", TEMPLATES["read"].format(CELL_NAMES[cell]), str(labels[cell])),
+            ("read", TEMPLATES["read"].format(names[cell]), str(labels[cell])),
             ("exist", TEMPLATES["exist"].format(exist_digit), exist_answer),
             ("count", TEMPLATES["count"].format(count_digit), str(count_target)),
-            ("where", TEMPLATES["where"].format(where_digit), CELL_NAMES[where_cell]),
+            ("where", TEMPLATES["where"].format(where_digit), names[where_cell]),
         ]
 
 
 def key_word(question: str) -> str:
     """The word a question is about: its cell name or its digit."""
-    return next(w for w in question.split() if w in CELL_NAMES or w.isdigit())
+    return next(w for w in question.split() if w in ALL_CELL_NAMES or w.isdigit())
 
 
 def question_cells(labels: np.ndarray, question: str) -> list[int]:
     """The cells a question is about: the asked cell, or every cell holding the asked digit."""
-    word = key_word(question)
-    return [CELL_NAMES.index(word)] if word in CELL_NAMES else np.flatnonzero(labels == int(word)).tolist()
+    word, names = key_word(question), cell_names(board_side(labels))
+    return [names.index(word)] if word in ALL_CELL_NAMES else np.flatnonzero(labels == int(word)).tolist()
 
 
 def split_rng(seed: int, split: str) -> np.random.Generator:
@@ -177,7 +206,9 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n_scenes in cfg.split_sizes.items():
-        sampler = SceneSampler(pools[pool_for_split(split)], split_rng(cfg.seed, split), cfg.min_digits, cfg.max_digits)
+        sampler = SceneSampler(
+            pools[pool_for_split(split)], split_rng(cfg.seed, split), cfg.min_digits, cfg.max_digits, cfg.boards
+        )
         samples, images = [], {}
         for i in tqdm(range(n_scenes), desc=f"digits/{split}", unit="scene", leave=False):
             scene, questions = sampler.sample()
@@ -185,15 +216,18 @@ def build_digits(cfg: DigitsConfig) -> dict[str, int]:
             images[name] = scene.image
             for category, text, answer in questions:
                 qid = f"{split}-{i:06d}-{category}"
-                samples.append(Sample(qid, name, text, category, answer, {"cells": question_cells(scene.labels, text)}))
+                extra = {"cells": question_cells(scene.labels, text), "board": scene.side}
+                samples.append(Sample(qid, name, text, category, answer, extra))
         write_split(cfg.out / split, samples, images)
         written[split] = len(samples)
     meta = {
         "benchmark": "digits",
         "schema_version": SCHEMA_VERSION,
         "config": json.loads(cfg.model_dump_json()),
-        "image_size": IMAGE_SIZE,
+        "image_size": IMAGE_SIZE,  # of a 4x4 board; a board of side s is s * cell pixels
         "grid": GRID,
+        "boards": list(cfg.boards),
+        "image_sizes": [side * CELL for side in cfg.boards],
         "cell": CELL,
         "categories": list(CATEGORIES),
         "test_pool_fingerprint": pool_fingerprint(pools),

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, fie
 
 from tprl_ray.config import (
     EMBEDDED_LFD,
-    EMBEDDED_MODEL,
+    EMBEDDED_MODELS,
     PAPER_BUDGETS,
     PAPER_CONFIGS,
     BackboneConfig,
@@ -24,7 +24,7 @@ from tprl_ray.config import (
 from tprl_ray.evaluation.metrics import BENCHMARKS
 from tprl_ray.pruners.registry import LEARNED, PRUNERS
 
-SHIPPED = {"embedded": EMBEDDED_MODEL, **PAPER_CONFIGS}
+SHIPPED = {**EMBEDDED_MODELS, **PAPER_CONFIGS}
 
 BenchmarkName = Annotated[str, AfterValidator(lambda name: known_name("benchmark", name, BENCHMARKS))]
 

@@ -1,4 +1,4 @@
-"""`tprl model tiny`: train the embedded tiny LLaVA on the digits benchmark, on CPU.
+"""`tprl model tiny`: train an embedded tiny model (LLaVA or Qwen2.5-VL) on the digits benchmark, on CPU.
 
 End-to-end training from scratch stalls: the language model never learns to bind "c2" or "7" in the
 question to the visual tokens. The recipe mirrors LLaVA's two stages, with a denser stage 1:
@@ -10,6 +10,13 @@ question to the visual tokens. The recipe mirrors LLaVA's two stages, with a den
 2. **Instruction tuning.** Next-token loss on the answer (and end-of-sequence) of fresh scenes, all
    weights trained, the alignment loss kept with a smaller weight.
 
+Qwen2.5-VL's vision tower has no absolute positions (2-D RoPE in every block), so its tokens cannot
+know their cell: it aligns digits only, and the LLM finds cells through M-RoPE, whose positions
+carry each token's row and column. In stage 2 each visual token's state after the decoder layer
+``position_layer`` is also trained to name its cell (``position_weight``): the layers below learn
+to read the positions, and the layers above find "c2" in the question and the tokens of c2 alike.
+Its benchmark may mix board sides (the two-resolution variant).
+
 Scenes are drawn on the fly from the *train* digit pool of the benchmark's seed (never the test
 pool), so the model sees far more boards than the written train split without touching test digits.
 """
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,50 +36,71 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tprl_ray.backbones.base import Row
+from tprl_ray.backbones.base import Backbone, Grid, Row
 from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.load import load_backbone
-from tprl_ray.data.digits import CELL, CELL_NAMES, GRID, IMAGE_SIZE, SceneSampler, key_word, load_digit_pools
+from tprl_ray.backbones.qwen import QwenBackbone
+from tprl_ray.data.config import GRID
+from tprl_ray.data.digits import SceneSampler, board_side, cell_names, key_word, load_digit_pools
 from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.evaluation.predict import evaluate
+from tprl_ray.models import tiny_llava, tiny_qwen
 from tprl_ray.models.config import TinyModelConfig
-from tprl_ray.models.tiny_llava import build_model, build_processor
 
 
-def token_cells(patch_size: int) -> torch.Tensor:
-    """Cell index of each visual token in raster order."""
-    side = IMAGE_SIZE // patch_size
-    rows, cols = np.divmod(np.arange(side * side), side)
-    return torch.from_numpy((rows * patch_size // CELL) * GRID + cols * patch_size // CELL)
+def token_cells(grid: Grid, side: int) -> torch.Tensor:
+    """Cell index of each visual token of a ``grid`` in raster order, on a ``side x side`` board."""
+    rows, cols = grid
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return torch.from_numpy((r * side // rows) * side + c * side // cols)
 
 
 class AlignmentHead:
-    """Scores visual tokens against the embeddings of cell names and digit words (no parameters)."""
+    """Scores visual tokens against the embeddings of digit words and, if ``cells``, of cell names
+    (no parameters)."""
 
-    def __init__(self, backbone: LlavaBackbone, patch_size: int):
-        tok = backbone.tokenizer
+    def __init__(self, backbone: Backbone, cells: bool):
+        tok = self.tokenizer = backbone.tokenizer
         self.embed = backbone.model.get_input_embeddings()
-        self.cell_ids = torch.tensor(tok.convert_tokens_to_ids(list(CELL_NAMES)))
+        self.cell_ids = torch.tensor(tok.convert_tokens_to_ids(list(cell_names(GRID)))) if cells else None
         self.digit_ids = torch.tensor(tok.convert_tokens_to_ids([*map(str, range(10)), "none"]))
-        self.cells = token_cells(patch_size)
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Cross-entropy of each token's cell and digit; returns (loss, digit accuracy)."""
-        digit_target = labels[:, self.cells].clone()
+    def cell_names(self, grids: list[Grid], labels: list[np.ndarray]) -> torch.Tensor:
+        """The token id of each visual token's cell name, images concatenated."""
+        ids = []
+        for grid, lab in zip(grids, labels):
+            side = board_side(lab)
+            names = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(cell_names(side))))
+            ids.append(names[token_cells(grid, side)])
+        return torch.cat(ids)
+
+    def loss(
+        self, tokens: list[torch.Tensor], grids: list[Grid], labels: list[np.ndarray]
+    ) -> tuple[torch.Tensor, float]:
+        """Cross-entropy of each token's digit (and cell); returns (loss, digit accuracy)."""
+        cells = [token_cells(grid, board_side(lab)) for grid, lab in zip(grids, labels)]
+        digit_target = torch.cat([torch.from_numpy(lab)[cell] for lab, cell in zip(labels, cells)])
         digit_target[digit_target < 0] = 10
-        cell_target = self.cells.expand(features.shape[0], -1)
+        features = torch.cat(tokens)
         digit_logits = features @ self.embed(self.digit_ids).T
-        cell_logits = features @ self.embed(self.cell_ids).T
-        loss = F.cross_entropy(digit_logits.flatten(0, 1), digit_target.flatten()) + F.cross_entropy(
-            cell_logits.flatten(0, 1), cell_target.flatten()
-        )
+        loss = F.cross_entropy(digit_logits, digit_target)
+        if self.cell_ids is not None:
+            loss = loss + F.cross_entropy(features @ self.embed(self.cell_ids).T, torch.cat(cells))
         acc = (digit_logits.argmax(-1) == digit_target).float().mean().item()
         return loss, acc
 
 
+def chat_renderer(backbone: Backbone):
+    """``render(messages, add_generation_prompt=False) -> str`` with the backbone's chat template."""
+    if isinstance(backbone, LlavaBackbone):
+        return backbone.processor.apply_chat_template
+    return partial(backbone.tokenizer.apply_chat_template, tokenize=False)
+
+
 def conversation_rows(
-    backbone: LlavaBackbone,
-    features: torch.Tensor,
+    backbone: Backbone,
+    features: list[torch.Tensor],
+    grids: list[Grid],
     conversations: list[list[tuple[str, str]]],
     at_key_word: bool = False,
 ) -> list:
@@ -81,12 +111,12 @@ def conversation_rows(
     Replies are found as in LLaVA's training code: each one follows the assistant-turn separator
     (the ids the chat template adds for the generation prompt) and runs through end-of-sequence.
     """
-    tokenizer, render = backbone.tokenizer, backbone.processor.apply_chat_template
+    tokenizer, render = backbone.tokenizer, chat_renderer(backbone)
     user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
     head = tokenizer(render(user), add_special_tokens=False)["input_ids"]
     sep = tokenizer(render(user, add_generation_prompt=True), add_special_tokens=False)["input_ids"][len(head) :]
     rows = []
-    for visual, turns in zip(features, conversations):
+    for visual, grid, turns in zip(features, grids, conversations):
         messages = []
         for j, (question, answer) in enumerate(turns):
             content = ([{"type": "image"}] if j == 0 else []) + [{"type": "text", "text": question}]
@@ -110,17 +140,27 @@ def conversation_rows(
                 mention = max(i for i in range(cut + 1, p) if ids[i] == word)  # in this turn's question
                 targets.append((mention - (cut + 1), ids[start]))
             p, turn = end, turn + 1
-        rows.append(Row(ids[:cut], visual, ids[cut + 1 :], targets, torch.arange(visual.shape[0]), None))
+        rows.append(Row(ids[:cut], visual, ids[cut + 1 :], targets, torch.arange(visual.shape[0]), tuple(grid)))
     return rows
 
 
-def answer_loss(backbone: LlavaBackbone, rows: list) -> torch.Tensor:
+def answer_loss(
+    backbone: Backbone, rows: list, cells: torch.Tensor | None = None, layer: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the rows' targets and, given ``cells`` (the cell-name token id of every visual
+    token, rows concatenated), of the visual tokens' states after decoder layer ``layer`` read through
+    the final norm and the (tied) output embedding against their cell names (a logit lens: question
+    words and the cells they name then meet in the embedding space, as stage 1 does for digits)."""
     batch = backbone.pack(rows)
-    logits = backbone.logits(batch).logits
+    out = backbone.logits(batch, output_hidden_states=cells is not None)
     rows_idx = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt])
     pos = torch.tensor([p for tgt in batch.targets for p, _ in tgt])
     tok = torch.tensor([t for tgt in batch.targets for _, t in tgt])
-    return F.cross_entropy(logits[rows_idx, pos], tok)
+    answer = F.cross_entropy(out.logits[rows_idx, pos], tok)
+    if cells is None:
+        return answer, torch.tensor(float("nan"))
+    states = backbone.language_model.norm(out.hidden_states[layer][batch.visual_mask])
+    return answer, F.cross_entropy(backbone.model.lm_head(states), cells)
 
 
 def conversation(sampler: SceneSampler, scene, questions, rounds: int) -> list[tuple[str, str]]:
@@ -133,6 +173,21 @@ def conversation(sampler: SceneSampler, scene, questions, rounds: int) -> list[t
     turns = list(dict(turns).items())  # a repeated question could be answered from the context
     order = sampler.rng.permutation(len(turns))
     return [turns[i] for i in order]
+
+
+VISION_PARAMETERS = ("vision_tower", "multi_modal_projector", "visual.")
+
+
+def build_backbone(cfg: TinyModelConfig) -> Backbone:
+    """``cfg.init_from``'s checkpoint, else a fresh model of ``cfg.family`` at its sizes."""
+    if cfg.init_from is not None:
+        return load_backbone(cfg.init_from)
+    if cfg.family == "qwen":
+        tokenizer = tiny_qwen.build_tokenizer()
+        model = tiny_qwen.build_model(tokenizer, cfg.qwen_size)
+        return QwenBackbone(model, tokenizer, tiny_qwen.build_image_processor(cfg.qwen_size.patch_size))
+    processor = tiny_llava.build_processor(cfg.size)
+    return LlavaBackbone(tiny_llava.build_model(cfg.size, processor.tokenizer), processor)
 
 
 def lr_at(step: int, cfg: TinyModelConfig) -> float:
@@ -157,22 +212,22 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    boards = tuple(meta["config"].get("boards", [GRID]))
     pools = load_digit_pools(meta["config"]["seed"], meta["config"]["test_digit_fraction"])
     sampler = SceneSampler(
         pools["train"],
         np.random.default_rng([cfg.seed, 0x7A1]),
         meta["config"]["min_digits"],
         meta["config"]["max_digits"],
+        boards,
     )
-    if cfg.init_from is not None:
-        backbone = load_backbone(cfg.init_from)
-    else:
-        processor = build_processor(cfg.size)
-        backbone = LlavaBackbone(build_model(cfg.size, processor.tokenizer), processor)
+    backbone = build_backbone(cfg)
+    if isinstance(backbone, LlavaBackbone) and boards != (GRID,):
+        raise DataError(f"{cfg.data}: the tiny LLaVA reads 96-px 4x4 boards only, this benchmark has boards {boards}")
     model = backbone.model.train()
-    head = AlignmentHead(backbone, backbone.model.config.vision_config.patch_size)
+    head = AlignmentHead(backbone, cells=isinstance(backbone, LlavaBackbone))
     val = read_split(cfg.data / "val")[: cfg.val_questions] if cfg.val_questions else []
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    vision = [p for n, p in model.named_parameters() if any(k in n for k in VISION_PARAMETERS)]
     ids = {id(p) for p in vision}
     optimizer = torch.optim.AdamW(
         [
@@ -185,23 +240,25 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     total = cfg.align_steps + cfg.tune_steps
     metrics: dict = {}
     started = time.time()
-    bar = tqdm(range(total), desc="tiny-llava", unit="step")
+    bar = tqdm(range(total), desc=f"tiny-{cfg.family}", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             scale = cfg.vision_lr_scale if group["name"] == "vision" and step >= cfg.align_steps else 1.0
             group["lr"] = lr_at(step, cfg) * scale
         scenes = [sampler.sample() for _ in range(cfg.batch_scenes)]
         images = [Image.fromarray(s.image).convert("RGB") for s, _ in scenes]
-        labels = torch.from_numpy(np.stack([s.labels for s, _ in scenes]))
-        features = backbone.image_features(backbone.pixel_values(images))
-        align, digit_acc = head.loss(features, labels)
+        features, grids = backbone.trainable_tokens(images)
+        align, digit_acc = head.loss(features, grids, [s.labels for s, _ in scenes])
         if step < cfg.align_steps:
-            loss, lm = align, torch.tensor(float("nan"))
+            loss, lm, where = align, torch.tensor(float("nan")), torch.tensor(float("nan"))
         else:
             talks = [conversation(sampler, scene, qs, cfg.rounds) for scene, qs in scenes]
             curriculum = step < cfg.align_steps + cfg.key_word_steps
-            lm = answer_loss(backbone, conversation_rows(backbone, features, talks, at_key_word=curriculum))
-            loss = lm + cfg.align_weight * align
+            rows = conversation_rows(backbone, features, grids, talks, at_key_word=curriculum)
+            positions = isinstance(backbone, QwenBackbone) and cfg.position_weight > 0
+            cells = head.cell_names(grids, [s.labels for s, _ in scenes]) if positions else None
+            lm, where = answer_loss(backbone, rows, cells, cfg.position_layer)
+            loss = lm + cfg.align_weight * align + (cfg.position_weight * where if positions else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,6 +267,7 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
             "train/align_loss": align.item(),
             "train/token_digit_acc": digit_acc,
             "train/answer_loss": lm.item(),
+            "train/position_loss": where.item(),
             "train/lr": optimizer.param_groups[1]["lr"],
         }
         bar.set_postfix(align=f"{align.item():.3f}", answer=f"{lm.item():.3f}", digit=f"{digit_acc:.2f}", refresh=False)
@@ -231,7 +289,7 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
     return metrics
 
 
-def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics: dict, seconds: float) -> None:
+def save_tiny(backbone: Backbone, cfg: TinyModelConfig, meta: dict, metrics: dict, seconds: float) -> None:
     """Write the checkpoint atomically: into a temporary directory, then rename over ``cfg.out``."""
     import shutil
 
@@ -239,11 +297,30 @@ def save_tiny(backbone: LlavaBackbone, cfg: TinyModelConfig, meta: dict, metrics
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     backbone.model.save_pretrained(tmp)
-    backbone.processor.save_pretrained(tmp)
+    if isinstance(backbone, QwenBackbone):
+        backbone.tokenizer.save_pretrained(tmp)
+        backbone.image_processor.save_pretrained(tmp)
+    else:
+        backbone.processor.save_pretrained(tmp)
+    set_fields = json.loads(cfg.model_dump_json(include=cfg.model_fields_set))
+    command = " ".join(
+        [
+            "tprl model tiny",
+            *(
+                f"--{k.replace('_', '-')} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}"
+                for k, v in set_fields.items()
+            ),
+        ]
+    )
     card = {
         "prompt_format": "chat_template",
+        "command": command,  # the settings given; every other one is the recipe's default
         "recipe": json.loads(cfg.model_dump_json()),
-        "benchmark": {"seed": meta["config"]["seed"], "test_pool_fingerprint": meta["test_pool_fingerprint"]},
+        "benchmark": {
+            "seed": meta["config"]["seed"],
+            "boards": meta["config"].get("boards", [GRID]),
+            "test_pool_fingerprint": meta["test_pool_fingerprint"],
+        },
         "final_metrics": metrics,
         "train_seconds": round(seconds, 1),
         "init_from": json.loads((Path(cfg.init_from) / "tprl_model_card.json").read_text())
@@ -265,7 +342,7 @@ def command(cfg: TinyModelConfig) -> None:
 
     from tprl_ray.tracking import mlflow_run
 
-    with mlflow_run(cfg.out.parent, "tprl-tiny-model", "tiny-llava", params=cfg.flat()):
+    with mlflow_run(cfg.out.parent, "tprl-tiny-model", f"tiny-{cfg.family}", params=cfg.flat()):
         metrics = train_tiny(
             cfg,
             log=lambda m, step: mlflow.log_metrics({k.replace("/", "."): v for k, v in m.items() if v == v}, step=step),

@@ -56,9 +56,10 @@ WIRED = {
 class PipelineConfig(RunConfig):
     """`tprl pipeline` / `pipelines/full.py`: every stage, then the evaluation of every pruner.
 
-    ``backbone.path`` is 'embedded' (the shipped tiny LLaVA), 'train' (train the tiny LLaVA into
-    ``out/model`` first), a checkpoint directory or a hub id; the same backbone settings reach the
-    precompute, the scorer and the evaluation.
+    ``backbone.path`` (or its shorthand ``model``) is 'embedded' (the shipped tiny LLaVA),
+    'embedded-qwen' (the tiny Qwen2.5-VL, on digits boards of two sizes, once trained), 'train' (train the
+    tiny LLaVA into ``out/model`` first), a checkpoint directory or a hub id; the same backbone
+    settings reach the precompute, the scorer and the evaluation.
     """
 
     out: Path = Field(Path("runs/demo"), description="output directory")
@@ -70,6 +71,11 @@ class PipelineConfig(RunConfig):
         description="training seeds: the training stages and the evaluation run once per "
         "seed (data, model and precompute shared), report.json holds the mean "
         "and standard deviation (none: one run with seed)",
+    )
+    model: str | None = Field(
+        None,
+        description="shorthand for backbone.path: embedded (the tiny LLaVA), embedded-qwen (the tiny "
+        "Qwen2.5-VL; the digits built with its two board sizes), train, a directory or a hub id",
     )
     backbone: BackboneConfig = BackboneConfig()
     data: Path | None = Field(
@@ -141,8 +147,21 @@ class PipelineConfig(RunConfig):
     def _known_pruners(cls, names: list[str]) -> list[str]:
         return [known_name("pruner", name, [*BASELINES, *LEARNED, *REFERENCES]) for name in names]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_is_backbone_path(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("model") is None:
+            return data
+        backbone = data.get("backbone") or {}
+        backbone = backbone.model_dump(exclude_unset=True) if isinstance(backbone, BackboneConfig) else dict(backbone)
+        if backbone.get("path", data["model"]) != data["model"]:
+            raise ValueError(f"model {data['model']!r} and backbone.path {backbone['path']!r} name two models")
+        return {**data, "backbone": {**backbone, "path": data["model"]}}
+
     @model_validator(mode="after")
     def _stages_validate(self):
+        if self.policy == "shipped" and self.backbone.path == "embedded-qwen":
+            raise ValueError("the shipped LfD policy is the tiny LLaVA's: use policy: train with embedded-qwen")
         for name in SECTIONS:
             section = getattr(self, name)
             wired = sorted(WIRED & section.model_fields_set)

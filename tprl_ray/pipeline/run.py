@@ -22,8 +22,7 @@ from pathlib import Path
 from tprl_ray.artifacts.atomic import atomic_write_bytes
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.backbones.base import BackboneError
-from tprl_ray.config import EMBEDDED_MODEL
-from tprl_ray.data.config import DigitsConfig
+from tprl_ray.data.config import GRID, DigitsConfig
 from tprl_ray.data.digits import SCHEMA_VERSION, build_digits
 from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.data.mixture import Mixture
@@ -34,6 +33,14 @@ from tprl_ray.evaluation.table1 import format_suite, mean_suites
 from tprl_ray.evaluation.trajectory import run_viz
 from tprl_ray.pipeline.config import PipelineConfig, stage_configs, training_sources
 from tprl_ray.tracking import pipeline_run, tracking_uri
+
+
+def model_boards(cfg: PipelineConfig) -> list[int]:
+    """The digits board sides the model was trained on (its card's), 4x4 for a model trained here."""
+    card = Path(cfg.backbone.resolved_path()) / "tprl_model_card.json"
+    if cfg.backbone.path == "train" or not card.is_file():
+        return [GRID]
+    return json.loads(card.read_text())["benchmark"].get("boards", [GRID])
 
 
 def prepare_data(cfg: PipelineConfig) -> Path:
@@ -49,7 +56,7 @@ def prepare_data(cfg: PipelineConfig) -> Path:
             raise DataError(f"{cfg.data}: no {', '.join(missing)} split(s)")
         print(f"[pipeline] data: {cfg.data}")
         return cfg.data
-    data_cfg = DigitsConfig(out=cfg.out / "data", seed=cfg.seed)
+    data_cfg = DigitsConfig(out=cfg.out / "data", seed=cfg.seed, boards=model_boards(cfg))
     meta = data_cfg.out / "meta.json"
     built = json.loads(meta.read_text()) if meta.is_file() else {}
     if built.get("config") == json.loads(data_cfg.model_dump_json()) and built.get("schema_version") == SCHEMA_VERSION:
@@ -69,7 +76,7 @@ def prepare_model(cfg: PipelineConfig, data: Path) -> Path:
         print(f"[pipeline] model: training {model_cfg.out}")
         train_tiny(model_cfg)
         return model_cfg.out
-    path = EMBEDDED_MODEL if cfg.backbone.path == "embedded" else Path(cfg.backbone.path)
+    path = Path(cfg.backbone.resolved_path())
     card = path / "tprl_model_card.json"
     if card.is_file() and (data / "meta.json").is_file():
         trained_on = json.loads(card.read_text())["benchmark"]["test_pool_fingerprint"]

@@ -30,6 +30,16 @@ class ResidualMLP(nn.Module):
 POSITION_FREQUENCIES = 4
 
 
+def position_features(grids: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width, 4 * POSITION_FREQUENCIES]``: :func:`grid_features` of each sample's grid
+    (``grids`` ``[B, 2]``), zeros after its ``rows * cols`` tokens."""
+    out = torch.zeros(grids.shape[0], width, 4 * POSITION_FREQUENCIES, device=grids.device)
+    for rows, cols in torch.unique(grids, dim=0).tolist():
+        same = (grids == torch.tensor([rows, cols], device=grids.device)).all(dim=1)
+        out[same, : rows * cols] = grid_features(rows, cols, device=grids.device)
+    return out
+
+
 def grid_features(rows: int, cols: int, device=None) -> torch.Tensor:
     """``[rows * cols, 4 * POSITION_FREQUENCIES]`` raster-order Fourier features of each cell's centre
     (row and column scaled to [0, 1]): ``sin`` and ``cos`` of ``pi * k * x`` for ``k = 1..F``."""
@@ -44,7 +54,8 @@ def grid_features(rows: int, cols: int, device=None) -> torch.Tensor:
 class PolicyValueNet(nn.Module):
     """``forward(codes [B, K, d_l], query [B, d_q], mask [B, K])`` -> (keep logits ``[B, K]``, values
     ``[B]``); the keep probability is ``sigmoid(logit)`` (:meth:`keep_probabilities`). With
-    ``positions``, every call also takes the token ``grid`` ``(rows, cols)`` of the batch."""
+    ``positions``, every call also takes the token ``grid``: ``(rows, cols)`` for the whole batch, or
+    one per sample (``[B, 2]``) when token counts differ (a sample's tokens come first, padding after)."""
 
     def __init__(
         self,
@@ -72,15 +83,26 @@ class PolicyValueNet(nn.Module):
         self.value_mlp, self.value_out = ResidualMLP(d_latent, hidden), nn.Linear(d_latent, 1)
 
     def features(
-        self, codes: torch.Tensor, query: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int] | None = None
+        self,
+        codes: torch.Tensor,
+        query: torch.Tensor,
+        mask: torch.Tensor,
+        grid: tuple[int, int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token features ``f_1..f_K`` (``[B, K, d_l]``)."""
         if self.position_proj is not None:
-            if grid is None or grid[0] * grid[1] != codes.shape[1]:
+            grids = None if grid is None else torch.as_tensor(grid, device=codes.device).long().reshape(-1, 2)
+            one = isinstance(grid, tuple | list)  # one grid for the batch: it must cover every token
+            if (
+                grids is None
+                or (grids.prod(dim=1) > codes.shape[1]).any()
+                or (one and grid[0] * grid[1] != codes.shape[1])
+            ):
                 raise ValueError(
                     f"a positional policy needs the token grid of its {codes.shape[1]} tokens (got {grid})"
                 )
-            codes = codes + self.position_proj(grid_features(*grid, device=codes.device))
+            grids = grids.expand(codes.shape[0], 2)
+            codes = codes + self.position_proj(position_features(grids, codes.shape[1]))
         q = self.query_proj(query)[:, None]
         if self.attention is None:
             return self.norm(codes + q)

@@ -34,7 +34,7 @@ from tprl_ray.data.mixture import Mixture
 from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.precompute.decode import decode_images, ragged
 from tprl_ray.precompute.demonstrations import DEMONSTRATORS, demonstration_masks
-from tprl_ray.precompute.schema import COLUMNS, SCHEMA_VERSION, reject_table, shard_table
+from tprl_ray.precompute.schema import COLUMNS, OPTIONAL, SCHEMA_VERSION, reject_table, shard_table
 
 
 def reference_answer(answer: str | list[str]) -> str:
@@ -115,7 +115,12 @@ class PrecomputeWorker:
                     "query": query.float().cpu().numpy(),
                     "full_logp": float(logp[k]),
                     "full_correct": bool(correct[k]),
-                    "demo_masks": masks.cpu().numpy(),
+                    "demo_masks": masks.cpu().numpy().T,  # token-major [N, S]
+                    **(
+                        {}
+                        if self.backbone.projects_features
+                        else {"llm_tokens": visual.llm_tokens[j].half().cpu().numpy()}
+                    ),
                 }
             )
         failed = [
@@ -128,12 +133,13 @@ class PrecomputeWorker:
             for i in range(len(errors))
             if errors[i]
         ]
-        return _columns(rows, failed)
+        return _columns(rows, failed, () if self.backbone.projects_features else OPTIONAL)
 
 
-def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
-    """Rows and failures as columns; a failure's model outputs are empty arrays or neutral values."""
-    keys = ("sample_id", "shard", "error", *COLUMNS[1:])  # the shard's columns, plus routing and the reason
+def _columns(rows: list[dict], failed: list[dict], optional: tuple[str, ...]) -> dict[str, list]:
+    """Rows and failures as columns (every batch of a model the same: its ``optional`` columns too); a
+    failure's model outputs are empty arrays or neutral values."""
+    keys = ("sample_id", "shard", "error", *COLUMNS[1:], *optional)  # plus routing and the reason
     blank = {
         "dataset": "",
         "question": "",
@@ -143,13 +149,13 @@ def _columns(rows: list[dict], failed: list[dict]) -> dict[str, list]:
         "grid_cols": 0,
         "full_logp": 0.0,
         "full_correct": False,
-        **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query")},
+        **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query", "llm_tokens")},
         "demo_masks": np.zeros(0, np.uint8),
     }
     every = rows + [{**blank, **f} for f in failed]
     return {
         k: ragged([r[k] for r in every])
-        if k in ("features", "attention", "query", "demo_masks")
+        if k in ("features", "attention", "query", "demo_masks", "llm_tokens")
         else [r[k] for r in every]
         for k in keys
     }

@@ -4,8 +4,8 @@ Not a method and not a strict bound: it shows what a question-aware choice of ce
 budget. The digits benchmark records, per question, the cells it is about (``cells``: the asked
 cell, or every cell holding the asked digit). The oracle keeps those cells' tokens first (highest
 attention first if they alone exceed the budget) and fills the rest of the budget with VisPruner's
-rule over the other tokens. A board of ``4 x 4`` cells over the token grid gives each cell its
-block of tokens.
+rule over the other tokens. A board of ``side x side`` cells (``board``, 4 if not recorded) over the
+token grid gives each cell its block of tokens.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from tprl_ray.pruners.base import PruneBatch, Pruner, budget_tokens
 from tprl_ray.pruners.vispruner import VisPruner
 
 
-def cell_tokens(cells: list[int], grid: tuple[int, int]) -> torch.Tensor:
-    """Raster indices of the tokens covering ``cells`` (cell ``c`` is row ``c // 4``, column ``c % 4``)."""
+def cell_tokens(cells: list[int], grid: tuple[int, int], side: int = GRID) -> torch.Tensor:
+    """Raster indices of the tokens covering ``cells`` of a ``side x side`` board (cell ``c`` is row
+    ``c // side``, column ``c % side``)."""
     rows, cols = grid
-    if rows % GRID or cols % GRID:
-        raise ValueError(f"a {rows}x{cols} token grid does not split into {GRID}x{GRID} cells")
-    h, w = rows // GRID, cols // GRID
+    if rows % side or cols % side:
+        raise ValueError(f"a {rows}x{cols} token grid does not split into {side}x{side} cells")
+    h, w = rows // side, cols // side
     out = []
     for cell in cells:
-        r, c = divmod(cell, GRID)
+        r, c = divmod(cell, side)
         out += [(r * h + i) * cols + c * w + j for i in range(h) for j in range(w)]
     return torch.tensor(sorted(out), dtype=torch.long)
 
@@ -42,7 +43,7 @@ class Oracle(Pruner):
         out = []
         for features, attention, grid, extra in zip(batch.features, batch.attention, batch.grids, batch.extra):
             total = budget_tokens(budget, features.shape[0])
-            known = cell_tokens(extra["cells"], grid).to(features.device)
+            known = cell_tokens(extra["cells"], grid, extra.get("board", GRID)).to(features.device)
             known = known[torch.argsort(attention[known], descending=True, stable=True)][:total]
             others = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
             others[known] = False

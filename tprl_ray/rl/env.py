@@ -4,7 +4,9 @@ Each sub-env plays one sample for ``t_max`` steps (``regime="discount"``), or fo
 target kept fraction ``b`` drawn from ``budget_range`` when the episode starts (``regime="budget"``;
 ``b`` is in the observation and the policy's sampling keeps ``b * N`` tokens in expectation). State:
 the frozen codes of all ``N`` tokens, the query embedding, the keep mask over original indices
-(tokens with ``mask = 0`` have left the state) and the step ``t``. Action: one keep bit per token
+(tokens with ``mask = 0`` have left the state), the token grid and the step ``t``. Samples with
+fewer tokens than the longest are padded: their padding starts (and stays) out of the mask, and
+kept fractions and budgets count the sample's own tokens. Action: one keep bit per token
 (bits of dropped tokens are ignored). If a step would drop every token, the env keeps one of the
 previous step's tokens at random. With ``weights`` (a mixture), an episode's sample is drawn from
 dataset ``d`` with probability ``w_d / sum(w)``, uniformly within it. Reward at step ``t`` (``K`` =
@@ -67,6 +69,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
                 "codes": spaces.Box(-np.inf, np.inf, (n, d_latent), np.float32),
                 "query": spaces.Box(-np.inf, np.inf, codes.query.shape[1:], np.float32),
                 "mask": spaces.Box(0.0, 1.0, (n,), np.float32),
+                "grid": spaces.Box(0.0, float(n), (2,), np.float32),
                 "step": spaces.Box(0.0, float(cfg.steps), (1,), np.float32),
                 **({"budget": spaces.Box(0.0, 1.0, (1,), np.float32)} if cfg.regime == "budget" else {}),
             }
@@ -98,7 +101,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
         self.index[envs] = draws[slot]
         if self.cfg.regime == "budget":  # the discount regime draws no budgets: its random stream is unchanged
             self.budget[envs] = self.rng.uniform(*self.cfg.budget_range, size=len(draws))[slot]
-        self.mask[envs] = True
+        self.mask[envs] = self.data.token_mask(self.index[envs])
         self.t[envs] = 0
         self.prev_score[envs] = self._full_score(self.index[envs])
         self.done[envs] = False
@@ -114,6 +117,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             "codes": self.data.codes[self.index].astype(np.float32),
             "query": self.data.query[self.index],
             "mask": self.mask.astype(np.float32),
+            "grid": self.data.grids[self.index].astype(np.float32),
             "step": self.t[:, None].astype(np.float32),
             **({"budget": self.budget[:, None].copy()} if self.cfg.regime == "budget" else {}),
         }
@@ -132,7 +136,7 @@ class PruningVectorEnv(gym.vector.VectorEnv):
             rewards[playing] = self._play(np.flatnonzero(playing), np.asarray(actions, dtype=bool)[playing])
         self._start(np.flatnonzero(restarting))
         terminated = self.done & playing
-        self.telemetry.record(playing, rewards, terminated, self.mask)
+        self.telemetry.record(playing, rewards, terminated, self.mask, self.data.counts[self.index])
         return self._obs(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), {}
 
     def _play(self, envs: np.ndarray, actions: np.ndarray) -> np.ndarray:

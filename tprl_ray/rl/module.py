@@ -1,7 +1,8 @@
 """The RLlib side of the policy: a per-token Bernoulli action distribution and the RLModule.
 
 Observations (see :mod:`tprl_ray.rl.env`) are ``codes [B, N, d_l]``, ``query [B, d_q]``, ``mask [B, N]``
-(tokens still kept), ``step [B, 1]`` (``t``) and, in the budget regime, ``budget [B, 1]`` (``b``). The
+(tokens still kept; padding never), ``grid [B, 2]`` (each sample's token grid), ``step [B, 1]`` (``t``)
+and, in the budget regime, ``budget [B, 1]`` (``b``). The
 module runs :class:`PolicyValueNet` over the kept tokens and turns each keep logit ``l_i`` into the
 sampling probability of docs/design.md §1.5: ``sigmoid(l_i + c)`` with the shift that keeps ``b * N``
 tokens in expectation (budget regime), or ``lambda_disc ** t * sigmoid(l_i)`` (discount regime);
@@ -82,14 +83,13 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         self.net = PolicyValueNet(**self.model_config["dims"])
         self.lambda_disc = float(self.model_config["lambda_disc"])
         self.critic = bool(self.model_config.get("critic", True))
-        self.grid = tuple(self.model_config["grid"])
         init = self.model_config.get("init")
         if init:
             self.net.load_state_dict(load_file(str(Path(init) / "policy.safetensors")))
 
     def _state(self, batch: dict) -> tuple[torch.Tensor, ...]:
         obs = batch[Columns.OBS]
-        return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5
+        return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5, obs["grid"].round().long()
 
     def _sampling(self, batch: dict, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         obs, logits = batch[Columns.OBS], self.net.logits(f)
@@ -98,21 +98,21 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         return sampling_logits(logits, mask, obs["step"][:, 0].float(), self.lambda_disc)
 
     def _forward(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask = self._state(batch)
-        f = self.net.features(codes, query, mask, self.grid)
+        codes, query, mask, grid = self._state(batch)
+        f = self.net.features(codes, query, mask, grid)
         return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask)}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask = self._state(batch)
-        f = self.net.features(codes, query, mask, self.grid)
+        codes, query, mask, grid = self._state(batch)
+        f = self.net.features(codes, query, mask, grid)
         return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask), Columns.EMBEDDINGS: self.net.pool(f, mask)}
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if not self.critic:  # no critic: GAE's advantages are the returns
             return torch.zeros(batch[Columns.OBS]["mask"].shape[0], device=batch[Columns.OBS]["mask"].device)
         if embeddings is None:
-            codes, query, mask = self._state(batch)
-            embeddings = self.net.pool(self.net.features(codes, query, mask, self.grid), mask)
+            codes, query, mask, grid = self._state(batch)
+            embeddings = self.net.pool(self.net.features(codes, query, mask, grid), mask)
         return self.net.value(embeddings)
 
     def get_train_action_dist_cls(self):

@@ -84,8 +84,11 @@ class EnvTelemetry:
         if ray.is_initialized():
             env_metrics()["latency"].observe(time.perf_counter() - start)
 
-    def record(self, played: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, mask: np.ndarray) -> None:
-        """After a step: ``played`` sub-envs acted, ``terminated`` ones ended with keep ``mask``."""
+    def record(
+        self, played: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, mask: np.ndarray, counts: np.ndarray
+    ) -> None:
+        """After a step: ``played`` sub-envs acted, ``terminated`` ones ended with keep ``mask`` over their
+        ``counts`` tokens."""
         self.returns += rewards
         if not ray.is_initialized():
             return
@@ -95,7 +98,7 @@ class EnvTelemetry:
         if terminated.any():
             m["episodes"].inc(int(terminated.sum()))
             m["return"].set(float(self.returns[terminated].mean()))
-        for kept in mask[terminated].mean(axis=1):
+        for kept in mask[terminated].sum(axis=1) / counts[terminated]:
             m["kept"].observe(float(kept))
 
 

@@ -119,7 +119,6 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
                     "dims": dims,
                     "lambda_disc": cfg.lambda_disc,
                     "critic": cfg.critic,
-                    "grid": codes.grid,
                     "init": str(cfg.init.resolve()) if cfg.init else None,
                 },
             )
@@ -235,10 +234,13 @@ def calibration(net, codes: Codes) -> list[float]:
     probabilities = []
     with torch.no_grad():
         for start in range(0, len(codes.ids), 256):
-            c = torch.from_numpy(codes.codes[start : start + 256].astype(np.float32))
-            q = torch.from_numpy(codes.query[start : start + 256])
-            mask = torch.ones(c.shape[:2], dtype=torch.bool)
-            probabilities.append(net.keep_probabilities(c, q, mask, codes.grid).flatten())
+            rows = slice(start, start + 256)
+            c = torch.from_numpy(codes.codes[rows].astype(np.float32))
+            mask = torch.from_numpy(codes.token_mask(rows))
+            p = net.keep_probabilities(
+                c, torch.from_numpy(codes.query[rows]), mask, torch.from_numpy(codes.grids[rows])
+            )
+            probabilities.append(p[mask])
     return np.quantile(torch.cat(probabilities).numpy(), np.linspace(0, 1, 1001)).tolist()
 
 

@@ -48,7 +48,11 @@ class ServeConfig(RunConfig):
 
     wired: ClassVar[frozenset[str]] = frozenset({"path"})
 
-    model: str = Field("embedded", description="'embedded' (the shipped tiny LLaVA), a checkpoint directory or hub id")
+    model: str = Field(
+        "embedded",
+        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the tiny Qwen2.5-VL, once trained), "
+        "a checkpoint directory or hub id",
+    )
     backbone: BackboneConfig = Field(BackboneConfig(), description="how the model loads (its path is --model)")
     name: str | None = Field(None, description="the model name clients send (default: --model's last part)")
     pruner: str = Field("lfd", description=f"any of {', '.join(PRUNERS)}")

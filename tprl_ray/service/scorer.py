@@ -1,11 +1,13 @@
 """The model service's scorer: LVLM replicas behind Ray Serve, scoring keep masks by sample id (the PPO reward).
 
 Each env step sends one request: the sub-envs' sample ids and keep masks over original token
-indices (``uint8 [B, N]``). ``@serve.batch`` merges the requests of every env runner that arrive
-within ``batch_wait_s``; the replica then projects the cached pre-projector features of the kept
-tokens and scores the reference answers in chunks of ``pool.batch_size`` samples. Features are read from the
-precompute shards on first use and kept in an LRU cache of ``cache_shards`` shards, so callers move
-ids, never tensors.
+indices (``uint8 [B, N]``, a sample with fewer than ``N`` tokens padded with zeros). ``@serve.batch``
+merges the requests of every env runner that arrive within ``batch_wait_s``; the replica then
+rebuilds the LLM input of the kept tokens from the stored inputs (LLaVA: the projector over the
+pre-projector features; Qwen2.5-VL: the stored post-merger ``llm_tokens`` at their original M-RoPE
+positions, from the sample's grid) and scores the reference answers in chunks of ``pool.batch_size``
+samples. Stored inputs are read from the precompute shards on first use and kept in an LRU cache of
+``cache_shards`` shards, so callers move ids, never tensors.
 
 Failures: Serve restarts a dead replica; :func:`score` runs as a Ray task with ``max_retries`` and
 ``retry_exceptions``, so a request lost with its replica is sent again by Ray.
@@ -61,30 +63,47 @@ class Scorer:
         self.m_queue = metrics.Gauge("tprl_scorer_queue_length", "requests waiting or being scored")
         self.m_samples = metrics.Counter("tprl_scorer_samples", "samples scored")
 
-    def _read_shard(self, s: int) -> tuple[torch.Tensor, list[str], list[str]]:
-        from tprl_ray.precompute.schema import tensor
+    def _read_shard(self, s: int) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[str], list[str]]:
+        """A shard's stored inputs per row: the scorer's tokens (features to project, or LLM tokens), grid,
+        question and answer."""
+        from tprl_ray.precompute.schema import token_rows
 
-        table = pq.read_table(self.shards[s], columns=["features", "question", "answer"])
-        return (torch.from_numpy(tensor(table["features"])), table["question"].to_pylist(), table["answer"].to_pylist())
+        column = "features" if self.backbone.projects_features else "llm_tokens"
+        if column not in pq.read_schema(self.shards[s]).names:
+            raise ValueError(
+                f"{self.shards[s]}: no {column} column; this model's scorer rebuilds its LLM input from the stored "
+                f"{column}: precompute with this model (tprl precompute) into a new directory"
+            )
+        table = pq.read_table(self.shards[s], columns=[column, "grid_rows", "grid_cols", "question", "answer"])
+        grids = list(zip(table["grid_rows"].to_pylist(), table["grid_cols"].to_pylist()))
+        tokens = [torch.from_numpy(t) for t in token_rows(table[column])]
+        return tokens, grids, table["question"].to_pylist(), table["answer"].to_pylist()
 
-    def _rows(self, ids: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
-        features, questions, answers = [], [], []
+    def _rows(self, ids: list[str]) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[str], list[str]]:
+        rows = []
         for sample_id in ids:
             if sample_id not in self.index:
                 raise KeyError(f"sample {sample_id!r} is not in the scorer's precompute dataset")
             s, r = self.index[sample_id]
-            shard_features, shard_questions, shard_answers = self.shard(s)
-            features.append(shard_features[r])
-            questions.append(shard_questions[r])
-            answers.append(shard_answers[r])
-        return torch.stack(features), questions, answers
+            rows.append([column[r] for column in self.shard(s)])
+        tokens, grids, questions, answers = map(list, zip(*rows))
+        return tokens, grids, questions, answers
+
+    def _llm_tokens(self, stored: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The LLM-ready tokens of each sample: its features projected (one call for all), or as stored."""
+        if not self.backbone.projects_features:
+            return stored
+        return list(self.backbone.project(torch.cat(stored)).split([len(t) for t in stored]))
 
     def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logps, correct = [], []
         for start in range(0, len(ids), self.cfg.pool.batch_size):
-            features, questions, answers = self._rows(ids[start : start + self.cfg.pool.batch_size])
-            keep = [torch.from_numpy(m).nonzero()[:, 0] for m in masks[start : start + self.cfg.pool.batch_size]]
-            logp, ok = self.backbone.score(questions, answers, self.backbone.project(features), keep)
+            stored, grids, questions, answers = self._rows(ids[start : start + self.cfg.pool.batch_size])
+            chunk = masks[start : start + self.cfg.pool.batch_size]
+            if any(len(m) < len(t) or m[len(t) :].any() for m, t in zip(chunk, stored)):
+                raise ValueError("each keep mask needs a bit per token of its sample and 0 past its token count")
+            keep = [torch.from_numpy(m[: len(t)]).nonzero()[:, 0] for m, t in zip(chunk, stored)]
+            logp, ok = self.backbone.score(questions, answers, self._llm_tokens(stored), keep, grids)
             logps.append(logp.numpy())
             correct.append(ok.numpy())
         return np.concatenate(logps), np.concatenate(correct)

@@ -1,6 +1,6 @@
 """`tprl train autoencoder`: the token-wise autoencoder on the precomputed features, with Ray Train.
 
-Every visual token of every sample is a training example (per-token MSE). Validation reports the
+Every visual token of every sample is a training example (per-token MSE; padding is left out). Validation reports the
 relative MSE (:func:`tprl_ray.policy.autoencoder.relative_mse`, summed across workers). The export
 ``OUT/autoencoder.safetensors`` + ``autoencoder.json`` is what the policy stages load, frozen.
 """
@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import json
 
-from tprl_ray.training.common import all_reduce_sum, end_epoch, export_run, feature_width, fit, restore
+from tprl_ray.precompute.schema import column_width
+from tprl_ray.training.common import all_reduce_sum, end_epoch, export_run, fit, restore
 from tprl_ray.training.config import AutoencoderConfig
+
+
+def real_tokens(batch: dict):
+    """Every token of a padded batch, ``[sum of counts, d_v]`` (float)."""
+    import torch
+
+    features = batch["features"]
+    width = torch.arange(features.shape[1], device=features.device)
+    return features[width[None, :] < batch["tokens"][:, None]].float()
 
 
 def autoencoder_loop(config: dict) -> None:
@@ -29,7 +39,7 @@ def autoencoder_loop(config: dict) -> None:
         model.train()
         total, batches = 0.0, 0
         for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=config["batch_size"]):
-            tokens = batch["features"].float().reshape(-1, d_v)
+            tokens = real_tokens(batch)
             loss = torch.nn.functional.mse_loss(model(tokens), tokens)
             optimizer.zero_grad()
             loss.backward()
@@ -41,7 +51,7 @@ def autoencoder_loop(config: dict) -> None:
         squares = torch.zeros_like(sums)
         with torch.no_grad():
             for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config["batch_size"]):
-                tokens = batch["features"].float().reshape(-1, d_v)
+                tokens = real_tokens(batch)
                 sse += ((bare(tokens) - tokens) ** 2).sum().item()
                 n += tokens.shape[0]
                 sums += tokens.double().sum(0)
@@ -63,7 +73,7 @@ def train_autoencoder(cfg: AutoencoderConfig) -> dict:
     """Fit (or resume), export the autoencoder and log the run; returns the last epoch's metrics."""
     from tprl_ray.policy.autoencoder import TokenAutoencoder
 
-    d_v = feature_width(cfg.data)
+    d_v = column_width(cfg.data, "features")
     loop_config = {
         "d_v": d_v,
         "latent": cfg.latent,

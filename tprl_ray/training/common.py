@@ -13,30 +13,21 @@ import json
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from tprl_ray.artifacts.atomic import remove_leftovers
 from tprl_ray.artifacts.export import export
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
+from tprl_ray.precompute.schema import column_width, max_tokens, padded_table
 from tprl_ray.training.config import TrainStageConfig
 
 STATE = "state.pt"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints a run resumes from
 
 
-def feature_width(data: Path, column: str = "features") -> int:
-    """Last dimension of a tensor column of a precompute dataset (``d_v`` for ``features``), read from
-    its Parquet schema."""
-    shards = sorted((Path(data) / "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
-    return int(pq.read_schema(shards[0]).field(column).type.shape[-1])
-
-
 def check_width(data: Path, expected: int, what: str) -> None:
-    width = feature_width(data)
+    width = column_width(data, "features")
     if width != expected:
         raise ValueError(
             f"{data}: features are {width}-wide but {what} expects {expected}-wide features "
@@ -44,18 +35,26 @@ def check_width(data: Path, expected: int, what: str) -> None:
         )
 
 
+def token_width(cfg: TrainStageConfig) -> int:
+    """The most tokens of a sample in the stage's data (and validation data): the padded width."""
+    return max(max_tokens(path) for path in (cfg.data, cfg.val_data) if path is not None)
+
+
 def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
-    """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read); without
-    ``val_data``, a tenth of the images (with all their questions) is held out."""
+    """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read), token
+    columns padded to :func:`token_width` with each row's count in ``tokens``; without ``val_data``, a
+    tenth of the images (with all their questions) is held out."""
     import zlib
 
     import ray.data
+
+    width = token_width(cfg)
 
     def read(path: Path, keep=None):
         ds = ray.data.read_parquet(str(Path(path) / "shards")).select_columns([*columns, "image"])
         if keep is not None:  # split by image: every question of an image lands on the same side
             ds = ds.filter(lambda row: (zlib.crc32(str(row["image"]).encode()) % 10 == 0) == keep)
-        return ds.drop_columns(["image"])
+        return ds.drop_columns(["image"]).map_batches(padded_table, batch_format="pyarrow", fn_kwargs={"width": width})
 
     if cfg.val_data is not None:
         return {"train": read(cfg.data), "val": read(cfg.val_data)}

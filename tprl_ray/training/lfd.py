@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 
 from tprl_ray.artifacts.export import check_export, copy_export, load_exported
-from tprl_ray.precompute.schema import token_grid
+from tprl_ray.precompute.schema import column_width
 from tprl_ray.training.common import (
     all_reduce_sum,
     check_width,
     end_epoch,
     export_run,
-    feature_width,
     fit,
     restore,
 )
@@ -27,8 +26,9 @@ from tprl_ray.training.config import LfdConfig
 
 
 def step_examples(masks):
-    """(state mask, labels) per demonstration step ``t >= 1``: states are step ``t-1``'s kept tokens."""
-    return [(masks[:, t - 1].bool(), masks[:, t].float()) for t in range(1, masks.shape[1])]
+    """(state mask, labels) per demonstration step ``t >= 1`` of token-major masks ``[B, N, S]``: states
+    are step ``t-1``'s kept tokens (padding is in no state: its masks are zero)."""
+    return [(masks[..., t - 1].bool(), masks[..., t].float()) for t in range(1, masks.shape[-1])]
 
 
 def lfd_loop(config: dict) -> None:
@@ -51,13 +51,13 @@ def lfd_loop(config: dict) -> None:
         config["attention"],
         config["positions"],
     )
-    grid = tuple(config["grid"])
     model = ray.train.torch.prepare_model(policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
     state, bare = restore(model, optimizer)
 
     def losses_and_hits(batch):
         codes = encoder.encode(batch["features"].float())
+        grid = torch.stack([batch["grid_rows"], batch["grid_cols"]], dim=1)
         loss, hits = 0.0, torch.zeros(3)
         examples = step_examples(batch["demo_masks"])
         for state_mask, labels in examples:
@@ -97,7 +97,7 @@ def train_lfd(cfg: LfdConfig) -> dict:
     check_width(cfg.data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
     if cfg.val_data is not None:
         check_width(cfg.val_data, dims["d_v"], f"the autoencoder in {cfg.autoencoder}")
-    d_query = feature_width(cfg.data, "query")
+    d_query = column_width(cfg.data, "query")
     loop_config = {
         "autoencoder": str(cfg.autoencoder.resolve()),
         "d_latent": dims["d_latent"],
@@ -106,13 +106,12 @@ def train_lfd(cfg: LfdConfig) -> dict:
         "hidden": cfg.hidden,
         "attention": cfg.attention,
         "positions": cfg.positions,
-        "grid": token_grid(cfg.data),
         "lr": cfg.lr,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
     }
-    result = fit(lfd_loop, loop_config, cfg, "lfd", ["features", "query", "demo_masks"])
+    result = fit(lfd_loop, loop_config, cfg, "lfd", ["features", "query", "demo_masks", "grid_rows", "grid_cols"])
     copy_export(cfg.autoencoder, cfg.out, "autoencoder")
     return export_run(
         cfg,

@@ -31,7 +31,6 @@ from tprl_ray.artifacts.atomic import atomic_write_bytes, atomic_write_dir
 from tprl_ray.artifacts.export import check_export
 from tprl_ray.backbones.base import BackboneError, all_argmax, checkpoint_config
 from tprl_ray.config import BackboneConfig
-from tprl_ray.precompute.schema import token_grid
 from tprl_ray.pruners.base import PruneBatch
 from tprl_ray.training.common import (
     all_reduce_sum,
@@ -46,7 +45,7 @@ from tprl_ray.training.common import (
 from tprl_ray.training.config import LlmConfig
 
 REGISTERED_MODEL = "tprl-llm"
-COLUMNS = ["sample_id", "question", "answer", "features", "query"]
+COLUMNS = ["sample_id", "question", "answer", "features", "query", "grid_rows", "grid_cols"]
 VAL_STREAM = 2**40  # validation's budget stream: never one of the training streams
 
 
@@ -84,27 +83,27 @@ def trainable_model(config: dict, device: str):
     return backbone, model
 
 
-def answer_loss(backbone, model, pruner, batch: dict, budget: float, grid) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_loss(backbone, model, pruner, batch: dict, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the reference answers (end of turn included) given the tokens ``pruner``
     keeps at ``budget``, and each sample's teacher-forced exact match (every target the argmax)."""
-    features = torch.as_tensor(batch["features"]).float()
-    tokens = backbone.project(features)
+    padded = torch.as_tensor(batch["features"]).float()
+    features = [f[:n] for f, n in zip(padded, batch["tokens"].tolist())]
+    tokens = [backbone.project(f) for f in features]
+    grids = list(zip(batch["grid_rows"].tolist(), batch["grid_cols"].tolist()))
     questions = [str(q) for q in batch["question"]]
     pruning = pruner.prune(
         PruneBatch(
-            tokens=list(tokens),
-            features=list(features),
+            tokens=tokens,
+            features=features,
             attention=None,
-            grids=[grid] * len(questions),
+            grids=grids,
             question_ids=[str(i) for i in batch["sample_id"]],
             questions=questions,
             queries=list(torch.as_tensor(batch["query"])),
         ),
         budget,
     )
-    inputs = backbone.build_inputs(
-        questions, pruning.tokens, pruning.keep, [str(a) for a in batch["answer"]], [grid] * len(questions)
-    )
+    inputs = backbone.build_inputs(questions, pruning.tokens, pruning.keep, [str(a) for a in batch["answer"]], grids)
     logits, row, tok, _ = backbone.target_logits(inputs, model)
     return torch.nn.functional.cross_entropy(logits, tok), all_argmax(logits, row, tok, len(questions))
 
@@ -125,7 +124,7 @@ def llm_loop(config: dict) -> None:
     torch.manual_seed(config["seed"])
     backbone, model = trainable_model(config, str(ray.train.torch.get_device()))
     pruner = build_pruner(config["pruner"], config["seed"], config["policy"])
-    grid, (low, high) = tuple(config["grid"]), config["budget_range"]
+    low, high = config["budget_range"]
     wrapped = ray.train.torch.prepare_model(model)  # DDP across workers (none for one)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
     state, bare = restore(wrapped, optimizer, trainable_only=True)
@@ -140,7 +139,7 @@ def llm_loop(config: dict) -> None:
         total, steps = 0.0, 0
         drawn = budgets(low, high, (config["seed"] * 1000 + epoch) * 1000 + rank)
         for batch, budget in zip(batches("train"), drawn):
-            loss, _ = answer_loss(backbone, wrapped, pruner, batch, budget, grid)
+            loss, _ = answer_loss(backbone, wrapped, pruner, batch, budget)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -149,7 +148,7 @@ def llm_loop(config: dict) -> None:
         val = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, exact matches, samples
         with torch.no_grad():  # the same budgets every epoch
             for batch, budget in zip(batches("val"), budgets(low, high, VAL_STREAM + config["seed"] * 1000 + rank)):
-                loss, correct = answer_loss(backbone, wrapped, pruner, batch, budget, grid)
+                loss, correct = answer_loss(backbone, wrapped, pruner, batch, budget)
                 val += torch.tensor([loss.item(), 1.0, correct.sum().item(), correct.numel()], dtype=torch.float64)
         total, steps, val_loss, val_steps, exact, seen = all_reduce_sum([total, steps, *val.tolist()])
         metrics = {
@@ -171,8 +170,8 @@ def check_model(cfg: LlmConfig):
     config = checkpoint_config(path)
     if not isinstance(config, LlavaConfig):
         raise BackboneError(
-            f"{path}: tprl train llm builds LLaVA inputs from the stored features; "
-            f"{config.model_type!r} visual tokens need the image again"
+            f"{path}: tprl train llm fine-tunes LLaVA for now (it builds the inputs with LLaVA's projector from "
+            f"the stored features); {config.model_type!r} is not supported"
         )
     if cfg.method == "full" and cfg.backbone.dtype == "float16":
         raise ValueError("method full trains the weights themselves: use dtype float32 or bfloat16, or method lora")
@@ -186,21 +185,17 @@ def check_model(cfg: LlmConfig):
     return config
 
 
-def check_inputs(cfg: LlmConfig) -> tuple[int, int]:
-    """Refuse, before Ray starts, the model (:func:`check_model`), data or a pruner of other widths;
-    the data's token grid."""
+def check_inputs(cfg: LlmConfig) -> None:
+    """Refuse, before Ray starts, the model (:func:`check_model`), data or a pruner of other widths."""
     from tprl_ray.pruners.registry import build_pruner
 
     check_export(cfg.policy, "policy")
     config = check_model(cfg)
     width = config.vision_config.hidden_size
-    grids = []
     for data in (cfg.data, cfg.val_data):
         if data is not None:
             check_width(data, width, f"the model {cfg.backbone.resolved_path()}")
-            grids.append(token_grid(data))
     build_pruner(cfg.pruner, cfg.seed, cfg.policy).check_widths(width, config.text_config.hidden_size)
-    return grids[0]
 
 
 def save_checkpoint(backbone, model, directory: Path, cfg: LlmConfig) -> None:
@@ -245,7 +240,7 @@ def train_llm(cfg: LlmConfig) -> dict:
     """Fit (or resume), save the adapter (or weights), log and register them in MLflow."""
     from tprl_ray.tracking import register_model
 
-    grid = check_inputs(cfg)
+    check_inputs(cfg)
     loop_config = {
         "backbone": cfg.backbone.model_dump(mode="json"),
         "policy": str(cfg.policy.resolve()),
@@ -254,7 +249,6 @@ def train_llm(cfg: LlmConfig) -> dict:
         "method": cfg.method,
         "lora": cfg.lora.model_dump(),
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "grid": grid,
         "lr": cfg.lr,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
