@@ -94,6 +94,7 @@ def test_benchmark_fields_and_answer_lists_are_kept(split):
     answers[0]["answer"] = ["two", "2", "2"]
     (split / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     first, second = read_split(split)[:2]
-    cells = first.extra.pop("cells")  # the digits benchmark's own field
+    cells = first.extra.pop("cells")  # the digits benchmark's own fields
+    assert first.extra.pop("board") == 4
     assert first.extra == {"index": 7, "options": {"A": "3", "B": "5"}} and first.answer == ["two", "2", "2"]
-    assert isinstance(cells, list) and set(second.extra) == {"cells"} and isinstance(second.answer, str)
+    assert isinstance(cells, list) and set(second.extra) == {"cells", "board"} and isinstance(second.answer, str)

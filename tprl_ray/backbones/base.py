@@ -57,6 +57,11 @@ def load_model(model_class, config_class, family: str, path, dtype: str):
 Grid = tuple[int, int]
 
 
+def project_rows(backend, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each sample's LLM-ready tokens from its stored features (``[N_i, d_v]``): one projector call for all."""
+    return list(backend.project(torch.cat(features)).split([len(f) for f in features]))
+
+
 def all_argmax(logits: torch.Tensor, row: torch.Tensor, tok: torch.Tensor, n: int) -> torch.Tensor:
     """Per sample of ``n``: whether each of its targets (``row``, token ``tok``) is the argmax of ``logits``
     (greedy decoding reproduces the answer)."""

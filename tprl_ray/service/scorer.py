@@ -91,9 +91,9 @@ class Scorer:
 
     def _llm_tokens(self, stored: list[torch.Tensor]) -> list[torch.Tensor]:
         """The LLM-ready tokens of each sample: its features projected (one call for all), or as stored."""
-        if not self.backbone.projects_features:
-            return stored
-        return list(self.backbone.project(torch.cat(stored)).split([len(t) for t in stored]))
+        from tprl_ray.backbones.base import project_rows
+
+        return project_rows(self.backbone, stored) if self.backbone.projects_features else stored
 
     def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logps, correct = [], []

@@ -29,7 +29,7 @@ import torch
 
 from tprl_ray.artifacts.atomic import atomic_write_bytes, atomic_write_dir
 from tprl_ray.artifacts.export import check_export
-from tprl_ray.backbones.base import BackboneError, all_argmax, checkpoint_config
+from tprl_ray.backbones.base import BackboneError, all_argmax, checkpoint_config, project_rows
 from tprl_ray.config import BackboneConfig
 from tprl_ray.pruners.base import PruneBatch
 from tprl_ray.training.common import (
@@ -88,7 +88,7 @@ def answer_loss(backbone, model, pruner, batch: dict, budget: float) -> tuple[to
     keeps at ``budget``, and each sample's teacher-forced exact match (every target the argmax)."""
     padded = torch.as_tensor(batch["features"]).float()
     features = [f[:n] for f, n in zip(padded, batch["tokens"].tolist())]
-    tokens = [backbone.project(f) for f in features]
+    tokens = project_rows(backbone, features)
     grids = list(zip(batch["grid_rows"].tolist(), batch["grid_cols"].tolist()))
     questions = [str(q) for q in batch["question"]]
     pruning = pruner.prune(
