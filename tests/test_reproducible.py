@@ -27,10 +27,9 @@ def runs(tmp_path_factory, small_pipeline, mixture_parts):
     suite = [{"name": name, "benchmark": "digits", "data": str(p["test"])} for name, p in mixture_parts.items()]
     small = {
         **small_pipeline,
-        "ppo": {"iterations": 2},
         "ray_address": "local",
-        "train_questions": 48,  # of each part
-        "eval_questions": 32,  # of each suite benchmark
+        "train_questions": 32,  # of each part
+        "eval_questions": 24,  # of each suite benchmark
         "mixture": mixture,
         "suite": suite,
     }
