@@ -16,6 +16,7 @@ from tprl_ray.pipeline.config import AblateConfig
 def ablated(tmp_path_factory, small_pipeline):
     out = tmp_path_factory.mktemp("ablate")
     pipeline = {k: v for k, v in small_pipeline.items() if k not in ("trajectories", "pruners")}  # ablate's own
+    pipeline |= {"train_questions": 32, "eval_questions": 24}  # eight trainings: the fewest questions that learn
     fields = {"out": out, "ablations": ["method"], "seeds": [0, 1], "pipeline": pipeline, "ray_address": "local"}
     cfg = AblateConfig.model_validate(fields)
     try:

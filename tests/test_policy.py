@@ -79,6 +79,28 @@ def precomputed(precomputed):
     ray.shutdown()
 
 
+def test_a_small_dataset_is_materialized_once_with_the_rows_of_a_streamed_read(precomputed, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    from tprl_ray.training.common import datasets
+    from tprl_ray.training.config import AutoencoderConfig
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        read = {
+            mb: datasets(AutoencoderConfig(data=precomputed / "train", cache_mb=mb), ["features", "full_logp"])
+            for mb in (0, 256)
+        }
+        assert isinstance(read[256]["train"], MaterializedDataset)
+        assert not isinstance(read[0]["train"], MaterializedDataset)
+        for split in ("train", "val"):
+            streamed, cached = (read[mb][split].to_pandas() for mb in (0, 256))
+            assert len(cached) > 0 and cached["full_logp"].tolist() == streamed["full_logp"].tolist()
+            assert (cached["tokens"] == streamed["tokens"]).all()
+    finally:
+        ray.shutdown()
+
+
 def test_autoencoder_and_lfd_train_on_two_workers_and_resume(precomputed, tmp_path):
     from tprl_ray.training.autoencoder import train_autoencoder
     from tprl_ray.training.config import AutoencoderConfig, LfdConfig

@@ -229,6 +229,8 @@ def test_token_columns_round_trip_through_slices_and_chunks():
     np.testing.assert_array_equal(values[2, :4], rows[2])
     table = padded_table(pa.table({"features": column, "sample_id": ["a", "b", "c"]}), width=6)
     assert table["tokens"].to_pylist() == [2, 6, 4] and tensor_shape(table["features"]) == (3, 6, 3)
+    empty = padded_table(pa.table({"features": column.slice(0, 0)}), width=6)  # a block a filter emptied
+    assert empty.num_rows == 0 and empty.schema == table.select(["features", "tokens"]).schema
     with pytest.raises(ValueError, match="more than the width"):
         padded_tokens(column, width=5)
 

@@ -13,6 +13,7 @@ from tprl_ray.pipeline.config import PipelineConfig
 from tprl_ray.pipeline.run import run_pipeline
 
 NAMES = ("readexist", "countwhere")
+TRAIN, EVAL = 32, 24  # questions of each mixture part, of each suite benchmark
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def runs(tmp_path_factory, small_pipeline, mixture_parts):
     small = {
         **small_pipeline,
         "ray_address": "local",
-        "train_questions": 32,  # of each part
-        "eval_questions": 24,  # of each suite benchmark
+        "train_questions": TRAIN,
+        "eval_questions": EVAL,
         "mixture": mixture,
         "suite": suite,
     }
@@ -83,7 +84,7 @@ def test_every_stage_sees_the_mixture_and_the_report_is_table1(runs, mixture_par
     root, _, report = runs
     out = root / "single"
     manifest = json.loads((out / "precompute" / "train" / "manifest.json").read_text())
-    assert manifest["datasets"] == {"readexist": 48, "countwhere": 48}
+    assert manifest["datasets"] == dict.fromkeys(NAMES, TRAIN)
     assert json.loads((out / "precompute" / "val" / "manifest.json").read_text())["datasets"] == {
         name: len(read_split(p["val"])) for name, p in mixture_parts.items()
     }
@@ -93,7 +94,7 @@ def test_every_stage_sees_the_mixture_and_the_report_is_table1(runs, mixture_par
     assert [r["label"] for r in report["rows"]] == ["none_100", "vispruner_25", "lfd_25", "tprl_25"]
     for name in NAMES:
         own = reports(out, name)
-        assert own["n"] == 32
+        assert own["n"] == EVAL
         assert [r["cells"][name]["score"] for r in report["rows"]] == [r["accuracy"] for r in own["rows"]]
     tprl = report["rows"][3]
     assert tprl["relative"] == pytest.approx(np.mean([c["relative"] for c in tprl["cells"].values()]))

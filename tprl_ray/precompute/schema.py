@@ -182,13 +182,18 @@ def padded_tokens(column: pa.ChunkedArray | pa.Array, width: int | None = None) 
     return out, counts
 
 
-def max_tokens(data: Path) -> int:
-    """The largest token count of a sample of the precompute dataset ``data`` (from its grid columns)."""
+def shard_files(data: Path) -> list[Path]:
+    """The Parquet shards of the precompute dataset ``data``, in order; none is an error."""
     shards = sorted((Path(data) / "shards").glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
+    return shards
+
+
+def max_tokens(data: Path) -> int:
+    """The largest token count of a sample of the precompute dataset ``data`` (from its grid columns)."""
     grids = set()
-    for shard in shards:
+    for shard in shard_files(data):
         table = pq.read_table(shard, columns=["grid_rows", "grid_cols"])
         grids |= set(zip(table["grid_rows"].to_pylist(), table["grid_cols"].to_pylist()))
     return max(r * c for r, c in grids)
@@ -197,10 +202,7 @@ def max_tokens(data: Path) -> int:
 def column_width(data: Path, column: str) -> int:
     """The last dimension of a column of a precompute dataset (``d_v`` for ``features``, ``d`` for
     ``query``), read from its Parquet schema."""
-    shards = sorted((Path(data) / "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
-    kind = pq.read_schema(shards[0]).field(column).type
+    kind = pq.read_schema(shard_files(data)[0]).field(column).type
     if column in TOKENS:
         check_ragged(kind)
         return int(kind.value_type.list_size)
@@ -214,7 +216,10 @@ def padded_table(table: pa.Table, width: int) -> pa.Table:
     for name in table.column_names:
         if name in TOKENS:
             values, counts = padded_tokens(table[name], width)
-            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+            flat = pa.array(values.reshape(-1))  # a tensor array from its storage: an empty block too
+            storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(values.shape[1:])))
+            kind = pa.fixed_shape_tensor(flat.type, values.shape[1:])
+            columns[name] = pa.ExtensionArray.from_storage(kind, storage)
             columns["tokens"] = pa.array(counts.astype(np.int32))
         else:
             columns[name] = table[name]

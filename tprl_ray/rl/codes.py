@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tprl_ray.artifacts.atomic import write_parquet
 from tprl_ray.artifacts.export import load_exported
-from tprl_ray.precompute.schema import check_ragged, padded_tokens, tensor, token_array, token_rows
+from tprl_ray.precompute.schema import check_ragged, padded_tokens, shard_files, tensor, token_array, token_rows
 
 CHECKSUM_KEY = b"tprl.autoencoder_sha256"
 CODES_VERSION = b"4"  # 2: the token grid columns; 3: the dataset column; 4: codes as token lists (ragged)
@@ -43,10 +43,7 @@ def write_codes(data: Path, autoencoder: Path, out: Path, progress: bool = True)
 
     encoder, _ = load_exported(TokenAutoencoder, Path(autoencoder), "autoencoder")
     checksum = autoencoder_checksum(autoencoder).encode()
-    shards = sorted((Path(data) / "shards").glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{data}: no precompute shards (run tprl precompute --out {data})")
-    for shard in tqdm(shards, desc="codes", disable=not progress):
+    for shard in tqdm(shard_files(data), desc="codes", disable=not progress):
         target = Path(out) / shard.name
         if target.is_file() and (pq.read_schema(target).metadata or {}).get(CHECKSUM_KEY) == checksum:
             continue

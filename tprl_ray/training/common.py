@@ -19,7 +19,7 @@ from tprl_ray.artifacts.atomic import remove_leftovers
 from tprl_ray.artifacts.export import export
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
-from tprl_ray.precompute.schema import column_width, max_tokens, padded_table
+from tprl_ray.precompute.schema import column_width, max_tokens, padded_table, shard_files
 from tprl_ray.training.config import TrainStageConfig
 
 STATE = "state.pt"
@@ -43,7 +43,9 @@ def token_width(cfg: TrainStageConfig) -> int:
 def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
     """Ray Data ``train`` and ``val`` datasets of the Parquet shards (only ``columns`` are read), token
     columns padded to :func:`token_width` with each row's count in ``tokens``; without ``val_data``, a
-    tenth of the images (with all their questions) is held out."""
+    tenth of the images (with all their questions) is held out. A dataset whose shards hold at most
+    ``cfg.cache_mb`` is materialized in the object store once (in order), so that each epoch streams
+    it from memory instead of reading and padding it again."""
     import zlib
 
     import ray.data
@@ -54,7 +56,11 @@ def datasets(cfg: TrainStageConfig, columns: list[str]) -> dict:
         ds = ray.data.read_parquet(str(Path(path) / "shards")).select_columns([*columns, "image"])
         if keep is not None:  # split by image: every question of an image lands on the same side
             ds = ds.filter(lambda row: (zlib.crc32(str(row["image"]).encode()) % 10 == 0) == keep)
-        return ds.drop_columns(["image"]).map_batches(padded_table, batch_format="pyarrow", fn_kwargs={"width": width})
+        ds = ds.drop_columns(["image"]).map_batches(padded_table, batch_format="pyarrow", fn_kwargs={"width": width})
+        if sum(f.stat().st_size for f in shard_files(path)) > cfg.cache_mb * 2**20:
+            return ds
+        ds.context.execution_options.preserve_order = True  # the blocks in the order a streamed run reads them
+        return ds.materialize()
 
     if cfg.val_data is not None:
         return {"train": read(cfg.data), "val": read(cfg.val_data)}

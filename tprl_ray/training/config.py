@@ -24,6 +24,12 @@ class TrainStageConfig(RunConfig):
     workers: int = Field(2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = Field(False, description="one GPU per worker")
+    cache_mb: float = Field(
+        256,
+        ge=0,
+        description="a dataset whose Parquet shards hold at most this many MiB is read once into the object "
+        "store and every epoch streams it from memory (0: read every epoch)",
+    )
 
 
 class AutoencoderConfig(TrainStageConfig):
