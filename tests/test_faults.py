@@ -223,6 +223,7 @@ def test_a_ppo_checkpoint_saved_before_a_setting_existed_still_resumes(tmp_path)
     cfg = PpoConfig(data=tmp_path / "codes", init=tmp_path / "lfd", out=tmp_path / "ppo")
     stored = settings(cfg)
     del stored["scorer"]["backbone"]["max_question_tokens"]  # added after the run was saved
+    stored["scorer"]["retries"] = 5  # removed after the run was saved
     checkpoint = cfg.out / "checkpoints" / "iter-00001"
     checkpoint.mkdir(parents=True)
     (checkpoint / "progress.json").write_text(json.dumps({"history": [{"episode_return": 1.0}], "settings": stored}))

@@ -229,9 +229,65 @@ def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
     for metrics in history:
         for key in ("policy_loss", "vf_loss", "entropy"):
             assert math.isfinite(metrics[key])
+        assert 0.0 < metrics["scorer_busy_fraction"] < 1.0 and 0.0 < metrics["learner_idle_fraction"] < 1.0
     card = json.loads((tmp_path / "ppo" / "policy.json").read_text())
     assert card["iterations"] == 3 and card["regime"] == "discount" and len(card["keep_quantiles"]) == 1001
     assert set(card["tau"]) == {f"{b:.4f}" for b in paper.budgets}
+
+
+def test_an_emulated_scorer_sleeps_its_cost_and_scores_from_the_stored_full_scores(ppo_inputs):
+    import pyarrow.parquet as pq
+
+    from tprl_ray.precompute.schema import shard_files
+    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.service.config import EmulatedCost, ScorerConfig
+    from tprl_ray.service.scorer import handle_score, scorer_clock, start_scorer
+
+    cost = EmulatedCost(full_tokens=100, fixed_s=0.01, per_sample_s=0.001, per_token_s=0.0005, floor_s=0.02)
+    assert cost.seconds(np.array([0.5, 1.0])) == pytest.approx(0.01 + 2 * 0.001 + 0.0005 * 150)
+    assert cost.seconds(np.array([0.01])) == 0.02  # the floor: a batch of one is launch-bound
+    table = pq.read_table(shard_files(ppo_inputs / "train")[0])
+    ids, n = table["sample_id"].to_pylist()[:6], table["grid_rows"][0].as_py() * table["grid_cols"][0].as_py()
+    masks = np.zeros((6, n), np.uint8)
+    for i in range(6):
+        masks[i, : (i + 1) * n // 8] = 1
+    init_ray("local")
+    start_scorer(ScorerConfig(emulate=cost, pool={"cpus": 0.25, "batch_size": 4}), ppo_inputs / "train")
+    before = scorer_clock()
+    logp, correct = handle_score(ids, masks)
+    after = scorer_clock()
+    fractions = masks.sum(axis=1) / n
+    expected = cost.seconds(fractions[:4]) + cost.seconds(fractions[4:])  # two chunks of pool.batch_size
+    assert after["samples"] - before["samples"] == 6
+    assert expected <= after["busy_s"] - before["busy_s"] < expected + 0.5
+    np.testing.assert_allclose(logp, table["full_logp"].to_numpy()[:6] + np.log(fractions), rtol=1e-6)
+    assert correct.tolist() == table["full_correct"].to_pylist()[:6]
+
+
+def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(ppo_inputs, tmp_path):
+    from tprl_ray.bench.config import PpoBenchConfig
+    from tprl_ray.bench.ppo import format_ppo_bench, run_ppo_bench
+
+    cfg = PpoBenchConfig(
+        data=ppo_inputs / "train",
+        init=ppo_inputs / "lfd",
+        out=tmp_path / "ppo.json",
+        runner_counts=[1, 2],
+        envs_per_runner=8,
+        train_batch_size=32,
+        warmup=0,
+        iterations=1,
+        emulate=True,
+        cost={"fixed_s": 0.05},
+    )
+    result = run_ppo_bench(cfg)
+    assert json.loads(cfg.out.read_text()) == result and result["cost"]["fixed_s"] == 0.05
+    assert [r["env_runners"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["env_steps"] >= 32 and row["emulated"]
+        assert 0.0 < row["scorer_busy_fraction"] <= 1.0 and 0.0 < row["learner_idle_fraction"] < 1.0
+        assert row["scorer_samples_per_s"] > 0
+    assert "emulated" in format_ppo_bench(result)
 
 
 def test_training_resumes_from_its_checkpoint(ppo_inputs, tmp_path):

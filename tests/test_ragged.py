@@ -96,7 +96,7 @@ def test_padded_env_batch_through_the_scorer_equals_one_by_one_scoring_from_the_
     from ray import serve
 
     from tprl_ray.service.config import ScorerConfig
-    from tprl_ray.service.scorer import remote_score, start_scorer
+    from tprl_ray.service.scorer import handle_score, start_scorer
 
     torch.manual_seed(0)
     autoencoder = TokenAutoencoder(TEST_SIZE.vision_hidden, 8, 16)
@@ -110,10 +110,9 @@ def test_padded_env_batch_through_the_scorer_equals_one_by_one_scoring_from_the_
     try:
         start_scorer(ScorerConfig(backbone=backbone, threads=1), qwen_precomputed / "train")
         calls = []
-        score = remote_score(retries=1)
 
         def recorded(ids, masks):
-            calls.append((ids, masks, *score(ids, masks)))
+            calls.append((ids, masks, *handle_score(ids, masks)))
             return calls[-1][2:]
 
         env = PruningVectorEnv(codes, EnvConfig(reward="sample", t_max=1), 12, recorded, seed=3)

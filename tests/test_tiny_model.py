@@ -153,3 +153,34 @@ def test_a_tiny_qwen_trains_on_two_board_sizes_and_loads_like_a_hub_qwen(tmp_pat
     assert evaluate(backbone, data / "val", val)["accuracy"] == pytest.approx(metrics["val/accuracy"])
     card = json.loads((cfg.out / "tprl_model_card.json").read_text())
     assert card["benchmark"]["boards"] == [4, 6] and card["recipe"]["family"] == "qwen"
+
+
+def test_the_logit_lens_loss_lets_a_token_name_its_cell_and_its_digit_at_once():
+    import numpy as np
+    import torch
+
+    from tprl_ray.backbones.qwen import QwenBackbone
+    from tprl_ray.data.digits import cell_names
+    from tprl_ray.models import tiny_qwen
+    from tprl_ray.models.train_tiny import AlignmentHead
+
+    tokenizer = tiny_qwen.build_tokenizer()
+    backbone = QwenBackbone(tiny_qwen.build_model(tokenizer), tokenizer, tiny_qwen.build_image_processor())
+    head = AlignmentHead(backbone, cells=False)
+    four, six = np.full(16, -1), np.full(36, -1)
+    four[[0, 5]], six[[7, 35]] = [3, 9], [0, 4]
+    grids, labels = [(4, 4), (6, 6)], [four, six]  # one token per cell: 16 + 36 tokens
+    cells, digits = head.targets(grids, labels)
+    occupied = [0, 5, 16 + 7, 16 + 35]
+    assert [str(int(digits[r])) for r in occupied] == ["3", "9", "0", "4"] and (digits == 10).sum() == 48
+    ids = tokenizer.convert_tokens_to_ids
+    logits = torch.zeros(52, len(tokenizer))
+    for row in range(52):
+        side = 4 if row < 16 else 6
+        logits[row, ids(cell_names(side)[int(cells[row])])] = 30.0  # names its cell ...
+        logits[row, ids(str(int(digits[row])) if digits[row] < 10 else "none")] = 30.0  # ... and its digit at once
+    assert head.lens_loss(logits, grids, labels).item() < 1e-6
+    assert [cell_names(6)[int(cells[r])] for r in occupied[2:]] == ["b2", "f6"]  # a 6x6 board's own names
+    wrong = logits.clone()
+    wrong[occupied[0], ids("3")], wrong[occupied[0], ids("8")] = 0.0, 30.0  # one token names another digit
+    assert head.lens_loss(wrong, grids, labels).item() == pytest.approx(30.0 / 52, rel=1e-3)

@@ -220,6 +220,19 @@ def deep_merge(data: dict[str, Any], new: dict[str, Any]) -> None:
             data[key] = value
 
 
+def known_settings(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys that ``model`` (and its nested sections) no longer has: settings an
+    older version saved and this one dropped."""
+    out = {}
+    for key, value in data.items():
+        if (field := model.model_fields.get(key)) is None:
+            continue
+        section = field.annotation
+        nested = isinstance(section, type) and issubclass(section, BaseModel) and isinstance(value, dict)
+        out[key] = known_settings(section, value) if nested else value
+    return out
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """``data[a][b][c] = value`` for ``key`` 'a.b.c', creating the mappings on the way."""
     parts = key.split(".")

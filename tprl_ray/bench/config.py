@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
-from tprl_ray.service.config import ServeConfig
+from tprl_ray.service.config import EmulatedCost, ServeConfig
 
 
 class WorkloadBenchConfig(StageConfig):
@@ -61,8 +61,14 @@ class PpoBenchConfig(RayConfig):
     init: Path = Field(Path("runs/demo/lfd"), description="LfD export (policy and autoencoder)")
     out: Path = Field(Path("runs/bench/ppo.json"), description="JSON result file")
     runner_counts: list[int] = Field([1, 2], description="env runner counts to compare")
+    cpus_per_runner: float = Field(
+        0.125, gt=0, description="CPUs each env runner reserves (8 x 0.125 and the replica's 0.5 fit 2 cores)"
+    )
     scorer_threads: list[int] = Field([2], description="torch threads of the scorer replica to compare")
     envs_per_runner: int = Field(64, ge=1)
+    train_batch_size: int = Field(1024, ge=1, description="env steps per iteration (1024: whole steps for 1-8 runners)")
+    emulate: bool = Field(False, description="the scorer sleeps for the cost model `cost` instead of running the model")
+    cost: EmulatedCost = Field(EmulatedCost(), description="emulate: the scorer's cost model (default: LLaVA-7B, H200)")
     warmup: int = Field(1, ge=0, description="untimed iterations first")
     iterations: int = Field(4, ge=1, description="timed iterations")
     ray_address: str | None = Field("local", description="'local': a private local Ray; None: join or start one")

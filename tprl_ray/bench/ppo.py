@@ -1,9 +1,11 @@
-"""`tprl bench ppo`: PPO's env steps/s and the scorer's busy fraction, by number of env runners.
+"""`tprl bench ppo`: PPO's env steps/s, the scorer's busy and the learner's idle fraction, by env runners.
 
 For each runner count (and scorer thread count), in one run: build the algorithm against one scorer
 replica, run ``warmup`` iterations, then time ``iterations`` more. Env steps/s counts the steps
 sampled over the wall time of the timed iterations (sampling plus learning); the busy fraction is the
-scorer replica's time spent scoring over that wall time (:meth:`Scorer.stats`).
+scorer replica's time spent scoring over that wall time, the learner's idle fraction the share of it
+outside the learner's updates (:class:`~tprl_ray.rl.telemetry.IterationClock`). With ``emulate`` the
+replica sleeps for a calibrated GPU cost instead of competing with the env runners for the CPUs.
 """
 
 from __future__ import annotations
@@ -18,16 +20,24 @@ from tprl_ray.bench.config import PpoBenchConfig
 
 
 def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
+    import ray
     from ray import serve
 
     from tprl_ray.ray_setup import init_ray
     from tprl_ray.rl.config import PpoConfig
+    from tprl_ray.rl.telemetry import IterationClock
     from tprl_ray.rl.train import build_algo, prepare_codes
-    from tprl_ray.service.scorer import APP, scorer_handle, start_scorer
+    from tprl_ray.service.scorer import APP, start_scorer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         init_ray(cfg.ray_address)
+        needed = max(cfg.runner_counts) * cfg.cpus_per_runner + PpoConfig().scorer.pool.cpus
+        if needed > (cpus := ray.cluster_resources().get("CPU", 0)):
+            raise ValueError(
+                f"{max(cfg.runner_counts)} env runners x {cfg.cpus_per_runner} CPUs and the scorer replica need "
+                f"{needed:g} CPUs, the Ray cluster has {cpus:g}: lower cpus_per_runner"
+            )
         for runners, threads in [(r, t) for r in cfg.runner_counts for t in cfg.scorer_threads]:
             ppo = PpoConfig(
                 data=cfg.data,
@@ -35,20 +45,23 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                 out=Path(tmp),
                 env_runners=runners,
                 envs_per_runner=cfg.envs_per_runner,
-                cpus_per_runner=0.5,
-                scorer={"threads": threads},
+                cpus_per_runner=cfg.cpus_per_runner,
+                train_batch_size=cfg.train_batch_size,
+                minibatch_size=min(PpoConfig.model_fields["minibatch_size"].default, cfg.train_batch_size),
+                scorer={"threads": threads, "emulate": cfg.cost.model_dump() if cfg.emulate else None},
             )
             codes_dir, _ = prepare_codes(ppo)
             start_scorer(ppo.scorer, ppo.data)
             algo = build_algo(ppo, codes_dir)
             try:
+                clock = IterationClock(algo, replicas=1)
                 for _ in range(cfg.warmup):
                     algo.train()
-                before, steps, start = scorer_handle().stats.remote().result(), 0, time.perf_counter()
+                steps, start = 0, time.perf_counter()
+                clock.start()
                 for _ in range(cfg.iterations):
                     steps += algo.train()["env_runners"]["num_env_steps_sampled"]
-                wall = time.perf_counter() - start
-                after = scorer_handle().stats.remote().result()
+                fractions, wall = clock.stop(), time.perf_counter() - start
             finally:
                 algo.stop()
                 serve.delete(APP)
@@ -57,27 +70,34 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                     "env_runners": runners,
                     "envs_per_runner": cfg.envs_per_runner,
                     "scorer_threads": threads,
+                    "emulated": cfg.emulate,
                     "env_steps": int(steps),
                     "seconds": wall,
                     "env_steps_per_s": steps / wall,
-                    "scorer_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
-                    "scorer_samples_per_s": (after["samples"] - before["samples"]) / wall,
+                    **fractions,
                 }
             )
             print(format_ppo_bench({"rows": rows[-1:]}))
-    result = {"bench": "ppo", "data": str(cfg.data), "rows": rows}
+    result = {
+        "bench": "ppo",
+        "data": str(cfg.data),
+        "cost": cfg.cost.model_dump() if cfg.emulate else None,
+        "train_batch_size": cfg.train_batch_size,
+        "rows": rows,
+    }
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())
     return result
 
 
 def format_ppo_bench(result: dict) -> str:
     lines = [
-        "| env runners | envs each | scorer threads | env steps/s | scorer busy | scorer samples/s |",
-        "|---|---|---|---|---|---|",
+        "| env runners | envs each | scorer | env steps/s | scorer busy | learner idle | scorer samples/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['env_runners']} | {r['envs_per_runner']} | {r['scorer_threads']} | {r['env_steps_per_s']:.1f} | "
-        f"{r['scorer_busy_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |"
+        f"| {r['env_runners']} | {r['envs_per_runner']} | "
+        f"{'emulated' if r['emulated'] else str(r['scorer_threads']) + ' threads'} | {r['env_steps_per_s']:.1f} | "
+        f"{r['scorer_busy_fraction']:.1%} | {r['learner_idle_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |"
         for r in result["rows"]
     ]
     return "\n".join(lines)

@@ -66,9 +66,9 @@ class TinyModelConfig(StageConfig):
     warmup: int = Field(100, ge=0)
     align_weight: float = Field(0.5, ge=0, description="weight of the alignment loss in stage 2")
     position_weight: float = Field(
-        0.5, ge=0, description="Qwen2.5-VL, stage 2: weight of the cell-name loss on the visual tokens' states"
+        0.5, ge=0, description="Qwen2.5-VL, stage 2: weight of the cell and digit loss on the visual tokens' states"
     )
-    position_layer: int = Field(2, ge=1, description="Qwen2.5-VL: the decoder layer whose output names the cells")
+    position_layer: int = Field(2, ge=1, description="Qwen2.5-VL: the decoder layer naming cells and digits")
     vision_lr_scale: float = Field(0.1, ge=0, description="stage 2 LR factor of vision tower + projector")
     eval_every: int = Field(500, ge=1, description="steps between validation evaluations")
     val_questions: int = Field(400, ge=0, description="validation questions per evaluation (0: none)")

@@ -13,8 +13,10 @@ question to the visual tokens. The recipe mirrors LLaVA's two stages, with a den
 Qwen2.5-VL's vision tower has no absolute positions (2-D RoPE in every block), so its tokens cannot
 know their cell: it aligns digits only, and the LLM finds cells through M-RoPE, whose positions
 carry each token's row and column. In stage 2 each visual token's state after the decoder layer
-``position_layer`` is also trained to name its cell (``position_weight``): the layers below learn
-to read the positions, and the layers above find "c2" in the question and the tokens of c2 alike.
+``position_layer`` is also trained to name its cell and its digit (``position_weight``; a softmax
+over the cell names and one over the digit words, so that naming one does not suppress the other):
+the layers below learn to read the positions, and the layers above find "c2" or "7" in the question
+and the tokens of c2 or of 7 alike.
 Its benchmark may mix board sides (the two-resolution variant).
 
 Scenes are drawn on the fly from the *train* digit pool of the benchmark's seed (never the test
@@ -41,7 +43,7 @@ from tprl_ray.backbones.llava import LlavaBackbone
 from tprl_ray.backbones.load import load_backbone
 from tprl_ray.backbones.qwen import QwenBackbone
 from tprl_ray.data.config import GRID
-from tprl_ray.data.digits import SceneSampler, board_side, cell_names, key_word, load_digit_pools
+from tprl_ray.data.digits import ALL_CELL_NAMES, SceneSampler, board_side, cell_names, key_word, load_digit_pools
 from tprl_ray.data.layout import DataError, read_split
 from tprl_ray.evaluation.predict import evaluate
 from tprl_ray.models import tiny_llava, tiny_qwen
@@ -63,31 +65,40 @@ class AlignmentHead:
         tok = self.tokenizer = backbone.tokenizer
         self.embed = backbone.model.get_input_embeddings()
         self.cell_ids = torch.tensor(tok.convert_tokens_to_ids(list(cell_names(GRID)))) if cells else None
+        self.all_cell_ids = torch.tensor(tok.convert_tokens_to_ids(list(ALL_CELL_NAMES)))
         self.digit_ids = torch.tensor(tok.convert_tokens_to_ids([*map(str, range(10)), "none"]))
 
-    def cell_names(self, grids: list[Grid], labels: list[np.ndarray]) -> torch.Tensor:
-        """The token id of each visual token's cell name, images concatenated."""
-        ids = []
-        for grid, lab in zip(grids, labels):
-            side = board_side(lab)
-            names = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(cell_names(side))))
-            ids.append(names[token_cells(grid, side)])
-        return torch.cat(ids)
+    @staticmethod
+    def targets(grids: list[Grid], labels: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each visual token's cell index on its board and digit class (10: none), images concatenated."""
+        cells = [token_cells(grid, board_side(lab)) for grid, lab in zip(grids, labels)]
+        digits = torch.cat([torch.from_numpy(lab)[cell] for lab, cell in zip(labels, cells)])
+        digits[digits < 0] = 10
+        return torch.cat(cells), digits
 
     def loss(
         self, tokens: list[torch.Tensor], grids: list[Grid], labels: list[np.ndarray]
     ) -> tuple[torch.Tensor, float]:
         """Cross-entropy of each token's digit (and cell); returns (loss, digit accuracy)."""
-        cells = [token_cells(grid, board_side(lab)) for grid, lab in zip(grids, labels)]
-        digit_target = torch.cat([torch.from_numpy(lab)[cell] for lab, cell in zip(labels, cells)])
-        digit_target[digit_target < 0] = 10
+        cells, digit_target = self.targets(grids, labels)
         features = torch.cat(tokens)
         digit_logits = features @ self.embed(self.digit_ids).T
         loss = F.cross_entropy(digit_logits, digit_target)
         if self.cell_ids is not None:
-            loss = loss + F.cross_entropy(features @ self.embed(self.cell_ids).T, torch.cat(cells))
+            loss = loss + F.cross_entropy(features @ self.embed(self.cell_ids).T, cells)
         acc = (digit_logits.argmax(-1) == digit_target).float().mean().item()
         return loss, acc
+
+    def lens_loss(self, logits: torch.Tensor, grids: list[Grid], labels: list[np.ndarray]) -> torch.Tensor:
+        """Cross-entropy of the visual tokens' vocabulary ``logits`` restricted to the cell names (target:
+        the token's cell) plus restricted to the digit words (target: its digit). Each restriction is its
+        own softmax, so a state can name its cell and its digit at once, as stage 1 aligns LLaVA's tokens."""
+        cells, digits = self.targets(grids, labels)
+        sides = [board_side(lab) for grid, lab in zip(grids, labels) for _ in range(grid[0] * grid[1])]
+        named = [ALL_CELL_NAMES.index(cell_names(side)[c]) for side, c in zip(sides, cells.tolist())]
+        return F.cross_entropy(logits[:, self.all_cell_ids], torch.tensor(named)) + F.cross_entropy(
+            logits[:, self.digit_ids], digits
+        )
 
 
 def chat_renderer(backbone: Backbone):
@@ -144,23 +155,21 @@ def conversation_rows(
     return rows
 
 
-def answer_loss(
-    backbone: Backbone, rows: list, cells: torch.Tensor | None = None, layer: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the rows' targets and, given ``cells`` (the cell-name token id of every visual
-    token, rows concatenated), of the visual tokens' states after decoder layer ``layer`` read through
-    the final norm and the (tied) output embedding against their cell names (a logit lens: question
+def answer_loss(backbone: Backbone, rows: list, lens=None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the rows' targets and, given ``lens`` (a loss of vocabulary logits, one row per
+    visual token, rows concatenated), that loss of the visual tokens' states after decoder layer
+    ``layer`` read through the final norm and the (tied) output embedding (a logit lens: question
     words and the cells they name then meet in the embedding space, as stage 1 does for digits)."""
     batch = backbone.pack(rows)
-    out = backbone.logits(batch, output_hidden_states=cells is not None)
+    out = backbone.logits(batch, output_hidden_states=lens is not None)
     rows_idx = torch.tensor([i for i, tgt in enumerate(batch.targets) for _ in tgt])
     pos = torch.tensor([p for tgt in batch.targets for p, _ in tgt])
     tok = torch.tensor([t for tgt in batch.targets for _, t in tgt])
     answer = F.cross_entropy(out.logits[rows_idx, pos], tok)
-    if cells is None:
+    if lens is None:
         return answer, torch.tensor(float("nan"))
     states = backbone.language_model.norm(out.hidden_states[layer][batch.visual_mask])
-    return answer, F.cross_entropy(backbone.model.lm_head(states), cells)
+    return answer, lens(backbone.model.lm_head(states))
 
 
 def conversation(sampler: SceneSampler, scene, questions, rounds: int) -> list[tuple[str, str]]:
@@ -256,8 +265,9 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
             curriculum = step < cfg.align_steps + cfg.key_word_steps
             rows = conversation_rows(backbone, features, grids, talks, at_key_word=curriculum)
             positions = isinstance(backbone, QwenBackbone) and cfg.position_weight > 0
-            cells = head.cell_names(grids, [s.labels for s, _ in scenes]) if positions else None
-            lm, where = answer_loss(backbone, rows, cells, cfg.position_layer)
+            labels = [s.labels for s, _ in scenes]
+            lens = partial(head.lens_loss, grids=grids, labels=labels) if positions else None
+            lm, where = answer_loss(backbone, rows, lens, cfg.position_layer)
             loss = lm + cfg.align_weight * align + (cfg.position_weight * where if positions else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

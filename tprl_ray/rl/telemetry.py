@@ -15,7 +15,8 @@ Env runners (:class:`EnvTelemetry`, one per :class:`~tprl_ray.rl.env.PruningVect
 - ``tprl_env_scorer_latency_s`` (Histogram): seconds per scorer call as the env sees it (queueing, retries)
 
 Driver (:func:`record_iteration`, after each PPO iteration), Gauges ``tprl_ppo_<key>`` for the keys of
-:data:`ITERATION_GAUGES`.
+:data:`ITERATION_GAUGES`; :class:`IterationClock` measures the scorer's busy and the learner's idle
+fraction of a span of iterations.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ITERATION_GAUGES = {
     "env_steps": "env steps sampled since the start of training",
     "env_steps_per_s": "env steps sampled per second during the last iteration",
     "iteration_s": "seconds the last iteration took",
+    "scorer_busy_fraction": "fraction of the last iteration the scorer replicas spent scoring (mean over replicas)",
+    "learner_idle_fraction": "fraction of the last iteration the learner did not spend updating",
 }
 
 
@@ -108,3 +111,37 @@ def record_iteration(result: dict, iteration: int) -> None:
     for key, value in {**result, "iteration": iteration}.items():
         if key in gauges:
             gauges[key].set(float(value))
+
+
+class IterationClock:
+    """The scorer's busy fraction (its replicas' summed busy seconds over wall time and replicas), the
+    learner's idle fraction and the samples scored per second, over the span from :meth:`start` to
+    :meth:`stop`. The learner is timed by wrapping ``algo.learner_group.update``."""
+
+    def __init__(self, algo, replicas: int):
+        self.replicas, self.learning = replicas, 0.0
+        update = algo.learner_group.update
+
+        def timed_update(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return update(*args, **kwargs)
+            finally:
+                self.learning += time.perf_counter() - start
+
+        algo.learner_group.update = timed_update
+
+    def start(self) -> None:
+        from tprl_ray.service.scorer import scorer_clock
+
+        self.scorer, self.learned, self.started = scorer_clock(), self.learning, time.perf_counter()
+
+    def stop(self) -> dict:
+        from tprl_ray.service.scorer import scorer_clock
+
+        wall, scorer = time.perf_counter() - self.started, scorer_clock()
+        return {
+            "scorer_busy_fraction": (scorer["busy_s"] - self.scorer["busy_s"]) / (wall * self.replicas),
+            "scorer_samples_per_s": (scorer["samples"] - self.scorer["samples"]) / wall,
+            "learner_idle_fraction": 1.0 - (self.learning - self.learned) / wall,
+        }

@@ -27,7 +27,7 @@ from tprl_ray.artifacts.atomic import remove_leftovers
 from tprl_ray.artifacts.export import check_export, copy_export, export
 from tprl_ray.artifacts.outputs import check_writable
 from tprl_ray.artifacts.resume import refuse_other_settings
-from tprl_ray.config import deep_merge, first_error
+from tprl_ray.config import deep_merge, first_error, known_settings
 from tprl_ray.rl.codes import Codes
 from tprl_ray.rl.config import EnvConfig, PpoConfig
 from tprl_ray.service.scorer import APP
@@ -39,14 +39,14 @@ PROGRESS = "progress.json"
 def make_env(config: dict):
     """RLlib's env creator (``vector_entry_point``): the vector env of one env runner."""
     from tprl_ray.rl.env import PruningVectorEnv
-    from tprl_ray.service.scorer import remote_score
+    from tprl_ray.service.scorer import handle_score
 
     # RLlib's vector entry point does not pass the worker index: each env runner draws its own seed
     return PruningVectorEnv(
         Codes.load(Path(config["codes"])),
         EnvConfig.model_validate(config["env"]),
         config.get("num_envs", 1),
-        remote_score(config["retries"]),
+        handle_score,
         seed=np.random.SeedSequence().entropy % 2**32,
     )
 
@@ -97,7 +97,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
         PPOConfig()
         .environment(
             ENV_NAME,
-            env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump(), "retries": cfg.scorer.retries},
+            env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump()},
         )
         .env_runners(
             num_env_runners=cfg.env_runners,
@@ -107,8 +107,9 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
             rollout_fragment_length="auto",
             sample_timeout_s=1800,
         )
-        # Ray restarts a dead env runner (process killed, node lost); RLlib samples it again once it answers
-        .fault_tolerance(restart_failed_env_runners=True)
+        # Ray restarts a dead env runner (process killed, node lost); RLlib samples it again once it answers.
+        # A scorer call lost with its replica fails the env step: RLlib recreates the env, plays anew
+        .fault_tolerance(restart_failed_env_runners=True, restart_failed_sub_environments=True)
         .learners(num_learners=0)
         .rl_module(
             rl_module_spec=RLModuleSpec(
@@ -203,9 +204,9 @@ def resumable_history(cfg: PpoConfig) -> list[dict]:
     if checkpoint is None:
         return []
     progress = json.loads((checkpoint / PROGRESS).read_text())
-    # the stored settings with today's defaults for fields added since (a run saved before one resumes)
+    # the stored settings with today's defaults for fields added since, without those removed since
     stored = json.loads(cfg.model_dump_json())
-    deep_merge(stored, progress["settings"])
+    deep_merge(stored, known_settings(PpoConfig, progress["settings"]))
     try:
         before = settings(PpoConfig.model_validate(stored))
     except ValidationError as exc:
@@ -274,7 +275,7 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
 
     from tprl_ray.pruners.pyfunc import log_pruner
     from tprl_ray.ray_setup import init_ray
-    from tprl_ray.rl.telemetry import record_iteration
+    from tprl_ray.rl.telemetry import IterationClock, record_iteration
     from tprl_ray.service.scorer import start_scorer
     from tprl_ray.tracking import mlflow_run, register_pruner
 
@@ -297,10 +298,12 @@ def train_ppo(cfg: PpoConfig, on_iteration=None) -> dict:
         algo = build_algo(cfg, codes_dir)
         history = resume(algo, cfg)
         with mlflow_run(cfg.out, "tprl-ppo", "ppo", cfg.mlflow_uri, params=cfg.flat()):
-            sampled_at = time.monotonic()
+            sampled_at, clock = time.monotonic(), IterationClock(algo, cfg.scorer.pool.size)
             while (i := len(history)) < cfg.iterations:
                 start = time.perf_counter()
-                metrics = curated(algo.train(), time.perf_counter() - start)
+                clock.start()
+                result = algo.train()
+                metrics = curated(result, time.perf_counter() - start) | clock.stop()
                 if not metrics.get("env_steps_per_s", 0) > 0:  # 0 or NaN: every env runner failed
                     if time.monotonic() - sampled_at > cfg.stall_timeout_s:  # RLlib would learn from nothing
                         raise RuntimeError(

@@ -4,10 +4,34 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Self
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from tprl_ray.config import BackboneConfig, Command, PoolConfig, RunConfig, Section, check_budgets, known_name
 from tprl_ray.pruners.registry import LEARNED, PRUNERS, REFERENCES
+
+
+class EmulatedCost(Section):
+    """A scorer replica that sleeps instead of running its model (benchmarks of the control plane).
+
+    A batch of ``B`` samples keeping fractions ``f_i`` of their visual tokens costs
+    ``max(floor_s, fixed_s + sum_i (per_sample_s + per_token_s * f_i * full_tokens))`` seconds per
+    chunk of ``pool.batch_size``. The defaults are the least-squares fit to LLaVA-1.5-7B's fp16
+    decoder on one H200 (`tprl bench scorer --device cuda`: 56.2 and 208.4 samples/s with 576 and 144
+    visual tokens at batch 64, 53.9 and 191.5 at batch 8, within 3%), ``floor_s`` its launch-bound
+    batch of one (21-22 samples/s). Scores are synthetic: the stored full-token score plus
+    ``log(f_i)``, so rewards still favour keeping more."""
+
+    full_tokens: int = Field(576, ge=1, description="visual tokens of a whole image on the emulated model")
+    fixed_s: float = Field(5.41e-3, ge=0, description="seconds per forward pass")
+    per_sample_s: float = Field(3.78e-4, ge=0, description="seconds per sample (its text tokens)")
+    per_token_s: float = Field(3.01e-5, ge=0, description="seconds per kept visual token")
+    floor_s: float = Field(0.045, ge=0, description="the shortest forward pass (kernel launches)")
+
+    def seconds(self, kept_fractions: np.ndarray) -> float:
+        """The emulated seconds of one forward pass over samples keeping ``kept_fractions``."""
+        tokens = float(np.sum(kept_fractions)) * self.full_tokens
+        return max(self.floor_s, self.fixed_s + len(kept_fractions) * self.per_sample_s + self.per_token_s * tokens)
 
 
 class ScorerConfig(Section):
@@ -26,7 +50,9 @@ class ScorerConfig(Section):
     max_batch_requests: int = Field(8, ge=1, description="requests (env steps) merged into one batch")
     batch_wait_s: float = Field(0.01, ge=0)
     cache_shards: int = Field(64, ge=1, description="precompute shards kept in memory per replica")
-    retries: int = Field(5, ge=0, description="Ray task retries of a request whose replica died")
+    emulate: EmulatedCost | None = Field(
+        None, description="benchmarks: sleep for a calibrated cost instead of loading and running the model"
+    )
 
 
 class DeploymentConfig(Section):

@@ -9,12 +9,19 @@ positions, from the sample's grid) and scores the reference answers in chunks of
 samples. Stored inputs are read from the precompute shards on first use and kept in an LRU cache of
 ``cache_shards`` shards, so callers move ids, never tensors.
 
-Failures: Serve restarts a dead replica; :func:`score` runs as a Ray task with ``max_retries`` and
-``retry_exceptions``, so a request lost with its replica is sent again by Ray.
+Callers hold a handle (:func:`handle_score`): one hop from an env runner to a replica. Failures:
+Serve restarts a dead replica and routes new requests to the live ones; a request lost with its
+replica raises in the env runner, and RLlib recreates that runner's env and plays its episodes
+again (``restart_failed_sub_environments``).
+
+With ``emulate`` (benchmarks) a replica loads no model: each forward pass sleeps for the calibrated
+cost of :class:`~tprl_ray.service.config.EmulatedCost`, so the callers can be measured on a machine
+whose CPUs the scorer would otherwise share.
 
 Metrics (``ray.util.metrics``, exported as ``ray_tprl_scorer_*``): batch size (samples), batch
-latency, queue length (requests waiting or running), and a samples counter. :meth:`Scorer.stats`
-gives the busy time since start for benchmarks.
+latency (its rate per replica is the busy fraction), queue length (requests waiting or running), and
+a samples counter. Every replica also adds its busy seconds to the :class:`ScorerClock` actor, which
+:func:`scorer_clock` reads (the per-iteration busy fraction of PPO and `tprl bench ppo`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
 from ray import serve
 
@@ -33,6 +41,22 @@ from tprl_ray.service.config import ScorerConfig
 
 APP = "tprl-scorer"
 DEPLOYMENT = "Scorer"
+CLOCK = "tprl-scorer-clock"
+NAMESPACE = "tprl"
+
+
+@ray.remote(num_cpus=0)
+class ScorerClock:
+    """Busy seconds and samples scored, summed over the scorer replicas (each adds after each batch)."""
+
+    def __init__(self):
+        self.busy_s, self.samples = 0.0, 0
+
+    def add(self, seconds: float, samples: int) -> None:
+        self.busy_s, self.samples = self.busy_s + seconds, self.samples + samples
+
+    def totals(self) -> dict:
+        return {"busy_s": self.busy_s, "samples": self.samples}
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64)
@@ -41,19 +65,22 @@ class Scorer:
         from ray.util import metrics
 
         from tprl_ray.backbones.load import load_backbone
+        from tprl_ray.precompute.schema import shard_files
 
         self.cfg = ScorerConfig.model_validate(cfg)
         torch.set_num_threads(self.cfg.threads)
-        self.backbone = load_backbone(self.cfg.backbone)
-        self.shards = sorted((Path(data) / "shards").glob("*.parquet"))
+        self.backbone = None if self.cfg.emulate else load_backbone(self.cfg.backbone)
+        self.clock = ray.get_actor(CLOCK, namespace=NAMESPACE)
+        self.shards = shard_files(Path(data))
         self.index = {}
         for s, shard in enumerate(self.shards):
             for r, sample_id in enumerate(pq.read_table(shard, columns=["sample_id"])["sample_id"].to_pylist()):
                 self.index[sample_id] = (s, r)
         self._batched.set_max_batch_size(self.cfg.max_batch_requests)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
-        self.shard = lru_cache(maxsize=self.cfg.cache_shards)(self._read_shard)
-        self.started, self.busy, self.samples, self.pending = time.perf_counter(), 0.0, 0, 0
+        read = self._read_stored_scores if self.cfg.emulate else self._read_shard
+        self.shard = lru_cache(maxsize=self.cfg.cache_shards)(read)
+        self.pending = 0
         self.m_batch = metrics.Histogram(
             "tprl_scorer_batch_size", "samples per scorer batch", boundaries=[1, 8, 16, 32, 64, 128, 256, 512]
         )
@@ -79,15 +106,21 @@ class Scorer:
         tokens = [torch.from_numpy(t) for t in token_rows(table[column])]
         return tokens, grids, table["question"].to_pylist(), table["answer"].to_pylist()
 
-    def _rows(self, ids: list[str]) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[str], list[str]]:
+    def _read_stored_scores(self, s: int) -> tuple[list[int], list[float], list[bool]]:
+        """An emulating replica's view of a shard: each row's token count and full-token score."""
+        table = pq.read_table(self.shards[s], columns=["grid_rows", "grid_cols", "full_logp", "full_correct"])
+        counts = (table["grid_rows"].to_numpy() * table["grid_cols"].to_numpy()).tolist()
+        return counts, table["full_logp"].to_pylist(), table["full_correct"].to_pylist()
+
+    def _rows(self, ids: list[str]) -> list[list]:
+        """The stored columns of the samples ``ids``, one list per column."""
         rows = []
         for sample_id in ids:
             if sample_id not in self.index:
                 raise KeyError(f"sample {sample_id!r} is not in the scorer's precompute dataset")
             s, r = self.index[sample_id]
             rows.append([column[r] for column in self.shard(s)])
-        tokens, grids, questions, answers = map(list, zip(*rows))
-        return tokens, grids, questions, answers
+        return list(map(list, zip(*rows)))
 
     def _llm_tokens(self, stored: list[torch.Tensor]) -> list[torch.Tensor]:
         """The LLM-ready tokens of each sample: its features projected (one call for all), or as stored."""
@@ -95,7 +128,17 @@ class Scorer:
 
         return project_rows(self.backbone, stored) if self.backbone.projects_features else stored
 
+    def _emulated_score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sleep for the emulated cost of the forward passes; the synthetic scores of EmulatedCost."""
+        counts, full_logp, full_correct = self._rows(ids)
+        fractions = masks.sum(axis=1) / np.asarray(counts)
+        size = self.cfg.pool.batch_size
+        time.sleep(sum(self.cfg.emulate.seconds(fractions[i : i + size]) for i in range(0, len(ids), size)))
+        return np.asarray(full_logp, dtype=np.float32) + np.log(fractions).astype(np.float32), np.asarray(full_correct)
+
     def _score(self, ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.cfg.emulate:
+            return self._emulated_score(ids, masks)
         logps, correct = [], []
         for start in range(0, len(ids), self.cfg.pool.batch_size):
             stored, grids, questions, answers = self._rows(ids[start : start + self.cfg.pool.batch_size])
@@ -115,7 +158,7 @@ class Scorer:
         start = time.perf_counter()
         logp, correct = await asyncio.to_thread(self._score, ids, masks)
         elapsed = time.perf_counter() - start
-        self.busy, self.samples = self.busy + elapsed, self.samples + len(ids)
+        self.clock.add.remote(elapsed, len(ids))
         self.m_batch.observe(len(ids))
         self.m_latency.observe(elapsed)
         self.m_samples.inc(len(ids))
@@ -137,14 +180,13 @@ class Scorer:
             self.pending -= 1
             self.m_queue.set(self.pending)
 
-    def stats(self) -> dict:
-        return {"busy_s": self.busy, "uptime_s": time.perf_counter() - self.started, "samples": self.samples}
-
 
 def start_scorer(cfg: ScorerConfig, data: Path) -> None:
     """Deploy (or update) the scorer application; blocks until its replicas are ready."""
     from tprl_ray.ray_setup import gpus_per_actor
 
+    # detached: a named actor whose handles go out of scope is collected; it ends with the cluster
+    ScorerClock.options(name=CLOCK, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
     serve.start(proxy_location="Disabled")
     deployment = Scorer.options(
         num_replicas=cfg.pool.size,
@@ -166,17 +208,11 @@ def scorer_handle():
     return serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
 
 
-def _score_task(ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return scorer_handle().score.remote(ids, masks).result(timeout_s=600)
+def scorer_clock() -> dict:
+    """The replicas' summed busy seconds and samples scored so far."""
+    return ray.get(ray.get_actor(CLOCK, namespace=NAMESPACE).totals.remote())
 
 
-def remote_score(retries: int):
-    """``fn(ids, masks) -> (logp, correct)`` through the scorer app, retried by Ray on failure."""
-    import ray
-
-    task = ray.remote(num_cpus=0, max_retries=retries, retry_exceptions=True)(_score_task)
-
-    def call(ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return ray.get(task.remote(list(ids), masks))
-
-    return call
+def handle_score(ids: list[str], masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(logp, correct)`` of the keep ``masks`` of samples ``ids``, from the scorer app (one hop)."""
+    return scorer_handle().score.remote(list(ids), masks).result(timeout_s=600)

@@ -27,8 +27,9 @@ class TrainStageConfig(RunConfig):
     cache_mb: float = Field(
         256,
         ge=0,
-        description="a dataset whose Parquet shards hold at most this many MiB is read once into the object "
-        "store and every epoch streams it from memory (0: read every epoch)",
+        description="a dataset whose Parquet shards hold at most this many MiB on disk is read once into the "
+        "object store and every epoch streams it from memory (0: read every epoch); in memory it takes "
+        "more, its token rows padded to the longest",
     )
 
 
