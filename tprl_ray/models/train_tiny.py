@@ -29,7 +29,7 @@ import json
 import math
 import shlex
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,12 @@ def token_cells(grid: Grid, side: int) -> torch.Tensor:
     rows, cols = grid
     r, c = np.divmod(np.arange(rows * cols), cols)
     return torch.from_numpy((r * side // rows) * side + c * side // cols)
+
+
+@cache
+def cell_positions(side: int) -> torch.Tensor:
+    """Where each cell name of a ``side x side`` board stands in ``ALL_CELL_NAMES``."""
+    return torch.tensor([ALL_CELL_NAMES.index(name) for name in cell_names(side)])
 
 
 class AlignmentHead:
@@ -94,11 +100,9 @@ class AlignmentHead:
         the token's cell) plus restricted to the digit words (target: its digit). Each restriction is its
         own softmax, so a state can name its cell and its digit at once, as stage 1 aligns LLaVA's tokens."""
         cells, digits = self.targets(grids, labels)
-        sides = [board_side(lab) for grid, lab in zip(grids, labels) for _ in range(grid[0] * grid[1])]
-        named = [ALL_CELL_NAMES.index(cell_names(side)[c]) for side, c in zip(sides, cells.tolist())]
-        return F.cross_entropy(logits[:, self.all_cell_ids], torch.tensor(named)) + F.cross_entropy(
-            logits[:, self.digit_ids], digits
-        )
+        per_image = cells.split([rows * cols for rows, cols in grids])
+        named = torch.cat([cell_positions(board_side(lab))[c] for lab, c in zip(labels, per_image)])
+        return F.cross_entropy(logits[:, self.all_cell_ids], named) + F.cross_entropy(logits[:, self.digit_ids], digits)
 
 
 def chat_renderer(backbone: Backbone):

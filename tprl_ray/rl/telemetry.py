@@ -12,7 +12,7 @@ Env runners (:class:`EnvTelemetry`, one per :class:`~tprl_ray.rl.env.PruningVect
 - ``tprl_env_episode_return`` (Gauge): mean return of the episodes that ended at the latest step where any
   ended (a Gauge: Ray's histograms take positive bucket boundaries only, returns are mostly negative)
 - ``tprl_env_kept_fraction`` (Histogram): fraction of tokens each finished episode kept at its end
-- ``tprl_env_scorer_latency_s`` (Histogram): seconds per scorer call as the env sees it (queueing, retries)
+- ``tprl_env_scorer_latency_s`` (Histogram): seconds per scorer call as the env sees it (queueing included)
 
 Driver (:func:`record_iteration`, after each PPO iteration), Gauges ``tprl_ppo_<key>`` for the keys of
 :data:`ITERATION_GAUGES`; :class:`IterationClock` measures the scorer's busy and the learner's idle
