@@ -184,22 +184,22 @@ def ppo_inputs(precomputed, tmp_path_factory):
     ray.shutdown()
 
 
-def small_run(inputs, out, iterations):
-
-    return PpoConfig(
-        data=inputs / "train",
-        init=inputs / "lfd",
-        out=out,
-        iterations=iterations,
-        envs_per_runner=8,
-        train_batch_size=48,
-        minibatch_size=24,
-        epochs=1,
-        checkpoint_every=1,
-        ray_address="local",
-        scorer={"pool": {"cpus": 0.25}},
-        cpus_per_runner=0.25,
-    )
+def small_run(inputs, out, iterations, **overrides):
+    settings = {
+        "data": inputs / "train",
+        "init": inputs / "lfd",
+        "out": out,
+        "iterations": iterations,
+        "envs_per_runner": 8,
+        "train_batch_size": 48,
+        "minibatch_size": 24,
+        "epochs": 1,
+        "checkpoint_every": 1,
+        "ray_address": "local",
+        "scorer": {"pool": {"cpus": 0.25}},
+        "cpus_per_runner": 0.25,
+    }
+    return PpoConfig.model_validate(settings | overrides)
 
 
 def scorer_replicas() -> list[str]:
@@ -221,7 +221,8 @@ def test_training_survives_a_killed_scorer_replica(ppo_inputs, tmp_path):
 
             threading.Timer(0.5, kill).start()
 
-    paper = small_run(ppo_inputs, tmp_path / "ppo", 3).model_copy(update={"env": PAPER_ENV})  # thresholded
+    # thresholded, and sampling while it learns: the next sample is in flight when the replica dies
+    paper = small_run(ppo_inputs, tmp_path / "ppo", 3, env=PAPER_ENV, overlap=True)
     result = train_ppo(paper, on_iteration=kill_soon)
     assert killed and result["iterations"] == 3
     history = json.loads((tmp_path / "ppo" / "checkpoints" / "iter-00003" / "progress.json").read_text())["history"]
@@ -264,6 +265,42 @@ def test_an_emulated_scorer_sleeps_its_cost_and_scores_from_the_stored_full_scor
     assert correct.tolist() == table["full_correct"].to_pylist()[:6]
 
 
+def test_overlapped_ppo_samples_during_every_update_and_the_runners_get_each_new_policy(ppo_inputs, tmp_path):
+    from ray import serve
+
+    from tprl_ray.ray_setup import init_ray
+    from tprl_ray.rl.overlap import SAMPLE
+    from tprl_ray.rl.train import build_algo, prepare_codes
+    from tprl_ray.service.scorer import APP, start_scorer
+
+    cfg = small_run(ppo_inputs, tmp_path / "ppo", 3, overlap=True, scorer={"emulate": {}, "pool": {"cpus": 0.25}})
+    init_ray(cfg.ray_address)
+    codes_dir, _ = prepare_codes(cfg)
+    start_scorer(cfg.scorer, cfg.data)
+    algo = build_algo(cfg, codes_dir)
+    in_flight, update = [], algo.learner_group.update
+
+    def watched(*args, **kwargs):  # how many samples are running while the learner updates
+        in_flight.append(algo.env_runner_group.num_in_flight_async_reqs(SAMPLE))
+        return update(*args, **kwargs)
+
+    algo.learner_group.update = watched
+    try:
+        sampled = [algo.train()["env_runners"]["num_env_steps_sampled"] for _ in range(3)]
+        learner = algo.get_module().get_state(inference_only=True)
+        # runs after the runner's in-flight sample and the weights queued behind it
+        (runner,) = algo.env_runner_group.foreach_env_runner(
+            lambda r: r.module.get_state(inference_only=True), local_env_runner=False
+        )
+    finally:
+        algo.stop()
+        serve.delete(APP)
+    assert in_flight == [1, 1, 1] and all(steps >= 48 for steps in sampled)
+    assert runner.keys() == learner.keys()
+    for name, weights in learner.items():
+        np.testing.assert_array_equal(runner[name], weights, err_msg=name)
+
+
 def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(ppo_inputs, tmp_path):
     from tprl_ray.bench.config import PpoBenchConfig
     from tprl_ray.bench.ppo import format_ppo_bench, run_ppo_bench
@@ -272,7 +309,8 @@ def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(p
         data=ppo_inputs / "train",
         init=ppo_inputs / "lfd",
         out=tmp_path / "ppo.json",
-        runner_counts=[1, 2],
+        runner_counts=[2],
+        overlap=[False, True],
         envs_per_runner=8,
         train_batch_size=32,
         warmup=0,
@@ -282,12 +320,12 @@ def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(p
     )
     result = run_ppo_bench(cfg)
     assert json.loads(cfg.out.read_text()) == result and result["cost"]["fixed_s"] == 0.05
-    assert [r["env_runners"] for r in result["rows"]] == [1, 2]
+    assert [(r["env_runners"], r["overlap"]) for r in result["rows"]] == [(2, False), (2, True)]
     for row in result["rows"]:
         assert row["env_steps"] >= 32 and row["emulated"]
         assert 0.0 < row["scorer_busy_fraction"] <= 1.0 and 0.0 < row["learner_idle_fraction"] < 1.0
         assert row["scorer_samples_per_s"] > 0
-    assert "emulated" in format_ppo_bench(result)
+    assert "| 2 | 8 | emulated | yes |" in format_ppo_bench(result)
 
 
 def test_training_resumes_from_its_checkpoint(ppo_inputs, tmp_path):

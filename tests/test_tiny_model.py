@@ -129,7 +129,7 @@ def test_a_tiny_qwen_trains_on_two_board_sizes_and_loads_like_a_hub_qwen(tmp_pat
             "eval_every": 10,
             "val_questions": 40,
             "qwen_size": size,
-            "position_layer": 1,
+            "position_layers": [1],
         },
     )
     history = []
@@ -137,8 +137,8 @@ def test_a_tiny_qwen_trains_on_two_board_sizes_and_loads_like_a_hub_qwen(tmp_pat
     align = [h["train/align_loss"] for h in history]
     assert sum(align[-5:]) / 5 < 0.7 * sum(align[:5]) / 5 and "val/where" in metrics
     assert all(h["train/position_loss"] > 0 for h in history[cfg.align_steps :])  # the cell-name loss ran
-    with pytest.raises(ValueError, match="position_layer must be below"):
-        TinyModelConfig(family="qwen", position_layer=2, qwen_size=size)
+    with pytest.raises(ValueError, match="position_layers must be below"):
+        TinyModelConfig(family="qwen", position_layers=[1, 2], qwen_size=size)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.out)
     assert model.config.text_config.rope_parameters["mrope_section"] == [1] * 4  # interleaved, head_dim 8
     backbone = load_backbone(cfg.out)
@@ -184,3 +184,21 @@ def test_the_logit_lens_loss_lets_a_token_name_its_cell_and_its_digit_at_once():
     wrong = logits.clone()
     wrong[occupied[0], ids("3")], wrong[occupied[0], ids("8")] = 0.0, 30.0  # one token names another digit
     assert head.lens_loss(wrong, grids, labels).item() == pytest.approx(30.0 / 52, rel=1e-3)
+
+
+def test_the_shipped_tiny_qwen_answers_both_board_sizes_of_the_held_out_digits(tmp_path):
+    from tprl_ray.config import EMBEDDED_QWEN
+    from tprl_ray.data.config import DigitsConfig
+    from tprl_ray.data.digits import build_digits
+
+    data = tmp_path / "digits"
+    build_digits(DigitsConfig(out=data, seed=0, split_sizes={"train": 4, "val": 4, "test": 60}, boards=[4, 6]))
+    card = json.loads((EMBEDDED_QWEN / "tprl_model_card.json").read_text())
+    meta = json.loads((data / "meta.json").read_text())
+    assert card["benchmark"]["boards"] == [4, 6]
+    assert card["benchmark"]["test_pool_fingerprint"] == meta["test_pool_fingerprint"]  # never saw these digits
+    samples = read_split(data / "test")
+    backbone = load_backbone("embedded-qwen")
+    result = evaluate(backbone, data / "test", samples)
+    assert result["accuracy"] >= 0.90 and min(result["per_type"].values()) >= 0.75, result
+    assert {load_image(data / "test", s.image).size for s in samples} == {(96, 96), (144, 144)}  # both sides

@@ -153,7 +153,7 @@ class PoolConfig(Section):
     """A pool of model replicas (Ray Data actors or Serve replicas)."""
 
     size: int = Field(1, ge=1, description="replicas")
-    cpus: float = Field(1.0, gt=0, description="CPUs per replica (its torch threads)")
+    cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica")
     gpus: float | None = Field(None, ge=0, description="GPUs per replica (None: 1 if the cluster has GPUs, else 0)")
     batch_size: int = Field(32, ge=1, description="samples per call")
 
@@ -181,8 +181,8 @@ class BackboneConfig(Section):
     vllm: VllmConfig = Field(VllmConfig(), description="the vllm backend's engine")
     path: str = Field(
         "embedded",
-        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the tiny Qwen2.5-VL, once trained "
-        "into tprl_ray/assets/tiny-qwen-digits), a local directory or a hub id",
+        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the shipped tiny Qwen2.5-VL), a local "
+        "directory or a hub id",
     )
     adapter: Path | None = Field(
         None, description="a LoRA adapter directory (`tprl train llm`) merged into the model at load"
@@ -205,8 +205,8 @@ class BackboneConfig(Section):
         shipped = EMBEDDED_MODELS.get(self.path)
         if shipped is not None and not (shipped / "config.json").is_file():
             raise FileNotFoundError(
-                f"{self.path}: the checkpoint {shipped} is missing (the tiny Qwen2.5-VL is not shipped yet: "
-                "train it as the README's 'The tiny Qwen2.5-VL' section shows), or give a checkpoint directory"
+                f"{self.path}: the shipped checkpoint {shipped} is missing (a broken install? reinstall, or "
+                "retrain it as the README's section on the tiny models shows), or give a checkpoint directory"
             )
         return shipped or self.path
 

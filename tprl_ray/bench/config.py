@@ -65,6 +65,9 @@ class PpoBenchConfig(RayConfig):
         0.125, gt=0, description="CPUs each env runner reserves (8 x 0.125 and the replica's 0.5 fit 2 cores)"
     )
     scorer_threads: list[int] = Field([2], description="torch threads of the scorer replica to compare")
+    overlap: list[bool] = Field(
+        [False, True], description="PPO's overlap settings to compare (sampling during the update or not)"
+    )
     envs_per_runner: int = Field(64, ge=1)
     train_batch_size: int = Field(1024, ge=1, description="env steps per iteration (1024: whole steps for 1-8 runners)")
     emulate: bool = Field(False, description="the scorer sleeps for the cost model `cost` instead of running the model")

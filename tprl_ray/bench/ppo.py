@@ -1,6 +1,6 @@
 """`tprl bench ppo`: PPO's env steps/s, the scorer's busy and the learner's idle fraction, by env runners.
 
-For each runner count (and scorer thread count), in one run: build the algorithm against one scorer
+For each runner count, scorer thread count and ``overlap`` setting, in one run: build the algorithm against one scorer
 replica, run ``warmup`` iterations, then time ``iterations`` more. Env steps/s counts the steps
 sampled over the wall time of the timed iterations (sampling plus learning); the busy fraction is the
 scorer replica's time spent scoring over that wall time, the learner's idle fraction the share of it
@@ -10,6 +10,7 @@ replica sleeps for a calibrated GPU cost instead of competing with the env runne
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -38,7 +39,7 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                 f"{max(cfg.runner_counts)} env runners x {cfg.cpus_per_runner} CPUs and the scorer replica need "
                 f"{needed:g} CPUs, the Ray cluster has {cpus:g}: lower cpus_per_runner"
             )
-        for runners, threads in [(r, t) for r in cfg.runner_counts for t in cfg.scorer_threads]:
+        for runners, threads, overlap in itertools.product(cfg.runner_counts, cfg.scorer_threads, cfg.overlap):
             ppo = PpoConfig(
                 data=cfg.data,
                 init=cfg.init,
@@ -46,6 +47,7 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                 env_runners=runners,
                 envs_per_runner=cfg.envs_per_runner,
                 cpus_per_runner=cfg.cpus_per_runner,
+                overlap=overlap,
                 train_batch_size=cfg.train_batch_size,
                 minibatch_size=min(PpoConfig.model_fields["minibatch_size"].default, cfg.train_batch_size),
                 scorer={"threads": threads, "emulate": cfg.cost.model_dump() if cfg.emulate else None},
@@ -70,6 +72,7 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                     "env_runners": runners,
                     "envs_per_runner": cfg.envs_per_runner,
                     "scorer_threads": threads,
+                    "overlap": overlap,
                     "emulated": cfg.emulate,
                     "env_steps": int(steps),
                     "seconds": wall,
@@ -91,12 +94,13 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
 
 def format_ppo_bench(result: dict) -> str:
     lines = [
-        "| env runners | envs each | scorer | env steps/s | scorer busy | learner idle | scorer samples/s |",
-        "|---|---|---|---|---|---|---|",
+        "| env runners | envs each | scorer | overlap | env steps/s | scorer busy | learner idle | scorer samples/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['env_runners']} | {r['envs_per_runner']} | "
-        f"{'emulated' if r['emulated'] else str(r['scorer_threads']) + ' threads'} | {r['env_steps_per_s']:.1f} | "
+        f"{'emulated' if r['emulated'] else str(r['scorer_threads']) + ' threads'} | "
+        f"{'yes' if r['overlap'] else 'no'} | {r['env_steps_per_s']:.1f} | "
         f"{r['scorer_busy_fraction']:.1%} | {r['learner_idle_fraction']:.1%} | {r['scorer_samples_per_s']:.1f} |"
         for r in result["rows"]
     ]

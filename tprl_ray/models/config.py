@@ -68,7 +68,9 @@ class TinyModelConfig(StageConfig):
     position_weight: float = Field(
         0.5, ge=0, description="Qwen2.5-VL, stage 2: weight of the cell and digit loss on the visual tokens' states"
     )
-    position_layer: int = Field(2, ge=1, description="Qwen2.5-VL: the decoder layer naming cells and digits")
+    position_layers: list[int] = Field(
+        [1, 2], min_length=1, description="Qwen2.5-VL: the decoder layers whose visual states name their cell and digit"
+    )
     vision_lr_scale: float = Field(0.1, ge=0, description="stage 2 LR factor of vision tower + projector")
     eval_every: int = Field(500, ge=1, description="steps between validation evaluations")
     val_questions: int = Field(400, ge=0, description="validation questions per evaluation (0: none)")
@@ -77,8 +79,9 @@ class TinyModelConfig(StageConfig):
     @model_validator(mode="after")
     def _position_layer(self):
         layers = self.qwen_size.text_layers
-        if self.family == "qwen" and self.position_weight > 0 and not 1 <= self.position_layer < layers:
-            raise ValueError(f"position_layer must be below the {layers} text layers (an intermediate layer)")
+        inside = all(1 <= k < layers for k in self.position_layers)
+        if self.family == "qwen" and self.position_weight > 0 and not inside:
+            raise ValueError(f"position_layers must be below the {layers} text layers (intermediate layers)")
         return self
 
 

@@ -12,8 +12,8 @@ question to the visual tokens. The recipe mirrors LLaVA's two stages, with a den
 
 Qwen2.5-VL's vision tower has no absolute positions (2-D RoPE in every block), so its tokens cannot
 know their cell: it aligns digits only, and the LLM finds cells through M-RoPE, whose positions
-carry each token's row and column. In stage 2 each visual token's state after the decoder layer
-``position_layer`` is also trained to name its cell and its digit (``position_weight``; a softmax
+carry each token's row and column. In stage 2 each visual token's state after each decoder layer of
+``position_layers`` is also trained to name its cell and its digit (``position_weight``; a softmax
 over the cell names and one over the digit words, so that naming one does not suppress the other):
 the layers below learn to read the positions, and the layers above find "c2" or "7" in the question
 and the tokens of c2 or of 7 alike.
@@ -159,10 +159,12 @@ def conversation_rows(
     return rows
 
 
-def answer_loss(backbone: Backbone, rows: list, lens=None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_loss(
+    backbone: Backbone, rows: list, lens=None, layers: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the rows' targets and, given ``lens`` (a loss of vocabulary logits, one row per
-    visual token, rows concatenated), that loss of the visual tokens' states after decoder layer
-    ``layer`` read through the final norm and the (tied) output embedding (a logit lens: question
+    visual token, rows concatenated), that loss of the visual tokens' states after each decoder layer of
+    ``layers`` (their mean) read through the final norm and the (tied) output embedding (a logit lens: question
     words and the cells they name then meet in the embedding space, as stage 1 does for digits)."""
     batch = backbone.pack(rows)
     out = backbone.logits(batch, output_hidden_states=lens is not None)
@@ -172,8 +174,8 @@ def answer_loss(backbone: Backbone, rows: list, lens=None, layer: int = 0) -> tu
     answer = F.cross_entropy(out.logits[rows_idx, pos], tok)
     if lens is None:
         return answer, torch.tensor(float("nan"))
-    states = backbone.language_model.norm(out.hidden_states[layer][batch.visual_mask])
-    return answer, lens(backbone.model.lm_head(states))
+    norm, head = backbone.language_model.norm, backbone.model.lm_head
+    return answer, torch.stack([lens(head(norm(out.hidden_states[k][batch.visual_mask]))) for k in layers]).mean()
 
 
 def conversation(sampler: SceneSampler, scene, questions, rounds: int) -> list[tuple[str, str]]:
@@ -271,7 +273,7 @@ def train_tiny(cfg: TinyModelConfig, log=None) -> dict:
             positions = isinstance(backbone, QwenBackbone) and cfg.position_weight > 0
             labels = [s.labels for s, _ in scenes]
             lens = partial(head.lens_loss, grids=grids, labels=labels) if positions else None
-            lm, where = answer_loss(backbone, rows, lens, cfg.position_layer)
+            lm, where = answer_loss(backbone, rows, lens, tuple(cfg.position_layers))
             loss = lm + cfg.align_weight * align + (cfg.position_weight * where if positions else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

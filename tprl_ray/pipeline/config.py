@@ -57,7 +57,7 @@ class PipelineConfig(RunConfig):
     """`tprl pipeline` / `pipelines/full.py`: every stage, then the evaluation of every pruner.
 
     ``backbone.path`` (or its shorthand ``model``) is 'embedded' (the shipped tiny LLaVA),
-    'embedded-qwen' (the tiny Qwen2.5-VL, on digits boards of two sizes, once trained), 'train' (train the
+    'embedded-qwen' (the shipped tiny Qwen2.5-VL, on digits boards of two sizes), 'train' (train the
     tiny LLaVA into ``out/model`` first), a checkpoint directory or a hub id; the same backbone
     settings reach the precompute, the scorer and the evaluation.
     """

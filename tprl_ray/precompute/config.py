@@ -42,6 +42,9 @@ class PrecomputeConfig(RayConfig):
     )
     demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
     shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
+    threads: int = Field(
+        2, ge=1, description="torch CPU threads per model actor (Ray's default would be one per reserved CPU)"
+    )
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
     decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")
     limit: int = Field(0, ge=0, description="first N questions only, of each part of a mixture (0: all)")

@@ -49,6 +49,7 @@ class PrecomputeWorker:
         from tprl_ray.backbones.load import load_backbone
 
         self.cfg = PrecomputeConfig.model_validate(cfg)
+        torch.set_num_threads(self.cfg.threads)
         self.backbone = load_backbone(self.cfg.backbone)
         self.demonstrator = DEMONSTRATORS[self.cfg.demonstrator]()
         self.mixture = Mixture.of(self.cfg.data)

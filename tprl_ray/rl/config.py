@@ -114,6 +114,11 @@ class PpoConfig(RunConfig):
     env_runners: int = Field(1, ge=1)
     envs_per_runner: int = Field(64, ge=1)
     cpus_per_runner: float = Field(0.5, gt=0)
+    overlap: bool = Field(
+        False,
+        description="the env runners sample the next batch while the learner updates (one-step off-policy PPO: "
+        "each batch was sampled with the weights of one update before)",
+    )
     attention: bool = Field(True, description="without init: False is the MLP-only ablation")
     heads: int = Field(4, ge=1)
     hidden: int = Field(256, ge=1)

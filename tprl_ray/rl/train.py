@@ -2,7 +2,8 @@
 
 Controller (this process, PPO's learner) -> ``env_runners`` CPU env runners, each stepping one
 :class:`PruningVectorEnv` of ``envs_per_runner`` sub-envs -> one request per env step to the Ray Serve
-scorer pool (ids and masks, batched across runners). Every PPO hyperparameter of docs/design.md §1.5 is set
+scorer pool (ids and masks, batched across runners); with ``overlap`` the runners sample the next
+batch during each update (:mod:`tprl_ray.rl.overlap`). Every PPO hyperparameter of docs/design.md §1.5 is set
 explicitly. Each iteration logs curated metrics to MLflow; every ``checkpoint_every`` iterations the
 algorithm is saved atomically under ``out/checkpoints`` and a re-run with the same ``out`` resumes
 from the newest one (other settings are refused). At the end the policy is exported as
@@ -87,6 +88,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
 
     from tprl_ray.rl.env import PruningVectorEnv
     from tprl_ray.rl.module import PruningModule
+    from tprl_ray.rl.overlap import OverlappedPPO
 
     codes = Codes.load(codes_dir)
     dims = policy_dims(cfg, codes.codes.shape[-1], codes.query.shape[-1])
@@ -94,7 +96,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
 
     register_env(ENV_NAME, make_env)
     config = (
-        PPOConfig()
+        PPOConfig(algo_class=OverlappedPPO if cfg.overlap else None)
         .environment(
             ENV_NAME,
             env_config={"codes": str(codes_dir.resolve()), "env": cfg.env.model_dump()},

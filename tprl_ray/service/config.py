@@ -76,7 +76,7 @@ class ServeConfig(RunConfig):
 
     model: str = Field(
         "embedded",
-        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the tiny Qwen2.5-VL, once trained), "
+        description="'embedded' (the shipped tiny LLaVA), 'embedded-qwen' (the shipped tiny Qwen2.5-VL), "
         "a checkpoint directory or hub id",
     )
     backbone: BackboneConfig = Field(BackboneConfig(), description="how the model loads (its path is --model)")

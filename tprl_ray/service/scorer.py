@@ -200,11 +200,12 @@ def start_scorer(cfg: ScorerConfig, data: Path) -> None:
     )
     app = deployment.bind(cfg.model_dump(), str(Path(data).resolve()))
     serve.run(app, name=APP, route_prefix=None)
+    scorer_handle.cache_clear()  # a handle from an earlier deployment or Ray session routes nowhere
 
 
 @lru_cache(maxsize=1)
 def scorer_handle():
-    """The scorer app's handle, made once per process (a handle keeps its router and replica view)."""
+    """The scorer app's handle, made once per process and deployment (a handle keeps its router)."""
     return serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
 
 
