@@ -7,6 +7,7 @@ import json
 import mlflow
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from tprl_ray.data.layout import read_split
 from tprl_ray.pipeline.config import PipelineConfig
@@ -54,10 +55,13 @@ def test_the_same_seed_gives_the_same_learned_pruners(runs):
             assert {k: v for k, v in before.items() if k != "metrics"} == {
                 k: v for k, v in after.items() if k != "metrics"
             }
+    # the same weights up to BLAS rounding (a CPU matmul may round differently with other buffer
+    # alignment: one PPO weight once differed in its last bit); another seed or sample order is far off
     for name in ("autoencoder/autoencoder", "lfd/policy", "ppo/policy"):
-        assert (root / "single" / f"{name}.safetensors").read_bytes() == (
-            root / "seeds" / "seed-0" / f"{name}.safetensors"
-        ).read_bytes(), name
+        once, again = (load_file(root / run / f"{name}.safetensors") for run in ("single", "seeds/seed-0"))
+        assert once.keys() == again.keys(), name
+        for key, weights in once.items():
+            np.testing.assert_allclose(again[key].numpy(), weights.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_seeds_report_the_mean_and_spread(runs):
