@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from tprl_ray.artifacts.export import export
@@ -52,10 +53,20 @@ def qwen_dir(tmp_path_factory):
 def qwen_precomputed(boards, qwen_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qpc")
     backbone = BackboneConfig(path=str(qwen_dir))
-    for split in ("train", "val"):
-        cfg = PrecomputeConfig(data=boards / split, out=out / split, shard_size=64, backbone=backbone)
-        run_precompute(cfg, progress=False, engine="local")
+    for split, engine in (("train", "ray"), ("val", "local")):
+        cfg = PrecomputeConfig(
+            data=boards / split, out=out / split, shard_size=64, backbone=backbone, ray_address="local"
+        )
+        run_precompute(cfg, progress=False, engine=engine)
+    ray.shutdown()  # the scorer test starts a Ray of its own
     return out
+
+
+def test_the_ray_engine_writes_the_shards_of_the_local_loop(boards, qwen_dir, qwen_precomputed, tmp_path):
+    cfg = PrecomputeConfig(data=boards / "train", out=tmp_path, shard_size=64, backbone={"path": str(qwen_dir)})
+    run_precompute(cfg, progress=False, engine="local")
+    name = "shards/shard-00000.parquet"
+    assert pq.read_table(tmp_path / name).equals(pq.read_table(qwen_precomputed / "train" / name))
 
 
 def test_one_shard_holds_both_resolutions_as_plain_parquet_lists(boards, qwen_dir, qwen_precomputed):

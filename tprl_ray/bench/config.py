@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
+from tprl_ray.precompute.config import PrecomputeConfig
 from tprl_ray.service.config import EmulatedCost, ServeConfig
 
 
@@ -50,7 +51,9 @@ class PrecomputeBenchConfig(RayConfig):
     work: Path = Field(Path("runs/bench/precompute-work"), description="scratch output (removed first)")
     out: Path = Field(Path("runs/bench/precompute.json"), description="JSON result file")
     shard_size: int = Field(256, ge=1)
-    pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool")
+    pool: PoolConfig = Field(
+        PrecomputeConfig.model_fields["pool"].default, description="the model's actor pool (precompute's default)"
+    )
     projected_samples: int = Field(50_000, ge=1)
 
 
@@ -70,6 +73,9 @@ class PpoBenchConfig(RayConfig):
     )
     envs_per_runner: int = Field(64, ge=1)
     train_batch_size: int = Field(1024, ge=1, description="env steps per iteration (1024: whole steps for 1-8 runners)")
+    minibatch_size: int = Field(
+        128, ge=1, description="samples per learner step (PPO's default; cluster/configs/full.yaml uses 512)"
+    )
     emulate: bool = Field(False, description="the scorer sleeps for the cost model `cost` instead of running the model")
     cost: EmulatedCost = Field(EmulatedCost(), description="emulate: the scorer's cost model (default: LLaVA-7B, H200)")
     warmup: int = Field(1, ge=0, description="untimed iterations first")

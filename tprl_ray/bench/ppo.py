@@ -49,7 +49,7 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
                 cpus_per_runner=cfg.cpus_per_runner,
                 overlap=overlap,
                 train_batch_size=cfg.train_batch_size,
-                minibatch_size=min(PpoConfig.model_fields["minibatch_size"].default, cfg.train_batch_size),
+                minibatch_size=min(cfg.minibatch_size, cfg.train_batch_size),
                 scorer={"threads": threads, "emulate": cfg.cost.model_dump() if cfg.emulate else None},
             )
             codes_dir, _ = prepare_codes(ppo)
@@ -86,6 +86,7 @@ def run_ppo_bench(cfg: PpoBenchConfig) -> dict:
         "data": str(cfg.data),
         "cost": cfg.cost.model_dump() if cfg.emulate else None,
         "train_batch_size": cfg.train_batch_size,
+        "minibatch_size": cfg.minibatch_size,
         "rows": rows,
     }
     atomic_write_bytes(cfg.out, json.dumps(result, indent=2).encode())

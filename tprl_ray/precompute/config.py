@@ -36,14 +36,21 @@ class PrecomputeConfig(RayConfig):
     )
     out: Path = Field(Path("runs/precompute/train"), description="dataset directory")
     backbone: BackboneConfig = BackboneConfig()
-    pool: PoolConfig = Field(PoolConfig(), description="the model's actor pool (questions per call: batch_size)")
+    pool: PoolConfig = Field(
+        PoolConfig(size=2, cpus=0.75),
+        description="the model's actor pool (questions per model call: batch_size); with GPUs detected (gpus None), "
+        "at most one actor per GPU present",
+    )
     demonstrator: Literal["vispruner", "cdpruner"] = Field(
         "vispruner", description="pruner whose nested keep-masks LfD imitates (cdpruner: question-aware)"
     )
     demo_schedule: list[float] = Field([0.0, 0.25, 0.5], description="pruned fraction of the tokens per step")
     shard_size: int = Field(256, ge=1, description="questions per Parquet shard")
     threads: int = Field(
-        2, ge=1, description="torch CPU threads per model actor (Ray's default would be one per reserved CPU)"
+        1,
+        ge=1,
+        description="torch CPU threads per model actor (much of a row's work is single-threaded Python: on CPUs, "
+        "more actors beat more threads)",
     )
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per image-decoding task")
     decode_tasks: int = Field(2, ge=1, description="image-decoding tasks at once")

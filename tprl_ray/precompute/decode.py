@@ -30,3 +30,9 @@ def decode_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             errors.append(f"{path}: cannot read image ({exc})")
     same = len({p.shape for p in pixels}) == 1
     return {**batch, "pixels": np.stack(pixels) if same else ragged(pixels), "error": np.array(errors, dtype=object)}
+
+
+def decode_shard(shard: dict) -> dict:
+    """A shard's images (``path``, one per question) as ``pixels``, with each unreadable one's reason in ``error``."""
+    decoded = decode_images({"path": np.asarray(shard["path"])})
+    return {**shard, "pixels": list(decoded["pixels"]), "error": list(decoded["error"])}

@@ -1,15 +1,16 @@
 """`tprl precompute`: features, query embeddings, full-token scores and VisPruner demonstrations to Parquet.
 
-The data flow (Ray Data, streaming, order preserved)::
+The data flow (Ray Data, streaming, one row per shard)::
 
-    question ids --> decode images (CPU tasks) --> PrecomputeWorker actors (GPU each when present):
-        encode once per image (features + attention), query embedding, full-token score,
-        nested VisPruner demonstration masks
-    --> the driver collects each shard and writes it atomically (rows, then its rejects file)
+    shard of question ids --> decode its images (CPU tasks) --> PrecomputeWorker actors (GPU each when present):
+        per batch: encode once per image (features + attention), query embedding, full-token score,
+        nested VisPruner demonstration masks;
+        then write the shard atomically (rows, then its rejects file) on storage every node sees
+    --> the driver counts the shards' rows
 
-Only ids and decoded pixels travel to the actors; the questions are read by each actor from the
-split. A corrupt image or a question without an answer goes to the rejects with its reason while
-the run goes on; re-running skips every complete shard. Schema: :mod:`tprl_ray.precompute.schema`.
+Only ids and decoded pixels travel to the actors and only counts come back; the questions are read
+by each actor from the split. A corrupt image or a question without an answer goes to the rejects
+with its reason while the run goes on; re-running skips every complete shard. Schema: :mod:`tprl_ray.precompute.schema`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from tprl_ray.artifacts.resume import refuse_other_settings
 from tprl_ray.data.layout import DataError, Reject, Sample
 from tprl_ray.data.mixture import Mixture
 from tprl_ray.precompute.config import PrecomputeConfig
-from tprl_ray.precompute.decode import decode_images, ragged
+from tprl_ray.precompute.decode import decode_shard
 from tprl_ray.precompute.demonstrations import DEMONSTRATORS, demonstration_masks
-from tprl_ray.precompute.schema import COLUMNS, OPTIONAL, SCHEMA_VERSION, reject_table, shard_table
+from tprl_ray.precompute.schema import SCHEMA_VERSION, reject_table, shard_table
 
 
 def reference_answer(answer: str | list[str]) -> str:
@@ -43,7 +44,8 @@ def reference_answer(answer: str | list[str]) -> str:
 
 
 class PrecomputeWorker:
-    """One model replica: everything a batch of questions needs from the model, as numpy columns."""
+    """One model replica: computes whole shards (in batches of ``pool.batch_size``) and writes each one itself, so
+    only its counts go back to the driver."""
 
     def __init__(self, cfg: dict):
         from tprl_ray.backbones.load import load_backbone
@@ -69,31 +71,44 @@ class PrecomputeWorker:
             return f"question {sample.question_id}: {exc}"
         return ""
 
+    def __call__(self, shard: dict) -> dict:
+        """Compute one decoded shard (:func:`~tprl_ray.precompute.decode.decode_shard`) and write it: its rows,
+        then its rejects. Returns the shard's counts and when its computation began."""
+        began, k = time.time(), int(shard["shard"])
+        ids, images, pixels, errors = (list(shard[key]) for key in ("sample_id", "image", "pixels", "error"))
+        good, bad = [], []
+        for start in range(0, len(ids), self.cfg.pool.batch_size):
+            part = slice(start, start + self.cfg.pool.batch_size)
+            rows, failed = self.rows([str(q) for q in ids[part]], pixels[part], [str(e) for e in errors[part]])
+            good += rows
+            bad += failed
+        bad = [{"sample_id": str(ids[i]), "image": str(images[i]), "reason": reason} for i, reason in bad]
+        write_shard(self.cfg, k, good, bad)
+        return {"shard": k, "rows": len(good), "rejects": len(bad), "began": began}
+
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        errors = [str(e) or self.text_problem(self.samples[str(q)]) for e, q in zip(batch["error"], batch["sample_id"])]
+    def rows(self, ids: list[str], pixels: list, errors: list[str]) -> tuple[list[dict], list[tuple[int, str]]]:
+        """One batch: the rows of the questions the model can score, and (position, reason) for the others."""
+        errors = [e or self.text_problem(self.samples[q]) for e, q in zip(errors, ids)]
         ok = [i for i, e in enumerate(errors) if not e]
-        samples = [self.samples[str(batch["sample_id"][i])] for i in ok]
+        samples = [self.samples[ids[i]] for i in ok]
         names = list(dict.fromkeys(s.image for s in samples))
         first = {name: ok[[s.image for s in samples].index(name)] for name in names}
-        visual = (
-            self.backbone.encode(
-                [Image.fromarray(np.asarray(batch["pixels"][first[n]], np.uint8)) for n in names], with_attention=True
-            )
-            if samples
-            else None
+        if not samples:
+            return [], [(i, e) for i, e in enumerate(errors)]
+        visual = self.backbone.encode(
+            [Image.fromarray(np.asarray(pixels[first[n]], np.uint8)) for n in names], with_attention=True
         )
         index = [names.index(s.image) for s in samples]
         answers = [reference_answer(s.answer) for s in samples]
-        if samples:
-            logp, correct = self.backbone.score(
-                [s.text for s in samples],
-                answers,
-                [visual.llm_tokens[j] for j in index],
-                grids=[visual.grids[j] for j in index],
-            )
+        logp, correct = self.backbone.score(
+            [s.text for s in samples],
+            answers,
+            [visual.llm_tokens[j] for j in index],
+            grids=[visual.grids[j] for j in index],
+        )
         rows = []
-        for k, (i, s, j) in enumerate(zip(ok, samples, index)):
+        for k, (s, j) in enumerate(zip(samples, index)):
             features, attention = visual.features[j], visual.attention[j]
             query = self.backbone.query_embedding(s.text)
             masks = demonstration_masks(
@@ -102,8 +117,6 @@ class PrecomputeWorker:
             rows.append(
                 {
                     "sample_id": s.question_id,
-                    "shard": int(batch["shard"][i]),
-                    "error": "",
                     "dataset": self.mixture.dataset(s.question_id),
                     "image": s.image,
                     "question": s.text,
@@ -124,42 +137,7 @@ class PrecomputeWorker:
                     ),
                 }
             )
-        failed = [
-            {
-                "sample_id": str(batch["sample_id"][i]),
-                "shard": int(batch["shard"][i]),
-                "error": errors[i],
-                "image": str(batch["image"][i]),
-            }
-            for i in range(len(errors))
-            if errors[i]
-        ]
-        return _columns(rows, failed, () if self.backbone.projects_features else OPTIONAL)
-
-
-def _columns(rows: list[dict], failed: list[dict], optional: tuple[str, ...]) -> dict[str, list]:
-    """Rows and failures as columns (every batch of a model the same: its ``optional`` columns too); a
-    failure's model outputs are empty arrays or neutral values."""
-    keys = ("sample_id", "shard", "error", *COLUMNS[1:], *optional)  # plus routing and the reason
-    blank = {
-        "dataset": "",
-        "question": "",
-        "answer": "",
-        "category": "",
-        "grid_rows": 0,
-        "grid_cols": 0,
-        "full_logp": 0.0,
-        "full_correct": False,
-        **{k: np.zeros(0, np.float32) for k in ("features", "attention", "query", "llm_tokens")},
-        "demo_masks": np.zeros(0, np.uint8),
-    }
-    every = rows + [{**blank, **f} for f in failed]
-    return {
-        k: ragged([r[k] for r in every])
-        if k in ("features", "attention", "query", "demo_masks", "llm_tokens")
-        else [r[k] for r in every]
-        for k in keys
-    }
+        return rows, [(i, e) for i, e in enumerate(errors) if e]
 
 
 def _where(cfg: PrecomputeConfig) -> str:
@@ -219,14 +197,18 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
     shards = [samples[i : i + cfg.shard_size] for i in range(0, len(samples), cfg.shard_size)]
     pending = [k for k in range(len(shards)) if not shard_paths(cfg.out, k)[1].is_file()]
     items = [
-        {"sample_id": s.question_id, "shard": k, "image": s.image, "path": str(mixture.image_path(s.image))}
+        {
+            "shard": k,
+            "sample_id": [s.question_id for s in shards[k]],
+            "image": [s.image for s in shards[k]],
+            "path": [str(mixture.image_path(s.image)) for s in shards[k]],
+        }
         for k in pending
-        for s in shards[k]
     ]
-    first_row = started
+    first_shard = started
     if items:
-        rows = ray_rows(cfg, items, progress) if engine == "ray" else local_rows(cfg, items)
-        first_row = collect_shards(cfg, rows, {k: len(shards[k]) for k in pending}, progress)
+        done = ray_shards(cfg, items) if engine == "ray" else local_shards(cfg, items)
+        first_shard = follow(done, sum(len(shards[k]) for k in pending), progress)
     counts = dataset_counts(cfg.out, len(shards))
     left_out = {"unanswered": len(unanswered), "too_long": len(too_long)}
     datasets = dict(Counter(mixture.dataset(s.question_id) for s in samples))
@@ -241,34 +223,30 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         "shards_computed": len(pending),
         "shards_skipped": len(shards) - len(pending),
         "seconds": round(time.time() - started, 3),
-        "startup_seconds": round(first_row - started, 3),
+        "startup_seconds": round(first_shard - started, 3),
     }
 
 
-def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
-    """The Ray Data pipeline: decoding tasks, then the model's actor pool; rows stream back in order."""
+def ray_shards(cfg: PrecomputeConfig, items: list[dict]):
+    """The Ray Data pipeline, one row per shard: decoding tasks, then the model's actor pool, which writes each
+    shard; only the shards' counts come back."""
     import ray
 
     from tprl_ray.ray_setup import gpus_per_actor, init_ray
 
     init_ray(cfg.ray_address)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # shards complete one after another
-    context.enable_progress_bars = not progress  # ours counts rows per second
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
     gpus = gpus_per_actor(cfg.pool.gpus)
+    size = cfg.pool.size
+    if cfg.pool.gpus is None and gpus:  # detected GPUs: no actor waits for one that is not there
+        size = max(1, min(size, int(ray.cluster_resources()["GPU"] // gpus)))
     return (
-        ray.data.from_items(items)
-        .map_batches(
-            decode_images,
-            batch_size=cfg.pool.batch_size,
-            num_cpus=cfg.decode_cpus,
-            compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
-        )
-        .map_batches(
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map(decode_shard, num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))
+        .map(
             PrecomputeWorker,
             fn_constructor_kwargs={"cfg": json.loads(cfg.model_dump_json())},
-            batch_size=cfg.pool.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.pool.size),
+            compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cfg.pool.cpus,
             num_gpus=gpus,
         )
@@ -276,36 +254,20 @@ def ray_rows(cfg: PrecomputeConfig, items: list[dict], progress: bool):
     )
 
 
-def local_rows(cfg: PrecomputeConfig, items: list[dict]):
-    """The same decode and worker steps, batch after batch, in this process."""
-    worker = PrecomputeWorker(json.loads(cfg.model_dump_json()))
-    for start in range(0, len(items), cfg.pool.batch_size):
-        chunk = items[start : start + cfg.pool.batch_size]
-        batch = {key: np.array([item[key] for item in chunk]) for key in ("sample_id", "shard", "image", "path")}
-        columns = worker(decode_images(batch))
-        yield from ({key: columns[key][i] for key in columns} for i in range(len(columns["sample_id"])))
+def local_shards(cfg: PrecomputeConfig, items: list[dict]):
+    """The same decode and worker steps, shard after shard, in this process (with its own torch threads)."""
+    worker = PrecomputeWorker(json.loads(cfg.model_copy(update={"threads": torch.get_num_threads()}).model_dump_json()))
+    return (worker(decode_shard(item)) for item in items)
 
 
-def collect_shards(cfg: PrecomputeConfig, rows, expected: dict[int, int], progress: bool) -> float:
-    """Buffer the streamed rows per shard; write each shard (rows, then rejects) once it is whole.
-    Returns when the first row arrived (start-up ends there)."""
-    buffers: dict[int, list[dict]] = {k: [] for k in expected}
-    bar = tqdm(total=sum(expected.values()), desc="precompute", unit="row", disable=not progress)
+def follow(done, total: int, progress: bool) -> float:
+    """Count the written shards' rows on a progress bar; returns when the first shard's computation began (start-up
+    ends there)."""
     first = None
-    for row in rows:
-        first = first or time.time()
-        shard = int(row["shard"])
-        buffers[shard].append(row)
-        bar.update(1)
-        if len(buffers[shard]) == expected[shard]:
-            done = buffers.pop(shard)
-            write_shard(
-                cfg,
-                shard,
-                [r for r in done if not r["error"]],
-                [{"sample_id": r["sample_id"], "image": r["image"], "reason": r["error"]} for r in done if r["error"]],
-            )
-    bar.close()
+    with tqdm(total=total, desc="precompute", unit="row", disable=not progress) as bar:
+        for shard in done:
+            first = min(first or shard["began"], shard["began"])
+            bar.update(shard["rows"] + shard["rejects"])
     return first or time.time()
 
 
