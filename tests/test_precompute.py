@@ -186,3 +186,16 @@ def test_a_question_aware_demonstrator_gives_nested_masks_that_follow_the_questi
     assert not torch.equal(first, other)  # another question, other tokens
     with pytest.raises(ValueError, match="other demonstrator"):
         run_precompute(config(digits_dir / "val", out, limit=8), progress=False, engine="local")
+
+
+def test_the_pool_has_no_more_actors_than_the_cluster_holds(tmp_path):
+    from tprl_ray.precompute.job import pool_size
+
+    ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        cfg = PrecomputeConfig(out=tmp_path)  # two actors of 0.75 CPUs and two decoding tasks of 0.25
+        assert pool_size(cfg) == (1, 0.0)
+        assert pool_size(cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"gpus": 0})})) == (2, 0)
+    finally:
+        ray.shutdown()

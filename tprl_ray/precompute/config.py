@@ -38,8 +38,8 @@ class PrecomputeConfig(RayConfig):
     backbone: BackboneConfig = BackboneConfig()
     pool: PoolConfig = Field(
         PoolConfig(size=2, cpus=0.75),
-        description="the model's actor pool (questions per model call: batch_size); with GPUs detected (gpus None), "
-        "at most one actor per GPU present",
+        description="the model's actor pool (questions per model call: batch_size); with gpus None (detect), at most "
+        "as many actors as the cluster's GPUs, or CPUs, hold",
     )
     demonstrator: Literal["vispruner", "cdpruner"] = Field(
         "vispruner", description="pruner whose nested keep-masks LfD imitates (cdpruner: question-aware)"

@@ -232,14 +232,11 @@ def ray_shards(cfg: PrecomputeConfig, items: list[dict]):
     shard; only the shards' counts come back."""
     import ray
 
-    from tprl_ray.ray_setup import gpus_per_actor, init_ray
+    from tprl_ray.ray_setup import init_ray
 
     init_ray(cfg.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
-    gpus = gpus_per_actor(cfg.pool.gpus)
-    size = cfg.pool.size
-    if cfg.pool.gpus is None and gpus:  # detected GPUs: no actor waits for one that is not there
-        size = max(1, min(size, int(ray.cluster_resources()["GPU"] // gpus)))
+    size, gpus = pool_size(cfg)
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map(decode_shard, num_cpus=cfg.decode_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks))
@@ -252,6 +249,22 @@ def ray_shards(cfg: PrecomputeConfig, items: list[dict]):
         )
         .iter_rows()
     )
+
+
+def pool_size(cfg: PrecomputeConfig) -> tuple[int, float]:
+    """(actors, GPUs per actor): ``pool.size``; with ``pool.gpus`` None (detect), at most as many actors as the GPUs,
+    or else the CPUs the decoding tasks leave, that the cluster has now (none waits for a device that is not
+    there)."""
+    import ray
+
+    from tprl_ray.ray_setup import gpus_per_actor
+
+    gpus = gpus_per_actor(cfg.pool.gpus)
+    if cfg.pool.gpus is not None:
+        return cfg.pool.size, gpus
+    have = ray.cluster_resources()
+    fit = have["GPU"] // gpus if gpus else (have.get("CPU", 0) - cfg.decode_cpus * cfg.decode_tasks) // cfg.pool.cpus
+    return max(1, min(cfg.pool.size, int(fit))), gpus
 
 
 def local_shards(cfg: PrecomputeConfig, items: list[dict]):
