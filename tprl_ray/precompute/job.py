@@ -81,7 +81,7 @@ class PrecomputeWorker:
             part = slice(start, start + self.cfg.pool.batch_size)
             rows, failed = self.rows([str(q) for q in ids[part]], pixels[part], [str(e) for e in errors[part]])
             good += rows
-            bad += failed
+            bad += [(start + i, reason) for i, reason in failed]
         bad = [{"sample_id": str(ids[i]), "image": str(images[i]), "reason": reason} for i, reason in bad]
         write_shard(self.cfg, k, good, bad)
         return {"shard": k, "rows": len(good), "rejects": len(bad), "began": began}
