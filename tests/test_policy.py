@@ -94,6 +94,7 @@ def test_a_small_dataset_is_materialized_once_with_the_rows_of_a_streamed_read(p
         assert isinstance(read[256]["train"], MaterializedDataset)
         assert not isinstance(read[0]["train"], MaterializedDataset)
         for split in ("train", "val"):
+            read[0][split].context.execution_options.preserve_order = True  # as the trainer's DataConfig reads
             streamed, cached = (read[mb][split].to_pandas() for mb in (0, 256))
             assert len(cached) > 0 and cached["full_logp"].tolist() == streamed["full_logp"].tolist()
             assert (cached["tokens"] == streamed["tokens"]).all()
