@@ -158,6 +158,24 @@ def ray_head(
                 os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a run started with ``start_new_session`` and every process it started (a Ray of its own: GCS,
+    raylet, workers and actors), and wait until all are gone, so that none still writes after it returns."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:  # processes that left the group
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=60)
+
+
 SMALL_PIPELINE = {
     "budgets": [0.25],
     "pruners": ["vispruner", "lfd", "tprl"],

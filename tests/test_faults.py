@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import kill_tree
 from mlflow import MlflowClient
 from test_ppo import ppo_inputs, small_run  # noqa: F401 (a fixture)
 
@@ -47,8 +48,7 @@ def killed_when(started: Path, code: str, *args: str, timeout: float = 300) -> N
             assert proc.poll() is None and time.time() < deadline, "the run ended before it was killed"
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
 
 
 def runs(out: Path, experiment: str) -> list:

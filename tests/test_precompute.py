@@ -1,9 +1,7 @@
 """`tprl precompute` on a local Ray: the Parquet output read with plain pyarrow, rejects, resuming."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import kill_tree
 
 from tprl_ray.data.digits import DigitsConfig, build_digits
 from tprl_ray.data.layout import read_split
@@ -118,8 +117,7 @@ def test_an_interrupted_run_resumes_with_every_sample_once(local_ray, tmp_path):
             assert proc.poll() is None, "the first run ended before it was interrupted"
             time.sleep(0.01)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
     done = {p.name: p.read_bytes() for p in (out / "shards").glob("shard-*.parquet")}
     completed = len(list((out / "rejects").glob("shard-*.parquet")))
     assert 1 <= completed < 50
