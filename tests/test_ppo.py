@@ -267,6 +267,7 @@ def test_an_emulated_scorer_sleeps_its_cost_and_scores_from_the_stored_full_scor
 
 def test_overlapped_ppo_samples_during_every_update_and_the_runners_get_each_new_policy(ppo_inputs, tmp_path):
     from ray import serve
+    from ray.rllib.core.columns import Columns
 
     from tprl_ray.ray_setup import init_ray
     from tprl_ray.rl.overlap import SAMPLE
@@ -285,6 +286,14 @@ def test_overlapped_ppo_samples_during_every_update_and_the_runners_get_each_new
         return update(*args, **kwargs)
 
     algo.learner_group.update = watched
+    learner, rows = algo.learner_group._learner, []  # the local learner (num_learners=0)
+    compute_losses = learner.compute_losses
+
+    def counted(*, fwd_out, batch):  # the rows of each minibatch the loss sees, and whether any is masked out
+        rows.append((len(batch["default_policy"][Columns.ACTIONS]), Columns.LOSS_MASK in batch["default_policy"]))
+        return compute_losses(fwd_out=fwd_out, batch=batch)
+
+    learner.compute_losses = counted
     try:
         sampled = [algo.train()["env_runners"]["num_env_steps_sampled"] for _ in range(3)]
         learner = algo.get_module().get_state(inference_only=True)
@@ -296,6 +305,8 @@ def test_overlapped_ppo_samples_during_every_update_and_the_runners_get_each_new
         algo.stop()
         serve.delete(APP)
     assert in_flight == [1, 1, 1] and all(steps >= 48 for steps in sampled)
+    # one epoch of 24-sample minibatches over each batch of one-step episodes, without their bootstrap rows
+    assert rows and set(rows) == {(24, False)} and len(rows) == sum(math.ceil(steps / 24) for steps in sampled)
     assert runner.keys() == learner.keys()
     for name, weights in learner.items():
         np.testing.assert_array_equal(runner[name], weights, err_msg=name)

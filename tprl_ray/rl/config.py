@@ -109,7 +109,11 @@ class PpoConfig(RunConfig):
     lr: float = Field(3e-4, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     epochs: int = Field(4, ge=1, description="PPO epochs per iteration")
-    minibatch_size: int = Field(128, ge=1)
+    minibatch_size: int = Field(
+        64,
+        ge=1,
+        description="samples per SGD step (RLlib's bootstrap rows are dropped before the minibatches: rl/learner.py)",
+    )
     train_batch_size: int = Field(768, ge=1, description="env steps per iteration")
     env_runners: int = Field(1, ge=1)
     envs_per_runner: int = Field(64, ge=1)

@@ -67,7 +67,10 @@ def budget_logits(keep_logits: torch.Tensor, mask: torch.Tensor, budget: torch.T
         for _ in range(60):  # bisection: the expected count is increasing in c
             mid = (low + high) / 2
             below = (torch.sigmoid(keep_logits + mid[:, None]) * mask).sum(dim=1) < target
-            low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+            narrowed = torch.where(below, mid, low), torch.where(below, high, mid)
+            if torch.equal(narrowed[0], low) and torch.equal(narrowed[1], high):
+                break  # a fixed point at float resolution (~30 steps): the remaining steps would change nothing
+            low, high = narrowed
     logits = keep_logits + ((low + high) / 2)[:, None]
     return torch.where(mask, logits, torch.full_like(logits, DROPPED_LOGIT))
 

@@ -87,6 +87,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
     from ray.tune.registry import register_env
 
     from tprl_ray.rl.env import PruningVectorEnv
+    from tprl_ray.rl.learner import PruningPPOLearner
     from tprl_ray.rl.module import PruningModule
     from tprl_ray.rl.overlap import OverlappedPPO
 
@@ -112,7 +113,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
         # Ray restarts a dead env runner (process killed, node lost); RLlib samples it again once it answers.
         # A scorer call lost with its replica fails the env step: RLlib recreates the env, plays anew
         .fault_tolerance(restart_failed_env_runners=True, restart_failed_sub_environments=True)
-        .learners(num_learners=0)
+        .learners(num_learners=0, learner_class=PruningPPOLearner)
         .rl_module(
             rl_module_spec=RLModuleSpec(
                 module_class=PruningModule,
