@@ -126,7 +126,7 @@ def test_the_shipped_cluster_pipeline_config_loads():
 
     cfg = PipelineConfig.load(Path(__file__).parent.parent / "cluster" / "configs" / "full.yaml")
     assert cfg.backbone.path == "llava-hf/llava-1.5-7b-hf" and cfg.backbone.dtype == "float16"
-    assert cfg.ppo.scorer.resources == {"scorer_slot": 1} and cfg.ppo.scorer.pool.size == 4
+    assert cfg.ppo.scorer.resources == {"scorer_slot": 1} and cfg.ppo.scorer.pool.size == 2 and cfg.ppo.env_runners == 4
 
 
 def test_the_paper_recipe_trains_on_a_mixture_and_evaluates_seven_benchmarks():
