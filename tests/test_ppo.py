@@ -4,6 +4,7 @@ RLlib training against the Ray Serve scorer (a killed replica, resuming)."""
 import json
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -256,7 +257,9 @@ def test_an_emulated_scorer_sleeps_its_cost_and_scores_from_the_stored_full_scor
     start_scorer(ScorerConfig(emulate=cost, pool={"cpus": 0.25, "batch_size": 4}), ppo_inputs / "train")
     before = scorer_clock()
     logp, correct = handle_score(ids, masks)
-    after = scorer_clock()
+    deadline = time.monotonic() + 30
+    while (after := scorer_clock())["samples"] - before["samples"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)  # a replica reports to the clock without waiting for it
     fractions = masks.sum(axis=1) / n
     expected = cost.seconds(fractions[:4]) + cost.seconds(fractions[4:])  # two chunks of pool.batch_size
     assert after["samples"] - before["samples"] == 6
