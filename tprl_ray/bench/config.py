@@ -9,6 +9,7 @@ from pydantic import Field
 
 from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
 from tprl_ray.precompute.config import PrecomputeConfig
+from tprl_ray.rl.config import PpoConfig
 from tprl_ray.service.config import EmulatedCost, ServeConfig
 
 
@@ -74,7 +75,9 @@ class PpoBenchConfig(RayConfig):
     envs_per_runner: int = Field(64, ge=1)
     train_batch_size: int = Field(1024, ge=1, description="env steps per iteration (1024: whole steps for 1-8 runners)")
     minibatch_size: int = Field(
-        64, ge=1, description="samples per learner step (PPO's default; cluster/configs/full.yaml uses 256)"
+        PpoConfig.model_fields["minibatch_size"].default,
+        ge=1,
+        description="samples per learner step (PPO's default; cluster/configs/full.yaml uses 256)",
     )
     emulate: bool = Field(False, description="the scorer sleeps for the cost model `cost` instead of running the model")
     cost: EmulatedCost = Field(EmulatedCost(), description="emulate: the scorer's cost model (default: LLaVA-7B, H200)")
