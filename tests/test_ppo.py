@@ -126,7 +126,7 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "steps": 3, "init": str(tmp_path)},
     )
     obs, _ = env.reset()
     obs["mask"][0, 5:] = 0
@@ -140,6 +140,47 @@ def test_rl_module_wraps_the_lfd_network(tmp_path):
     torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], expected_inputs)
     torch.testing.assert_close(module.compute_values(batch, embeddings=out[Columns.EMBEDDINGS]), expected_values)
     torch.testing.assert_close(module.compute_values(batch), expected_values)
+
+
+def test_the_env_runners_pass_skips_the_network_on_observations_that_end_an_episode(tmp_path):
+    """Rows at ``step == steps`` are only ever acted on by the env's autoreset: DROPPED_LOGIT, no network;
+    the other rows are the training pass's logits. With one-step episodes every other pass is skipped."""
+    from ray.rllib.core.columns import Columns
+
+    from tprl_ray.rl.module import PruningModule
+
+    torch.manual_seed(0)
+    net = PolicyValueNet(4, 3, heads=2, hidden=8)
+    export(net, net.state_dict(), tmp_path, "policy", {})
+    env_cfg = EnvConfig(regime="budget", reward="sample")
+    env = PruningVectorEnv(toy_codes(), env_cfg, num_envs=4, score_fn=first_half_score, seed=0)
+    module = PruningModule(
+        observation_space=env.single_observation_space,
+        action_space=env.single_action_space,
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "steps": env_cfg.steps, "init": str(tmp_path)},
+    )
+    rows = []
+    features = module.net.features  # counts the rows each pass runs the network on
+    module.net.features = lambda codes, *rest: (rows.append(len(codes)), features(codes, *rest))[1]
+
+    def batch(obs):
+        return {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}
+
+    first, _ = env.reset()
+    live = module.forward_exploration(batch(first))[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(live, module.forward_train(batch(first))[Columns.ACTION_DIST_INPUTS])
+    ended, *_ = env.step(np.ones((4, env.n_tokens), bool))  # every one-step episode is over
+    assert (ended["step"] == 1).all()
+    rows.clear()
+    out = module.forward_exploration(batch(ended))[Columns.ACTION_DIST_INPUTS]
+    assert rows == [] and (out == DROPPED_LOGIT).all()
+
+    mixed = {k: np.concatenate([first[k][:2], ended[k][2:]]) for k in first}
+    out = module.forward_exploration(batch(mixed))[Columns.ACTION_DIST_INPUTS]
+    assert rows == [2] and (out[2:] == DROPPED_LOGIT).all()
+    torch.testing.assert_close(out[:2], live[:2])
+    restarted, *_ = env.step(np.zeros((4, env.n_tokens), bool))  # the autoreset ignores the action
+    assert (restarted["step"] == 0).all() and restarted["mask"].sum() == env.data.counts[env.index].sum()
 
 
 def test_tprl_threshold_is_calibrated_to_the_average_budget(tmp_path):
@@ -326,6 +367,7 @@ def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(p
         runner_counts=[2],
         overlap=[False, True],
         envs_per_runner=8,
+        env={"regime": "discount"},  # the paper's three-step episodes
         train_batch_size=32,
         warmup=0,
         iterations=1,
@@ -334,6 +376,7 @@ def test_the_ppo_bench_reports_busy_and_idle_fractions_with_an_emulated_scorer(p
     )
     result = run_ppo_bench(cfg)
     assert json.loads(cfg.out.read_text()) == result and result["cost"]["fixed_s"] == 0.05
+    assert result["env"]["regime"] == "discount" and result["env"]["t_max"] == 3
     assert [(r["env_runners"], r["overlap"]) for r in result["rows"]] == [(2, False), (2, True)]
     for row in result["rows"]:
         assert row["env_steps"] >= 32 and row["emulated"]
@@ -410,7 +453,7 @@ def test_rl_module_in_the_budget_regime_without_a_critic(tmp_path):
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path), "critic": False},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "steps": 1, "init": str(tmp_path), "critic": False},
     )
     obs, _ = env.reset()
     batch = {Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}}

@@ -209,7 +209,7 @@ def test_rl_module_reads_each_sample_grid_from_the_padded_observation(tmp_path):
     module = PruningModule(
         observation_space=env.single_observation_space,
         action_space=env.single_action_space,
-        model_config={"dims": net.dims, "lambda_disc": 0.5, "init": str(tmp_path)},
+        model_config={"dims": net.dims, "lambda_disc": 0.5, "steps": 3, "init": str(tmp_path)},
     )
     out = module.forward_train({Columns.OBS: {k: torch.from_numpy(v) for k, v in obs.items()}})
     logits = out[Columns.ACTION_DIST_INPUTS]

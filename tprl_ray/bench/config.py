@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tprl_ray.config import Command, Dtype, PoolConfig, RayConfig, StageConfig
 from tprl_ray.precompute.config import PrecomputeConfig
-from tprl_ray.rl.config import PpoConfig
+from tprl_ray.rl.config import EnvConfig, PpoConfig
 from tprl_ray.service.config import EmulatedCost, ServeConfig
 
 
@@ -73,6 +73,9 @@ class PpoBenchConfig(RayConfig):
         [False, True], description="PPO's overlap settings to compare (sampling during the update or not)"
     )
     envs_per_runner: int = Field(64, ge=1)
+    env: EnvConfig = Field(
+        EnvConfig(), description="the MDP played (PPO's default; env.regime=discount: the paper's three-step episodes)"
+    )
     train_batch_size: int = Field(1024, ge=1, description="env steps per iteration (1024: whole steps for 1-8 runners)")
     minibatch_size: int = Field(
         PpoConfig.model_fields["minibatch_size"].default,

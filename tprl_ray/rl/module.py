@@ -86,35 +86,45 @@ class PruningModule(TorchRLModule, ValueFunctionAPI):
         self.net = PolicyValueNet(**self.model_config["dims"])
         self.lambda_disc = float(self.model_config["lambda_disc"])
         self.critic = bool(self.model_config.get("critic", True))
+        self.steps = float(self.model_config["steps"])  # an episode's length (EnvConfig.steps)
         init = self.model_config.get("init")
         if init:
             self.net.load_state_dict(load_file(str(Path(init) / "policy.safetensors")))
 
-    def _state(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        obs = batch[Columns.OBS]
+    @staticmethod
+    def _state(obs: dict) -> tuple[torch.Tensor, ...]:
         return obs["codes"].float(), obs["query"].float(), obs["mask"] > 0.5, obs["grid"].round().long()
 
-    def _sampling(self, batch: dict, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        obs, logits = batch[Columns.OBS], self.net.logits(f)
+    def _sampling(self, obs: dict, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.net.logits(f)
         if "budget" in obs:
             return budget_logits(logits, mask, obs["budget"][:, 0].float())
         return sampling_logits(logits, mask, obs["step"][:, 0].float(), self.lambda_disc)
 
     def _forward(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask, grid = self._state(batch)
-        f = self.net.features(codes, query, mask, grid)
-        return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask)}
+        """The env runners' pass. An episode's last observation (``step == steps``) is acted on only by the
+        env's autoreset, which ignores the action: those rows skip the network (with one-step episodes,
+        every other pass) and get :data:`DROPPED_LOGIT`."""
+        obs = batch[Columns.OBS]
+        playing = obs["step"][:, 0] < self.steps
+        out = torch.full(obs["mask"].shape, DROPPED_LOGIT, dtype=torch.float32, device=obs["mask"].device)
+        if playing.any():
+            live = {k: v[playing] for k, v in obs.items()}
+            codes, query, mask, grid = self._state(live)
+            out[playing] = self._sampling(live, self.net.features(codes, query, mask, grid), mask)
+        return {Columns.ACTION_DIST_INPUTS: out}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
-        codes, query, mask, grid = self._state(batch)
+        obs = batch[Columns.OBS]
+        codes, query, mask, grid = self._state(obs)
         f = self.net.features(codes, query, mask, grid)
-        return {Columns.ACTION_DIST_INPUTS: self._sampling(batch, f, mask), Columns.EMBEDDINGS: self.net.pool(f, mask)}
+        return {Columns.ACTION_DIST_INPUTS: self._sampling(obs, f, mask), Columns.EMBEDDINGS: self.net.pool(f, mask)}
 
     def compute_values(self, batch: dict, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         if not self.critic:  # no critic: GAE's advantages are the returns
             return torch.zeros(batch[Columns.OBS]["mask"].shape[0], device=batch[Columns.OBS]["mask"].device)
         if embeddings is None:
-            codes, query, mask, grid = self._state(batch)
+            codes, query, mask, grid = self._state(batch[Columns.OBS])
             embeddings = self.net.pool(self.net.features(codes, query, mask, grid), mask)
         return self.net.value(embeddings)
 

@@ -122,6 +122,7 @@ def build_algo(cfg: PpoConfig, codes_dir: Path):
                 model_config={
                     "dims": dims,
                     "lambda_disc": cfg.lambda_disc,
+                    "steps": cfg.env.steps,
                     "critic": cfg.critic,
                     "init": str(cfg.init.resolve()) if cfg.init else None,
                 },
