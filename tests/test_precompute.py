@@ -163,6 +163,11 @@ def test_precompute_bench_compares_both_engines(local_ray, digits_dir, tmp_path)
     assert {e: r["rows"] for e, r in result["engines"].items()} == {"local": 16, "ray": 16}
     assert result["engines"]["ray"]["bytes_per_sample"] == pytest.approx(result["engines"]["local"]["bytes_per_sample"])
     assert result["projected_gb"] == pytest.approx(50_000 * (576 * 1024 * 2 + 576 * 4 + 4096 * 4 + 3 * 576) / 1e9)
+    for name, r in result["engines"].items():  # the start-up's parts happen in this order, inside it
+        parts = r["startup"]
+        assert 0 < parts["prepared"] <= parts["first_worker_ready"] <= r["startup_seconds"] < r["seconds"], name
+        assert parts["prepared"] + parts["ray_init"] <= parts["first_worker_ready"], name
+    assert result["engines"]["local"]["startup"]["ray_init"] < 0.01  # the loop starts no Ray
     assert "ray / local" in format_precompute_bench(result)
 
 

@@ -1,9 +1,11 @@
 """`tprl bench precompute`: rows/s of the Ray precompute against a single-process loop over the same data.
 
-Both engines run the same decode and worker steps and write the same shards (end to end: Ray's
-start-up and the model loads are inside the timing). Also reports the bytes per sample written and
-the projected size of a 50K-sample LLaVA-1.5-7B dataset (576 tokens of 1024-d fp16 features,
-4096-d query, one demonstration mask per schedule step).
+Both engines run the same decode and worker steps and write the same shards (end to end: Ray's start-up and the
+model loads are inside the timing). The start-up is broken down: when the driver's preparation (the split read and
+checked) was done, how long ``ray.init`` took (Ray engine), and when the first model replica was ready (its process
+up, imports and model loaded), in seconds from the start; the first shard's computation begins after that. Also
+reports the bytes per sample written and the projected size of a 50K-sample LLaVA-1.5-7B dataset (576 tokens of
+1024-d fp16 features, 4096-d query, one demonstration mask per schedule step).
 """
 
 from __future__ import annotations
@@ -63,12 +65,14 @@ def run_precompute_bench(cfg: PrecomputeBenchConfig) -> dict:
 
 def format_precompute_bench(result: dict) -> str:
     lines = [
-        f"{'engine':>6} | {'rows':>6} | {'seconds':>8} | {'start-up':>8} | {'rows/s':>8} | {'steady':>8} | "
-        f"{'bytes/sample':>12}",
-        "-" * 76,
+        f"{'engine':>6} | {'rows':>6} | {'seconds':>8} | {'start-up':>8} | {'prepared':>8} | {'ray.init':>8} | "
+        f"{'ready':>8} | {'rows/s':>8} | {'steady':>8} | {'bytes/sample':>12}",
+        "-" * 109,
     ]
     lines += [
         f"{name:>6} | {r['rows']:>6} | {r['seconds']:>8.1f} | {r['startup_seconds']:>8.1f} | "
+        f"{r['startup']['prepared']:>8.1f} | {r['startup']['ray_init']:>8.1f} | "
+        f"{r['startup']['first_worker_ready']:>8.1f} | "
         f"{r['rows_per_s']:>8.1f} | {r['steady_rows_per_s']:>8.1f} | {r['bytes_per_sample']:>12.0f}"
         for name, r in result["engines"].items()
     ]

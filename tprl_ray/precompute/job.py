@@ -56,6 +56,7 @@ class PrecomputeWorker:
         self.demonstrator = DEMONSTRATORS[self.cfg.demonstrator]()
         self.mixture = Mixture.of(self.cfg.data)
         self.samples = {s.question_id: s for s in self.mixture.read(rejects=[])}
+        self.ready = time.time()  # start-up ends here for this replica (the bench's breakdown)
 
     def text_problem(self, sample: Sample) -> str:
         """Why the model cannot score this question ('' if it can): no answer, an answer or a
@@ -73,7 +74,7 @@ class PrecomputeWorker:
 
     def __call__(self, shard: dict) -> dict:
         """Compute one decoded shard (:func:`~tprl_ray.precompute.decode.decode_shard`) and write it: its rows,
-        then its rejects. Returns the shard's counts and when its computation began."""
+        then its rejects. Returns the shard's counts, when its computation began and when this replica was ready."""
         began, k = time.time(), int(shard["shard"])
         ids, images, pixels, errors = (list(shard[key]) for key in ("sample_id", "image", "pixels", "error"))
         good, bad = [], []
@@ -84,7 +85,7 @@ class PrecomputeWorker:
             bad += [(start + i, reason) for i, reason in failed]
         bad = [{"sample_id": str(ids[i]), "image": str(images[i]), "reason": reason} for i, reason in bad]
         write_shard(self.cfg, k, good, bad)
-        return {"shard": k, "rows": len(good), "rejects": len(bad), "began": began}
+        return {"shard": k, "rows": len(good), "rejects": len(bad), "began": began, "ready": self.ready}
 
     @torch.no_grad()
     def rows(self, ids: list[str], pixels: list, errors: list[str]) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -205,10 +206,16 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         }
         for k in pending
     ]
-    first_shard = started
+    prepared = ray_up = first_ready = first_shard = started
     if items:
+        prepared = time.time()
+        if engine == "ray":
+            from tprl_ray.ray_setup import init_ray
+
+            init_ray(cfg.ray_address)
+        ray_up = time.time()
         done = ray_shards(cfg, items) if engine == "ray" else local_shards(cfg, items)
-        first_shard = follow(done, sum(len(shards[k]) for k in pending), progress)
+        first_shard, first_ready = follow(done, sum(len(shards[k]) for k in pending), progress)
     counts = dataset_counts(cfg.out, len(shards))
     left_out = {"unanswered": len(unanswered), "too_long": len(too_long)}
     datasets = dict(Counter(mixture.dataset(s.question_id) for s in samples))
@@ -224,17 +231,19 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, engine: str = "
         "shards_skipped": len(shards) - len(pending),
         "seconds": round(time.time() - started, 3),
         "startup_seconds": round(first_shard - started, 3),
+        "startup": {  # seconds from the start: where the start-up went
+            "prepared": round(prepared - started, 3),
+            "ray_init": round(ray_up - prepared, 3),
+            "first_worker_ready": round(first_ready - started, 3),
+        },
     }
 
 
 def ray_shards(cfg: PrecomputeConfig, items: list[dict]):
-    """The Ray Data pipeline, one row per shard: decoding tasks, then the model's actor pool, which writes each
-    shard; only the shards' counts come back."""
+    """The Ray Data pipeline (on the Ray joined or started), one row per shard: decoding tasks, then the model's actor
+    pool, which writes each shard; only the shards' counts come back."""
     import ray
 
-    from tprl_ray.ray_setup import init_ray
-
-    init_ray(cfg.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
     size, gpus = pool_size(cfg)
     return (
@@ -273,15 +282,16 @@ def local_shards(cfg: PrecomputeConfig, items: list[dict]):
     return (worker(decode_shard(item)) for item in items)
 
 
-def follow(done, total: int, progress: bool) -> float:
+def follow(done, total: int, progress: bool) -> tuple[float, float]:
     """Count the written shards' rows on a progress bar; returns when the first shard's computation began (start-up
-    ends there)."""
-    first = None
+    ends there) and when the first model replica was ready."""
+    began, ready = [], []
     with tqdm(total=total, desc="precompute", unit="row", disable=not progress) as bar:
         for shard in done:
-            first = min(first or shard["began"], shard["began"])
+            began.append(shard["began"])
+            ready.append(shard["ready"])
             bar.update(shard["rows"] + shard["rejects"])
-    return first or time.time()
+    return min(began), min(ready)
 
 
 def write_shard(cfg: PrecomputeConfig, shard: int, good: list[dict], bad: list[dict]) -> None:
